@@ -1,0 +1,26 @@
+"""fisher_optim: the diagonal Fisher information of PyTorch models, cheap, honest and useful.
+
+Layout (imports flow downwards only)::
+
+    likelihoods   exponential-family outputs: sampling, NLL, I(h), factors, moments
+    layers        per-layer rules (Linear, Conv2d) and per-sample records
+    engine        one forward, seeded backward passes, torch.func route for any module
+    hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
+    estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical
+"""
+
+from .estimators import ESTIMATORS, diagonal_fisher
+from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "diagonal_fisher",
+    "ESTIMATORS",
+    "Likelihood",
+    "Categorical",
+    "Bernoulli",
+    "Gaussian",
+    "Poisson",
+    "get_likelihood",
+]

@@ -1,0 +1,276 @@
+r"""The estimation engine: one forward pass, many seeded backward passes, per-layer reductions.
+
+:class:`Probe` runs the model once on a batch of inputs (in eval mode, with forward hooks that live for
+this call only) and records the inputs and outputs of the layers that have fast rules (``nn.Linear``,
+``nn.Conv2d``).  :meth:`Probe.seeded` then backpropagates ``K`` seeds per input,
+``seed[k, b] in R^C`` at the output ``h(x_b)``, and returns per-layer records of the per-sample
+gradients of ``seed[k, b]^T h(x_b)`` (:mod:`fisher_optim.layers`).  Parameters of every other module
+(LayerNorm, Embedding, BatchNorm, custom modules, layers reused twice in one forward) take the general
+``torch.func`` route: ``vmap`` over inputs of a ``vjp`` over seeds.
+
+Every estimator is then ``reduce(records, fn, degree)`` for some per-input function of the seed stack:
+the exact diagonal Fisher uses the ``C`` columns of ``S`` (``S S^T = I(h)``) and ``fn = sum_k x_k^2``;
+Î₁ uses ``N`` sampled score seeds and ``fn = (1/N) sum_k x_k^2``; the variances use unit seeds ``e_c``
+and the likelihood's moment contractions.  Scaling (mean over inputs) is applied by the callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from .layers import DenseRecord, Reducer, is_fast, make_record
+from .likelihoods import Likelihood
+
+__all__ = ["Probe", "reduce_records", "trainable_parameters"]
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` for the parameters that require grad, as ``model.named_parameters()``."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class _ModeGuard:
+    """Put every submodule in eval mode and restore each module's own flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
+class Probe:
+    r"""One forward pass of ``model`` on ``inputs`` with the fast layers' inputs and outputs recorded.
+
+    Use as a context manager; the hooks are removed and the train/eval flags restored on exit::
+
+        with Probe(model, x, likelihood) as probe:
+            h = probe.h                       # (B, C) natural parameters
+            recs = probe.seeded(seeds)        # seeds: (K, B, C)
+
+    The forward runs in eval mode (dropout off, BatchNorm on its running statistics, which are therefore
+    not updated): the Fisher is that of the deterministic prediction ``h(x; theta)``.  ``.grad`` fields
+    are never touched (``torch.autograd.grad`` only).
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor, likelihood: Likelihood, names: Iterable[str] | None = None):
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a Tensor of shape (batch, ...), got {type(inputs).__name__}")
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
+            raise ValueError(f"inputs must have a non-empty batch dimension, got shape {tuple(inputs.shape)}")
+        self.model = model
+        self.inputs = inputs
+        self.lik = likelihood
+        params = trainable_parameters(model)
+        if names is not None:
+            names = list(names)
+            missing = [n for n in names if n not in params]
+            if missing:
+                raise ValueError(f"unknown or frozen parameter names: {missing}")
+            params = {n: params[n] for n in names}
+        self.params = params
+
+    # -- context management ---------------------------------------------------------------------
+    def __enter__(self) -> Probe:
+        self._mode = _ModeGuard(self.model).__enter__()
+        try:
+            self._forward(clone=False)
+            if any(out._version != ver for out, ver in zip(self._outs, self._versions)):
+                # an in-place op (e.g. ReLU(inplace=True)) overwrote a recorded output: redo with copies
+                self._forward(clone=True)
+        except BaseException:
+            self._mode.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._outs = self._ins = None
+        self.h = None
+        return False
+
+    def _plan_modules(self):
+        """Fast modules whose trainable parameters belong to this call, each parameter used once."""
+        owners: dict[int, int] = {}
+        for m in self.model.modules():
+            for p in m.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        pname = {id(p): n for n, p in self.params.items()}
+        fast = []
+        for mname, m in self.model.named_modules():
+            if not is_fast(m) or m.weight is None or id(m.weight) not in pname:
+                continue
+            own = [p for p in m.parameters(recurse=False)]
+            if any(owners[id(p)] > 1 for p in own):
+                continue
+            bias = getattr(m, "bias", None)
+            has_bias = bias is not None and id(bias) in pname
+            if bias is not None and bias.requires_grad and not has_bias:
+                continue  # bias trainable but not requested: keep it simple, general route for weight
+            fast.append((mname, m, has_bias))
+        return fast, pname
+
+    def _forward(self, clone: bool):
+        fast, pname = self._plan_modules()
+        calls: dict[str, int] = {}
+        ins: dict[str, Tensor] = {}
+        outs: dict[str, Tensor] = {}
+        versions: dict[str, int] = {}
+
+        def make_hook(mname):
+            def hook(module, args, output):
+                calls[mname] = calls.get(mname, 0) + 1
+                ins[mname] = args[0].detach()
+                if clone:
+                    output = output.clone()
+                outs[mname] = output
+                versions[mname] = output._version
+                return output
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(mname)) for mname, m, _ in fast]
+        try:
+            with torch.enable_grad():
+                out = self.model(self.inputs)
+        finally:
+            for hd in handles:
+                hd.remove()
+        if not isinstance(out, Tensor):
+            raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
+        self.h = self.lik.flatten(out)
+        if self.h.shape[0] != self.inputs.shape[0]:
+            raise ValueError(
+                f"model output has batch size {self.h.shape[0]} but inputs have {self.inputs.shape[0]}"
+            )
+        self.fast = []  # (mname, module, has_bias)
+        covered: set[str] = set()
+        for mname, m, has_bias in fast:
+            if calls.get(mname, 0) != 1:
+                continue  # unused (zero Fisher) or reused (general route)
+            self.fast.append((mname, m, has_bias))
+            covered.add(pname[id(m.weight)])
+            if has_bias:
+                covered.add(pname[id(m.bias)])
+        unused_fast = {
+            pname[id(p)]
+            for mname, m, _ in fast
+            if calls.get(mname, 0) == 0
+            for p in m.parameters(recurse=False)
+            if id(p) in pname
+        }
+        self.general = [n for n in self.params if n not in covered and n not in unused_fast]
+        self.unused = sorted(unused_fast)
+        self._ins = [ins[mname] for mname, _, _ in self.fast]
+        self._outs = [outs[mname] for mname, _, _ in self.fast]
+        self._versions = [versions[mname] for mname, _, _ in self.fast]
+        self.module_inputs = dict(zip([f[0] for f in self.fast], self._ins))
+        self.module_outputs = dict(zip([f[0] for f in self.fast], self._outs))
+        self._pname = pname
+
+    # -- seeded backward ------------------------------------------------------------------------
+    def output_grads(self, seeds: Tensor) -> list[Tensor]:
+        """Gradients of ``sum_b seed[k,b]^T h_b`` w.r.t. each recorded fast-layer output: ``(K, *out)``."""
+        if not self._outs:
+            return []
+        k = seeds.shape[0]
+        seeds = seeds.to(self.h.dtype)
+        if k == 1:
+            grads = torch.autograd.grad(self.h, self._outs, seeds[0], retain_graph=True, allow_unused=True)
+            grads = [g.unsqueeze(0) if g is not None else None for g in grads]
+        else:
+            try:
+                grads = torch.autograd.grad(
+                    self.h, self._outs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            except RuntimeError:  # an op without a batching rule: loop over seeds
+                per = [
+                    torch.autograd.grad(self.h, self._outs, s, retain_graph=True, allow_unused=True)
+                    for s in seeds
+                ]
+                grads = [
+                    None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(self._outs))
+                ]
+        return [
+            torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
+            for g, o in zip(grads, self._outs)
+        ]
+
+    def seeded(self, seeds: Tensor) -> list[tuple[object, dict[str, str]]]:
+        """Per-layer records of per-sample gradients of ``seed[k,b]^T h(x_b)``.
+
+        Returns ``[(record, {record_key: parameter_name})]`` covering every parameter of this probe
+        (unused parameters are absent; :func:`reduce_records` fills them with zeros).
+        """
+        if seeds.dim() != 3 or seeds.shape[1:] != self.h.shape:
+            raise ValueError(f"seeds must have shape (K, {tuple(self.h.shape)}), got {tuple(seeds.shape)}")
+        seeds = seeds.detach()
+        out = []
+        for (mname, m, has_bias), inp, g in zip(self.fast, self._ins, self.output_grads(seeds)):
+            rec = make_record(m, inp, g, has_bias)
+            keys = {"weight": self._pname[id(m.weight)]}
+            if has_bias:
+                keys["bias"] = self._pname[id(m.bias)]
+            out.append((rec, keys))
+        if self.general:
+            vals = general_seeded_grads(self.model, self.lik, self.inputs, seeds, self.general)
+            out.append((DenseRecord(vals), {n: n for n in vals}))
+        return out
+
+
+def general_seeded_grads(
+    model: nn.Module, lik: Likelihood, inputs: Tensor, seeds: Tensor, names: list[str], chunk: int | None = None
+) -> dict[str, Tensor]:
+    """``torch.func`` route: per-input, per-seed gradients ``(K, B, *shape)`` for parameters ``names``.
+
+    Runs ``vmap`` over inputs (each as a batch of one) of ``vjp`` over the ``K`` seeds, in chunks of
+    inputs.  Works for any module (the model must be in eval mode, as inside :class:`Probe`).
+    """
+    named = dict(model.named_parameters())
+    params = {n: named[n].detach() for n in names}
+    numel = sum(p.numel() for p in params.values())
+    k = seeds.shape[0]
+    if chunk is None:
+        chunk = max(1, 2**24 // max(1, k * numel))
+
+    def per_input(pd, x, s):
+        def f(p):
+            return lik.flatten(functional_call(model, p, (x.unsqueeze(0),)))[0]
+
+        _, pull = vjp(f, pd)
+        return vmap(pull)(s)[0]
+
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    b = inputs.shape[0]
+    for start in range(0, b, chunk):
+        sl = slice(start, min(b, start + chunk))
+        g = vmap(per_input, in_dims=(None, 0, 1))(params, inputs[sl], seeds[:, sl].to(inputs.dtype))
+        for n in names:
+            parts[n].append(g[n].transpose(0, 1))
+    return {n: torch.cat(parts[n], 1) for n in names}
+
+
+def reduce_records(
+    records: list[tuple[object, dict[str, str]]], fn: Reducer, degree: int, params: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Apply ``fn`` per input to every record and sum over inputs; zeros for parameters not covered."""
+    out: dict[str, Tensor] = {}
+    for rec, keys in records:
+        vals = rec.reduce(fn, degree)
+        for key, name in keys.items():
+            out[name] = vals[key].reshape(params[name].shape)
+    return {
+        n: out[n] if n in out else torch.zeros_like(p, memory_format=torch.contiguous_format)
+        for n, p in params.items()
+    }

@@ -1,0 +1,171 @@
+r"""Diagonal Fisher estimators: exact (diagonal GGN), Î₁ (``mc1``), Î₂ (``mc2``) and the empirical Fisher.
+
+Scaling contract (spec §2): for inputs :math:`x_1..x_M` every estimator returns, per parameter,
+
+.. math::  \hat F_i = \frac{1}{M} \sum_{m=1}^{M} \hat I_{ii}(\theta \mid x_m)
+
+(``reduction="sum"`` drops the ``1/M``), where for ``N = n_samples`` labels :math:`y_{m,k}` drawn from the
+model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
+
+* ``exact``: :math:`I_{ii}(\theta|x) = v_i^\top I(h) v_i` with :math:`v_i = \partial_i h` (diagonal GGN);
+* ``mc1`` (Î₁): :math:`\frac1N \sum_k (\partial_i \ell_{m,k})^2` — per-sample squared scores, never the
+  square of a batch gradient;
+* ``mc2`` (Î₂): :math:`\frac1N \sum_k (-\partial^2_{ii} \ell_{m,k}) = I_{ii}(\theta|x_m) -
+  u_i^\top(\bar t_m - \eta_m)` with :math:`u_i = \partial^2_{ii} h` (exact Hessian diagonal, no
+  Hutchinson);
+* ``empirical``: :math:`(\partial_i \log p(\tilde y_m \mid x_m, \theta))^2` with the observed targets.
+
+``mc1`` and ``mc2`` are unbiased for ``exact``.  The model is evaluated in eval mode (dropout off,
+BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .engine import Probe, reduce_records
+from .hessian import residual_records
+from .likelihoods import Likelihood, get_likelihood
+
+__all__ = ["diagonal_fisher", "ESTIMATORS", "check_estimator", "check_n_samples", "sum_of_squares"]
+
+ESTIMATORS = ("exact", "mc1", "mc2", "empirical")
+
+
+def check_estimator(estimator: str, allowed=ESTIMATORS) -> str:
+    if estimator not in allowed:
+        raise ValueError(f"Invalid estimator: {estimator!r}. Must be one of {list(allowed)}")
+    return estimator
+
+
+def check_n_samples(n_samples) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"Invalid n_samples: {n_samples}")
+    return n_samples
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"Invalid reduction: {reduction!r}. Must be 'mean' or 'sum'")
+    return reduction
+
+
+def sum_of_squares(scale: float = 1.0):
+    """Per-input reducer ``scale * sum_k x_k^2`` (degree 2)."""
+
+    def fn(x: Tensor, idx: slice) -> Tensor:
+        return (x * x).sum(0) * scale
+
+    return fn
+
+
+def _identity_sum(x: Tensor, idx: slice) -> Tensor:
+    return x.sum(0)
+
+
+def exact_from_probe(probe: Probe) -> dict[str, Tensor]:
+    """``sum_m I_ii(theta|x_m)`` from the ``C`` columns of ``S`` (``S S^T = I(h)``) as seeds."""
+    h = probe.h.detach()
+    seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)  # (K, B, C)
+    return reduce_records(probe.seeded(seeds), sum_of_squares(), 2, probe.params)
+
+
+def sampled_seeds(probe: Probe, n_samples: int, generator) -> tuple[Tensor, Tensor]:
+    """Draw ``N`` labels per input; return ``(labels (N, B, ...), score seeds eta - t(y) (N, B, C))``."""
+    h = probe.h.detach()
+    y = probe.lik.sample(h, n_samples, generator=generator)
+    return y, probe.lik.grad(h, y)
+
+
+def mc1_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
+    """``sum_m (1/N) sum_k (d_i log p(y_mk|x_m))^2``."""
+    _, seeds = sampled_seeds(probe, n_samples, generator)
+    return reduce_records(probe.seeded(seeds), sum_of_squares(1.0 / n_samples), 2, probe.params)
+
+
+def mc2_from_probe(probe: Probe, n_samples: int, generator, exact: dict[str, Tensor] | None = None):
+    """``sum_m [I_ii(theta|x_m) + rho_i(eta_m - tbar_m)]`` (the Hessian of the sampled-label NLL)."""
+    if exact is None:
+        exact = exact_from_probe(probe)
+    _, seeds = sampled_seeds(probe, n_samples, generator)
+    recs = residual_records(probe, seeds.mean(0, keepdim=True), per_sample=False)
+    res = reduce_records(recs, _identity_sum, 1, probe.params)
+    return {n: exact[n] + res[n] for n in exact}
+
+
+def empirical_from_probe(probe: Probe, targets) -> dict[str, Tensor]:
+    """``sum_m (d_i log p(y~_m|x_m))^2`` with observed targets ``y~``."""
+    h = probe.h.detach()
+    y = probe.lik.check_targets(h, targets)
+    if probe.lik.name == "categorical" and y.dim() != 1 or probe.lik.name != "categorical" and y.dim() != 2:
+        raise ValueError("empirical: give one target per input")
+    seeds = probe.lik.grad(h, y).unsqueeze(0)
+    return reduce_records(probe.seeded(seeds), sum_of_squares(), 2, probe.params)
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    likelihood: str | Likelihood,
+    estimator: str,
+    n_samples: int = 1,
+    targets: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+) -> dict[str, Tensor]:
+    r"""Diagonal Fisher information of ``model`` at ``inputs``, one tensor per trainable parameter.
+
+    Args:
+        model: any ``nn.Module`` whose output rows are the natural parameters of ``likelihood``.
+            ``nn.Linear``/``nn.Conv2d`` take fast per-layer rules; every other module with parameters
+            takes an exact ``torch.func`` route.
+        inputs: ``(M, ...)`` batch of inputs.
+        likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"``, ``"poisson"`` or a
+            :class:`~fisher_optim.likelihoods.Likelihood`.
+        estimator: ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂) or ``"empirical"`` (needs ``targets``).
+        n_samples: labels drawn from the model per input (``mc1``, ``mc2``).
+        targets: observed targets for ``"empirical"`` (class indices for categorical, else the output's
+            shape).
+        generator: ``torch.Generator`` for the label draws (one ``likelihood.sample(h, n_samples)`` call).
+        reduction: ``"mean"`` (default) over the ``M`` inputs or ``"sum"``.
+
+    Returns:
+        ``{name: tensor}`` keyed like ``model.named_parameters()`` (parameters that require grad), each
+        of the parameter's shape: :math:`\frac1M \sum_m \hat I_{ii}(\theta \mid x_m)`.
+
+    Example:
+        >>> import torch
+        >>> from fisher_optim import diagonal_fisher
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(16, 4)
+        >>> F = diagonal_fisher(net, x, likelihood="categorical", estimator="exact")
+        >>> sorted(F), F["0.weight"].shape
+        (['0.bias', '0.weight', '2.bias', '2.weight'], torch.Size([8, 4]))
+        >>> F2 = diagonal_fisher(net, x, likelihood="categorical", estimator="mc2",
+        ...                      generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(F2["2.weight"], F["2.weight"])  # Î₂ is exact on the last layer
+        True
+    """
+    lik = get_likelihood(likelihood)
+    check_estimator(estimator)
+    n_samples = check_n_samples(n_samples)
+    check_reduction(reduction)
+    if estimator == "empirical" and targets is None:
+        raise ValueError("estimator 'empirical' needs targets (the observed labels)")
+    if estimator != "empirical" and targets is not None:
+        raise ValueError(f"targets are only used by estimator 'empirical', not {estimator!r}")
+    with Probe(model, inputs, lik) as probe:
+        if estimator == "exact":
+            out = exact_from_probe(probe)
+        elif estimator == "mc1":
+            out = mc1_from_probe(probe, n_samples, generator)
+        elif estimator == "mc2":
+            out = mc2_from_probe(probe, n_samples, generator)
+        else:
+            out = empirical_from_probe(probe, targets)
+        m = probe.h.shape[0]
+    if reduction == "mean":
+        out = {n: v / m for n, v in out.items()}
+    return {n: v.detach() for n, v in out.items()}

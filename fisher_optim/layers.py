@@ -1,0 +1,135 @@
+r"""Per-layer rules: per-sample parameter quantities in factored form, and their reductions.
+
+Every estimator in fisher_optim is a reduction over inputs ``b`` of a function ``fn`` applied, per input,
+to a stack of ``K`` per-sample parameter tensors ``x[k, b]`` (one per *seed*):
+
+.. math::  R(\theta_i) = \sum_b \mathrm{fn}\big(x[\cdot, b, i]\big).
+
+The per-sample tensors are gradients of ``seed_k^T h(x_b)`` (``power = 1``) or diagonal Hessians of it
+(``power = 2``).  A record stores them in the cheapest exact form for its layer:
+
+* :class:`LinearRecord` (``nn.Linear`` with inputs ``(B, in)``): ``x[k,b,j,i] = q[k,b,j] a[b,i]^power``.
+  ``fn`` is homogeneous of degree ``d`` in ``x``, so the reduction is one matmul:
+  ``sum_b fn(q)[b,j] * a[b,i]^(power*d)`` (spec §7.1, §7.3).  No per-sample tensor is materialised.
+* :class:`UnfoldRecord` (``nn.Linear`` with extra leading dims, ``nn.Conv2d``): the per-sample gradient
+  ``x[k,b,o,r] = sum_s g[k,b,o,s] X[b,r,s]`` keeps the cross-position terms exactly (it does not factorise);
+  it is materialised in chunks of inputs.
+* :class:`DenseRecord`: per-sample tensors computed elsewhere (``torch.func`` route, Hessian routes).
+
+``fn(x, idx)`` receives ``x`` of shape ``(K, b, *rest)`` for the inputs ``idx`` (a slice of the batch) and
+returns ``(b, *rest)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Reducer = Callable[[Tensor, slice], Tensor]
+
+#: upper bound on the number of floats materialised at once by an UnfoldRecord reduction
+CHUNK_ELEMENTS = 2**25
+
+
+@dataclass
+class LinearRecord:
+    """``nn.Linear`` with 2-D input: ``a`` is ``(B, in)``, ``q`` is ``(K, B, out)``."""
+
+    a: Tensor
+    q: Tensor
+    has_bias: bool
+    power: int = 1
+
+    def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        fq = fn(self.q, slice(None))  # (B, out)
+        ap = self.a ** (self.power * degree)
+        out = {"weight": fq.T.to(ap.dtype) @ ap}
+        if self.has_bias:
+            out["bias"] = fq.sum(0)
+        return out
+
+
+@dataclass
+class UnfoldRecord:
+    """Per-sample gradients ``sum_s g[k,b,o,s] X[b,r,s]`` (Linear with extra dims, Conv2d).
+
+    ``X`` is ``(B, R, S)`` (R = in_features or C_in*kh*kw; S = positions), ``g`` is ``(K, B, O, S)``;
+    ``weight_shape`` restores the parameter's shape from ``(O, R)``.
+    """
+
+    X: Tensor
+    g: Tensor
+    has_bias: bool
+    weight_shape: torch.Size
+
+    def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        k, b, o, _ = self.g.shape
+        r = self.X.shape[1]
+        step = max(1, CHUNK_ELEMENTS // max(1, k * o * r))
+        w = torch.zeros(o, r, dtype=self.g.dtype, device=self.g.device)
+        bias = torch.zeros(o, dtype=self.g.dtype, device=self.g.device) if self.has_bias else None
+        for start in range(0, b, step):
+            idx = slice(start, min(b, start + step))
+            per_sample = torch.einsum("kbos,brs->kbor", self.g[:, idx], self.X[idx])
+            w += fn(per_sample, idx).sum(0)
+            if bias is not None:
+                bias += fn(self.g[:, idx].sum(-1), idx).sum(0)
+        out = {"weight": w.reshape(self.weight_shape)}
+        if bias is not None:
+            out["bias"] = bias
+        return out
+
+
+@dataclass
+class DenseRecord:
+    """Per-sample tensors ``{param_name: (K, B, *shape)}`` already materialised."""
+
+    values: dict[str, Tensor]
+
+    def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        return {name: fn(x, slice(None)).sum(0) for name, x in self.values.items()}
+
+
+def unfold_conv2d_input(module: torch.nn.Conv2d, inp: Tensor) -> Tensor:
+    """``(B, C_in, H, W)`` -> patches ``(B, C_in*kh*kw, S)`` matching ``module.weight.flatten(1)``."""
+    return torch.nn.functional.unfold(
+        inp, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+    )
+
+
+def conv2d_is_fast(module: torch.nn.Conv2d) -> bool:
+    """Conv2d layers the unfold rule handles exactly (others take the general route)."""
+    return (
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+FAST_MODULES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def is_fast(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Conv2d):
+        return conv2d_is_fast(module)
+    return isinstance(module, torch.nn.Linear)
+
+
+def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias: bool):
+    """Build the record of a fast module from its input and the seeded output gradients ``(K, *out)``."""
+    if isinstance(module, torch.nn.Linear):
+        if inp.dim() == 2:
+            return LinearRecord(a=inp, q=out_grad, has_bias=has_bias)
+        b = inp.shape[0]
+        X = inp.reshape(b, -1, inp.shape[-1]).transpose(1, 2)  # (B, in, S)
+        g = out_grad.reshape(out_grad.shape[0], b, -1, out_grad.shape[-1]).transpose(2, 3)
+        return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
+    if isinstance(module, torch.nn.Conv2d):
+        X = unfold_conv2d_input(module, inp)
+        k, b = out_grad.shape[:2]
+        g = out_grad.reshape(k, b, out_grad.shape[2], -1)
+        return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
+    raise TypeError(f"no fast rule for {type(module).__name__}")
