@@ -7,9 +7,11 @@ Layout (imports flow downwards only)::
     engine        one forward, seeded backward passes, torch.func route for any module
     hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
     estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical
+    variance      closed-form variances of the estimators, per parameter and per layer
 """
 
 from .estimators import ESTIMATORS, diagonal_fisher
+from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
 
 __version__ = "0.1.0"
@@ -23,4 +25,8 @@ __all__ = [
     "Gaussian",
     "Poisson",
     "get_likelihood",
+    "fisher_variance",
+    "fisher_moments",
+    "joint_variance",
+    "layer_summary",
 ]

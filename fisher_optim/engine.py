@@ -180,51 +180,60 @@ class Probe:
         self._pname = pname
 
     # -- seeded backward ------------------------------------------------------------------------
-    def output_grads(self, seeds: Tensor) -> list[Tensor]:
-        """Gradients of ``sum_b seed[k,b]^T h_b`` w.r.t. each recorded fast-layer output: ``(K, *out)``."""
-        if not self._outs:
+    def _module_params(self, i: int) -> list[str]:
+        mname, m, has_bias = self.fast[i]
+        return [self._pname[id(m.weight)]] + ([self._pname[id(m.bias)]] if has_bias else [])
+
+    def output_grads(self, seeds: Tensor, select: list[int] | None = None) -> list[Tensor]:
+        """Gradients of ``sum_b seed[k,b]^T h_b`` w.r.t. recorded fast-layer outputs: ``(K, *out)`` each.
+
+        ``select`` restricts the backward to those layers (autograd then skips the rest of the graph).
+        """
+        if select is None:
+            select = list(range(len(self._outs)))
+        outs = [self._outs[i] for i in select]
+        if not outs:
             return []
         k = seeds.shape[0]
         seeds = seeds.to(self.h.dtype)
         if k == 1:
-            grads = torch.autograd.grad(self.h, self._outs, seeds[0], retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(self.h, outs, seeds[0], retain_graph=True, allow_unused=True)
             grads = [g.unsqueeze(0) if g is not None else None for g in grads]
         else:
             try:
                 grads = torch.autograd.grad(
-                    self.h, self._outs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    self.h, outs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
             except RuntimeError:  # an op without a batching rule: loop over seeds
-                per = [
-                    torch.autograd.grad(self.h, self._outs, s, retain_graph=True, allow_unused=True)
-                    for s in seeds
-                ]
-                grads = [
-                    None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(self._outs))
-                ]
+                per = [torch.autograd.grad(self.h, outs, s, retain_graph=True, allow_unused=True) for s in seeds]
+                grads = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(outs))]
         return [
             torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
-            for g, o in zip(grads, self._outs)
+            for g, o in zip(grads, outs)
         ]
 
-    def seeded(self, seeds: Tensor) -> list[tuple[object, dict[str, str]]]:
+    def seeded(self, seeds: Tensor, names: Iterable[str] | None = None) -> list[tuple[object, dict[str, str]]]:
         """Per-layer records of per-sample gradients of ``seed[k,b]^T h(x_b)``.
 
-        Returns ``[(record, {record_key: parameter_name})]`` covering every parameter of this probe
-        (unused parameters are absent; :func:`reduce_records` fills them with zeros).
+        Returns ``[(record, {record_key: parameter_name})]`` covering the parameters ``names`` (default:
+        all of this probe's; unused parameters are absent and :func:`reduce_records` fills them with zeros).
         """
         if seeds.dim() != 3 or seeds.shape[1:] != self.h.shape:
             raise ValueError(f"seeds must have shape (K, {tuple(self.h.shape)}), got {tuple(seeds.shape)}")
         seeds = seeds.detach()
+        wanted = set(self.params) if names is None else set(names)
+        select = [i for i in range(len(self.fast)) if wanted.intersection(self._module_params(i))]
         out = []
-        for (mname, m, has_bias), inp, g in zip(self.fast, self._ins, self.output_grads(seeds)):
-            rec = make_record(m, inp, g, has_bias)
+        for i, g in zip(select, self.output_grads(seeds, select)):
+            _, m, has_bias = self.fast[i]
+            rec = make_record(m, self._ins[i], g, has_bias)
             keys = {"weight": self._pname[id(m.weight)]}
             if has_bias:
                 keys["bias"] = self._pname[id(m.bias)]
             out.append((rec, keys))
-        if self.general:
-            vals = general_seeded_grads(self.model, self.lik, self.inputs, seeds, self.general)
+        general = [n for n in self.general if n in wanted]
+        if general:
+            vals = general_seeded_grads(self.model, self.lik, self.inputs, seeds, general)
             out.append((DenseRecord(vals), {n: n for n in vals}))
         return out
 
@@ -262,9 +271,14 @@ def general_seeded_grads(
 
 
 def reduce_records(
-    records: list[tuple[object, dict[str, str]]], fn: Reducer, degree: int, params: dict[str, Tensor]
+    records: list[tuple[object, dict[str, str]]],
+    fn: Reducer,
+    degree: int,
+    params: dict[str, Tensor],
+    names: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
     """Apply ``fn`` per input to every record and sum over inputs; zeros for parameters not covered."""
+    names = None if names is None else set(names)
     out: dict[str, Tensor] = {}
     for rec, keys in records:
         vals = rec.reduce(fn, degree)
@@ -273,4 +287,5 @@ def reduce_records(
     return {
         n: out[n] if n in out else torch.zeros_like(p, memory_format=torch.contiguous_format)
         for n, p in params.items()
+        if names is None or n in names
     }
