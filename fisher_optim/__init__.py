@@ -8,11 +8,15 @@ Layout (imports flow downwards only)::
     hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
     estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical
     variance      closed-form variances of the estimators, per parameter and per layer
+    bounds        eigenvalue and Frobenius bounds on those variances
+    selection     per-layer estimator / sample-count choice; mixed-plan estimation
 """
 
+from .bounds import frobenius_bounds, trace_bounds, variance_bounds
 from .estimators import ESTIMATORS, diagonal_fisher
-from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
+from .selection import Choice, estimate_plan, select
+from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 
 __version__ = "0.1.0"
 
@@ -29,4 +33,10 @@ __all__ = [
     "fisher_moments",
     "joint_variance",
     "layer_summary",
+    "variance_bounds",
+    "trace_bounds",
+    "frobenius_bounds",
+    "select",
+    "estimate_plan",
+    "Choice",
 ]

@@ -90,7 +90,7 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> HessianPlan:
         return HessianPlan("hvp", active=list(params))
     pname = {id(p): n for n, p in params.items()}
     known = PIECEWISE_LINEAR + SMOOTH + LINEAR_GLUE + PARAM_LAYERS
-    for name, m in leaves:
+    for _, m in leaves:
         if not isinstance(m, known):
             # parameter-free module of unknown kind: treat the whole network with HVPs (exact)
             return HessianPlan("hvp", active=list(params))
@@ -107,10 +107,10 @@ def plan(model: nn.Module, params: dict[str, Tensor]) -> HessianPlan:
     # chain route: Linear layers, each followed by at most one elementwise map (glue allowed only first)
     chain: list[tuple[str, nn.Module, nn.Module | None]] = []
     ok = True
-    for i, (name, m) in enumerate(leaves):
+    for name, m in leaves:
         if isinstance(m, nn.Linear):
             chain.append((name, m, None))
-        elif isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout)) and (not chain or isinstance(m, (nn.Identity, nn.Dropout))):
+        elif isinstance(m, (nn.Identity, nn.Dropout)) or (isinstance(m, nn.Flatten) and not chain):
             continue
         elif isinstance(m, PIECEWISE_LINEAR + SMOOTH) and chain and chain[-1][2] is None:
             chain[-1] = (chain[-1][0], chain[-1][1], m)
@@ -152,7 +152,7 @@ def chain_records(probe, hp: HessianPlan, seeds: Tensor) -> list[tuple[object, d
     grads = dict(zip([f[0] for f in probe.fast], probe.output_grads(seeds)))
     L = len(hp.chain)
     d1s, rs = [], []
-    for idx, (name, lin, act) in enumerate(hp.chain):
+    for idx, (_, _, act) in enumerate(hp.chain):
         d1, d2 = _act_derivs(act, outs[idx])
         d1s.append(d1)
         if d2 is None:
@@ -179,7 +179,7 @@ def chain_records(probe, hp: HessianPlan, seeds: Tensor) -> list[tuple[object, d
             hdiag[m] = contrib if hdiag[m] is None else hdiag[m] + contrib
     pname = probe._pname
     out = []
-    for idx, (name, lin, _) in enumerate(hp.chain):
+    for idx, (_, lin, _) in enumerate(hp.chain):
         if hdiag[idx] is None or pname.get(id(lin.weight)) not in hp.active:
             continue
         has_bias = lin.bias is not None and id(lin.bias) in pname
