@@ -132,11 +132,11 @@ class Probe:
             def hook(module, args, output):
                 calls[mname] = calls.get(mname, 0) + 1
                 ins[mname] = args[0].detach()
-                if clone:
-                    output = output.clone()
                 outs[mname] = output
                 versions[mname] = output._version
-                return output
+                # with clone=True the module's caller gets a copy, so a later in-place op (ReLU(inplace=True))
+                # modifies the copy and the recorded output keeps the pre-activation values
+                return output.clone() if clone else output
 
             return hook
 
@@ -261,10 +261,11 @@ def general_seeded_grads(
         return vmap(pull)(s)[0]
 
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
+    flat_dtype = next(iter(params.values())).dtype  # not inputs.dtype: integer inputs (Embedding) exist
     b = inputs.shape[0]
     for start in range(0, b, chunk):
         sl = slice(start, min(b, start + chunk))
-        g = vmap(per_input, in_dims=(None, 0, 1))(params, inputs[sl], seeds[:, sl].to(inputs.dtype))
+        g = vmap(per_input, in_dims=(None, 0, 1))(params, inputs[sl], seeds[:, sl].to(flat_dtype))
         for n in names:
             parts[n].append(g[n].transpose(0, 1))
     return {n: torch.cat(parts[n], 1) for n in names}

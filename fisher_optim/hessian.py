@@ -128,7 +128,7 @@ def _act_derivs(act: nn.Module | None, z: Tensor) -> tuple[Tensor, Tensor | None
         return torch.ones_like(z), None
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        y = act(z)
+        y = act(z.clone())  # a non-leaf copy: in-place activations (ReLU(inplace=True)) are allowed
         (d1,) = torch.autograd.grad(y.sum(), z, create_graph=True)
         if not d1.requires_grad or isinstance(act, PIECEWISE_LINEAR):
             return d1.detach(), None
@@ -172,6 +172,8 @@ def chain_records(probe, hp: HessianPlan, seeds: Tensor) -> list[tuple[object, d
         # adjacent layer without materialising per-input Jacobians
         contrib = (r @ (w * w)) * d1s[lp - 1] ** 2
         hdiag[lp - 1] = contrib if hdiag[lp - 1] is None else hdiag[lp - 1] + contrib
+        if lp < 2:
+            continue  # no layer below lp - 1: the per-input Jacobian is not needed
         jac = w.unsqueeze(0) * d1s[lp - 1].unsqueeze(1)  # (B, n_lp, n_{lp-1})
         for m in range(lp - 2, -1, -1):
             jac = (jac @ hp.chain[m + 1][1].weight.detach()) * d1s[m].unsqueeze(1)
@@ -190,7 +192,9 @@ def chain_records(probe, hp: HessianPlan, seeds: Tensor) -> list[tuple[object, d
     return out
 
 
-def hvp_records(probe, hp: HessianPlan, seeds: Tensor, per_sample: bool, chunk_size: int = 64):
+def hvp_records(
+    probe, hp: HessianPlan, seeds: Tensor, per_sample: bool, chunk_size: int = 32, input_chunk: int = 8
+):
     """Exact ``rho`` by Hessian-vector products over the parameter basis (``torch.func``).
 
     ``per_sample=True`` gives ``(K, B, *shape)`` (one scalar ``seed[k,b]^T h(x_b)`` per input and seed);
@@ -237,7 +241,14 @@ def hvp_records(probe, hp: HessianPlan, seeds: Tensor, per_sample: bool, chunk_s
             rows.append(torch.stack(per_b))
         diag = torch.stack(rows)  # (K, B, total)
     else:
-        diag = torch.stack([diag_for(inputs, seeds[kk]) for kk in range(k)]).unsqueeze(1)  # (K, 1, total)
+        # the batch sum is linear: accumulate over input chunks to bound memory (basis chunk x input chunk)
+        step = input_chunk
+        diag = torch.stack(
+            [
+                sum(diag_for(inputs[s : s + step], seeds[kk, s : s + step]) for s in range(0, inputs.shape[0], step))
+                for kk in range(k)
+            ]
+        ).unsqueeze(1)  # (K, 1, total)
     vals, off = {}, 0
     for n, sz in zip(names, sizes):
         vals[n] = diag[..., off : off + sz].reshape(*diag.shape[:2], *params[n].shape)
