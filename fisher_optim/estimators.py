@@ -21,10 +21,13 @@ BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.gra
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
-from .engine import Probe, reduce_records
+from .engine import Probe, reduce_records, trainable_parameters
+from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .likelihoods import Likelihood, get_likelihood
 
@@ -40,9 +43,9 @@ def check_estimator(estimator: str, allowed=ESTIMATORS) -> str:
 
 
 def check_n_samples(n_samples) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"Invalid n_samples: {n_samples}")
-    return n_samples
+    return int(n_samples)
 
 
 def check_reduction(reduction: str) -> str:
@@ -156,6 +159,8 @@ def diagonal_fisher(
         raise ValueError("estimator 'empirical' needs targets (the observed labels)")
     if estimator != "empirical" and targets is not None:
         raise ValueError(f"targets are only used by estimator 'empirical', not {estimator!r}")
+    if estimator == "mc2":
+        hessian_plan(model, trainable_parameters(model))  # unsupported modules fail before any work
     with Probe(model, inputs, lik) as probe:
         if estimator == "exact":
             out = exact_from_probe(probe)

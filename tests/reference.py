@@ -50,3 +50,46 @@ def per_input_derivatives(model, x, lik, hessians=True):
             H = hessian(f)(flat, x[m])  # C x P x P
             Us.append(torch.diagonal(H, dim1=-2, dim2=-1))
     return names, torch.stack(hs), torch.stack(Js), (torch.stack(Us) if hessians else None)
+
+
+# -- estimator formulas from the brute-force J (M x C x P) and U (M x C x P) ---------------------------
+# Every function returns a flat (P,) vector, the MEAN over the M inputs (spec §2.3a); use split() to map it
+# to parameter names.  Labels y have the likelihood's sample() layout (N, M, ...).
+
+
+def exact_diag(lik, h, J):
+    """(1/M) sum_m diag(J_m^T I(h_m) J_m)."""
+    return torch.einsum("map,mab,mbp->p", J, lik.fisher(h), J) / h.shape[0]
+
+
+def sample_scores(lik, h, J, y):
+    """(N, M, P): d(-log p(y_km | x_m))/dtheta = (eta_m - t(y_km))^T J_m."""
+    return torch.einsum("nma,map->nmp", lik.grad(h, y), J)
+
+
+def mc1_diag(lik, h, J, y):
+    """Î₁ = mean over inputs and samples of the squared per-sample scores."""
+    return sample_scores(lik, h, J, y).pow(2).mean((0, 1))
+
+
+def mc2_diag(lik, h, J, U, y):
+    """Î₂ = exact + (1/M) sum_m (mean_k (eta_m - t(y_km)))^T U_m."""
+    gbar = lik.grad(h, y).mean(0)  # (M, C) = eta - tbar
+    return exact_diag(lik, h, J) + torch.einsum("ma,map->p", gbar, U) / h.shape[0]
+
+
+def empirical_diag(lik, h, J, y):
+    """(1/M) sum_m ((eta_m - t(y~_m))^T J_m)^2 with one observed target per input."""
+    return sample_scores(lik, h, J, y.unsqueeze(0)).pow(2).mean((0, 1))
+
+
+def closed_form_variances(lik, h, J, U, n_samples):
+    """Var over label draws of Î₁ and Î₂ (averaged over the M inputs), spec §2.3a, §3.2, §5.
+
+    N V₁(x_m) = M(v,v,v,v) = lik.moment4 along v = J_m[:, i];  N V₂(x_m) = u^T I(h_m) u with u = U_m[:, i];
+    Var(mean over inputs) = (1/M^2) sum_m V(x_m).
+    """
+    m = h.shape[0]
+    v1 = lik.moment4(h, J.transpose(0, 1)).sum(0) / (n_samples * m * m)
+    v2 = lik.fisher_quad(h, U.transpose(0, 1)).sum(0) / (n_samples * m * m)
+    return v1, v2
