@@ -32,6 +32,8 @@ Reducer = Callable[[Tensor, slice], Tensor]
 
 #: upper bound on the number of floats materialised at once by an UnfoldRecord reduction
 CHUNK_ELEMENTS = 2**25
+#: Conv2d records with at most this many seeds use per-input ``convolution_backward`` instead of ``unfold``
+CONV_BACKWARD_MAX_SEEDS = 2
 
 
 @dataclass
@@ -84,6 +86,45 @@ class UnfoldRecord:
 
 
 @dataclass
+class ConvRecord:
+    """``nn.Conv2d`` per-sample weight gradients from ``convolution_backward`` vmapped over inputs and seeds.
+
+    Cheaper than the ``unfold`` rule for few seeds (no ``C_in*kh*kw x S`` patch matrix); exact all the same.
+    ``inp`` is ``(B, C_in, H, W)``, ``g`` is ``(K, B, O, H_out, W_out)``.
+    """
+
+    inp: Tensor
+    g: Tensor
+    has_bias: bool
+    module: torch.nn.Conv2d
+
+    def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        m = self.module
+        w = m.weight.detach()
+
+        def one(x: Tensor, gy: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                gy.unsqueeze(0), x.unsqueeze(0), w, None, m.stride, m.padding, m.dilation, False, [0, 0],
+                m.groups, [False, True, False],
+            )[1]
+
+        per_input = torch.vmap(torch.vmap(one, in_dims=(None, 0)), in_dims=(0, 1), out_dims=1)
+        k, b = self.g.shape[:2]
+        step = max(1, CHUNK_ELEMENTS // max(1, k * w.numel()))
+        acc = torch.zeros_like(w, dtype=self.g.dtype)
+        bias = torch.zeros(w.shape[0], dtype=self.g.dtype, device=w.device) if self.has_bias else None
+        for start in range(0, b, step):
+            idx = slice(start, min(b, start + step))
+            acc += fn(per_input(self.inp[idx], self.g[:, idx]), idx).sum(0)
+            if bias is not None:
+                bias += fn(self.g[:, idx].sum((-1, -2)), idx).sum(0)
+        out = {"weight": acc}
+        if bias is not None:
+            out["bias"] = bias
+        return out
+
+
+@dataclass
 class DenseRecord:
     """Per-sample tensors ``{param_name: (K, B, *shape)}`` already materialised."""
 
@@ -128,6 +169,8 @@ def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias
         g = out_grad.reshape(out_grad.shape[0], b, -1, out_grad.shape[-1]).transpose(2, 3)
         return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
     if isinstance(module, torch.nn.Conv2d):
+        if out_grad.shape[0] <= CONV_BACKWARD_MAX_SEEDS:
+            return ConvRecord(inp=inp, g=out_grad, has_bias=has_bias, module=module)
         X = unfold_conv2d_input(module, inp)
         k, b = out_grad.shape[:2]
         g = out_grad.reshape(k, b, out_grad.shape[2], -1)
