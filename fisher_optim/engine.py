@@ -224,7 +224,10 @@ class Probe:
         wanted = set(self.params) if names is None else set(names)
         select = [i for i in range(len(self.fast)) if wanted.intersection(self._module_params(i))]
         out = []
-        for i, g in zip(select, self.output_grads(seeds, select)):
+        grads = self.output_grads(seeds, select)
+        #: the seeded output gradients of the last call, by module name (reused by the Hessian chain route)
+        self.last_grads = {self.fast[i][0]: g for i, g in zip(select, grads)}
+        for i, g in zip(select, grads):
             _, m, has_bias = self.fast[i]
             rec = make_record(m, self._ins[i], g, has_bias)
             keys = {"weight": self._pname[id(m.weight)]}

@@ -23,7 +23,11 @@ the **mean over examples of per-example squares** (or per-example sampled-label 
 * ``"exact"``: the exact diagonal Fisher / diagonal GGN :math:`v_i^\top I(h) v_i` (``C`` seeded backward
   passes, no sampling);
 * ``"mc1"`` (Î₁): squared score of ``n_samples`` labels drawn from the model, averaged over the draws;
-* ``"mc2"`` (Î₂): diagonal Hessian of the sampled-label NLL (equal to ``"exact"`` for ReLU networks);
+* ``"mc2"`` (Î₂): diagonal Hessian of the sampled-label NLL (equal to ``"exact"`` for ReLU networks).
+  Unbiased but **not nonnegative**: for smooth activations some entries can be negative, and the penalty
+  then pushes those parameters *away* from the anchor.  ``consolidate`` warns when that happens; prefer
+  ``"exact"``/``"mc1"`` (or more ``n_samples``) for EWC.  On ``benchmarks/ewc.py`` (tanh MLP, one label)
+  this made EWC with Î₂ the least stable choice;
 * ``"empirical"``: squared score of the **observed** label of each example (the empirical Fisher; biased).
 * ``"auto"``: a per-layer mix of ``"exact"`` and ``"mc1"`` with ``N`` samples, chosen once per
   :meth:`EWC.consolidate` call by :func:`fisher_optim.selection.select` on the first batch (closed-form
@@ -45,9 +49,10 @@ available, for comparison only, as
   maintainers' answer in ContinualAI/avalanche#1224: "The importance is computed in mini-batches, not one
   sample at a time").  Its expectation is the squared mean gradient plus the per-example gradient variance
   divided by ``B``: near a minimum it is roughly the empirical Fisher **divided by the batch size**, and it
-  depends on how the data are batched.  The same trap is reported in GMvandeVen/continual-learning#11,
-  facebookresearch/GradientEpisodicMemory#7 and kuc2477/pytorch-ewc#1; van de Ven (2025, arXiv 2502.11756)
-  shows that the choice changes EWC's accuracy.  For a tensor input it takes the batches from
+  depends on how the data are batched.  Related reports: facebookresearch/GradientEpisodicMemory#7 (square
+  of the summed gradient), GT-RIPL/Continual-Learning-Benchmark#10 (mini-batches vs batch size 1), and the
+  "which Fisher?" threads GMvandeVen/continual-learning#11 and kuc2477/pytorch-ewc#1; van de Ven (2025,
+  arXiv 2502.11756) shows that the choice changes EWC's accuracy.  For a tensor input it takes the batches from
   ``batch_size`` (one batch of all ``M`` examples by default).
 
 Estimation runs the model in eval mode (dropout off, BatchNorm on its running statistics); train/eval
@@ -362,6 +367,15 @@ class EWC:
         if sums is None or m == 0:
             raise ValueError("Invalid inputs: no examples to consolidate on")
         fisher = {n: v / m for n, v in sums.items()}
+        n_neg = sum(int((v < 0).sum()) for v in fisher.values())
+        if n_neg:
+            n_all = sum(v.numel() for v in fisher.values())
+            warnings.warn(
+                f"EWC: {n_neg} of {n_all} Fisher entries from estimator {self.estimator!r} are negative "
+                "(an unbiased but not nonnegative estimate); the penalty pushes those parameters away from the "
+                "anchor. Use estimator='exact' or 'mc1', or more n_samples.",
+                stacklevel=2,
+            )
         params = trainable_parameters(self.model)
         anchor = {n: params[n].detach().clone() for n in fisher}
         if self.mode == "separate" or not self._tasks:

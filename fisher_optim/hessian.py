@@ -136,20 +136,24 @@ def _act_derivs(act: nn.Module | None, z: Tensor) -> tuple[Tensor, Tensor | None
     return d1.detach(), d2.detach()
 
 
-def chain_records(probe, hp: HessianPlan, seeds: Tensor) -> list[tuple[object, dict[str, str]]]:
+def chain_records(
+    probe, hp: HessianPlan, seeds: Tensor, grads: dict[str, Tensor] | None = None
+) -> list[tuple[object, dict[str, str]]]:
     """Chain route: ``rho`` for Linear layers of a Sequential MLP as :class:`LinearRecord` (power 2).
 
     With ``z_l`` the pre-activations, ``a_l = sigma_l(z_l)``, ``r_l = sigma_l''(z_l) * dphi/da_l`` and
     ``J_{l'<-l} = dz_{l'}/dz_l``, the diagonal of the Hessian of ``phi = seed^T h`` w.r.t. ``z_l`` is
     ``sum_{l' >= l} r_{l'}^T (J_{l'<-l})^2`` (spec §7.1, unrolled form); then
-    ``d^2 phi / dW_l[j,i]^2 = Hdiag_l[j] a_{l-1}[i]^2``.
+    ``d^2 phi / dW_l[j,i]^2 = Hdiag_l[j] a_{l-1}[i]^2``.  ``grads`` (module name -> seeded output
+    gradients ``(K, B, out)`` for these seeds) skips the backward when the caller already has them.
     """
     names = [n for n, _, _ in hp.chain]
     ins = [probe.module_inputs.get(n) for n in names]
     outs = [probe.module_outputs.get(n) for n in names]
     if any(t is None for t in ins) or any(t.dim() != 2 for t in ins):
         return hvp_records(probe, hp, seeds, per_sample=True)
-    grads = dict(zip([f[0] for f in probe.fast], probe.output_grads(seeds)))
+    if grads is None or any(n not in grads for n in names[1:]):
+        grads = dict(zip([f[0] for f in probe.fast], probe.output_grads(seeds)))
     L = len(hp.chain)
     d1s, rs = [], []
     for idx, (_, _, act) in enumerate(hp.chain):
@@ -256,12 +260,15 @@ def hvp_records(
     return [(DenseRecord(vals), {n: n for n in names})]
 
 
-def residual_records(probe, seeds: Tensor, per_sample: bool = True):
-    """Records of ``rho`` for all parameters of ``probe`` (zero-route parameters omitted = 0)."""
+def residual_records(probe, seeds: Tensor, per_sample: bool = True, grads: dict[str, Tensor] | None = None):
+    """Records of ``rho`` for all parameters of ``probe`` (zero-route parameters omitted = 0).
+
+    ``grads``: optional seeded output gradients for ``seeds`` by module name (see :func:`chain_records`).
+    """
     hp = plan(probe.model, probe.params)
     if hp.route == "zero" or not hp.active:
         return []
     if hp.route == "chain":
-        return chain_records(probe, hp, seeds)
+        return chain_records(probe, hp, seeds, grads)
     return hvp_records(probe, hp, seeds, per_sample=per_sample)
 

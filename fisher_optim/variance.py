@@ -90,12 +90,18 @@ def moments_from_probe(
     v1 = reduce_records(recs, _per_input(lik.moment4)(h), 4, probe.params, names) if with_v1 else None
     v2 = None
     if with_v2:
-        seeds = lik.fisher_factor(h).permute(2, 0, 1)
-        rrecs = residual_records(probe, seeds, per_sample=True)
+        factor = lik.fisher_factor(h)  # (B, C, K)
+        seeds = factor.permute(2, 0, 1)
+        # the S-seeded output gradients are linear combinations of the unit-seeded ones: no second backward
+        grads = {k: torch.einsum("bck,cb...->kb...", factor.to(g.dtype), g) for k, g in probe.last_grads.items()}
+        rrecs = residual_records(probe, seeds, per_sample=True, grads=grads)
         if names is not None:
             rrecs = [(r, {k: n for k, n in keys.items() if n in set(names)}) for r, keys in rrecs]
         v2 = reduce_records(rrecs, sum_of_squares(), 2, probe.params, names)
-    return FisherMoments(fisher, fisher_sq, v1, v2, h.shape[0])
+    def detach(d):
+        return None if d is None else {n: t.detach() for n, t in d.items()}
+
+    return FisherMoments(detach(fisher), detach(fisher_sq), detach(v1), detach(v2), h.shape[0])
 
 
 def fisher_moments(

@@ -1,0 +1,545 @@
+r"""Machinery shared by the Fisher optimizers: input capture, Fisher refresh, auto selection, non-finite
+handling, checkpoints and DDP.
+
+:class:`FisherOptimizer` is a :class:`torch.optim.Optimizer` that owns everything except the update rule.
+A subclass only validates its own hyperparameters and gives two sets of constants: those of
+:func:`~fisher_optim.optim._functional.preconditioned_update` (the per-step update) and those of
+:func:`~fisher_optim.optim._functional.refresh_preconditioner` (the Fisher refresh).
+
+One ``step()``:
+
+1. collect the parameters that have a gradient and require one (the others are skipped, state included);
+2. if a refresh is due (the first step, then every ``fisher_interval`` steps, or when a parameter has no
+   Fisher state yet): in auto mode, every ``variance_interval`` refreshes, call
+   :func:`fisher_optim.selection.select` for a per-layer plan ``name -> (estimator, n_samples)``; then
+   :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured inputs (one shared
+   forward, eval mode, its own backward passes; ``.grad`` is never touched); under DDP the estimates are
+   averaged over ranks (one ``all_reduce``);
+3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
+   (``torch._foreach_norm``) per device and dtype and **one host synchronisation per step**
+   (the same price as ``torch.amp.GradScaler``'s inf check).  On failure, ``nonfinite="skip"`` leaves every
+   parameter and every state entry as it was (the label generator is rewound too) and counts the step in
+   :meth:`FisherOptimizer.fisher_report`; ``nonfinite="raise"`` raises :class:`FloatingPointError` and
+   changes nothing either;
+4. fold the estimates into the running Fisher and recompute the preconditioner
+   (:func:`~fisher_optim.optim._functional.refresh_preconditioner`), then run the fused update.
+   Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
+
+Inputs: a forward hook on ``model`` keeps a detached *reference* (no copy) to the first positional tensor
+argument of the latest forward run with gradients enabled (forwards under ``torch.no_grad()``, e.g.
+evaluation, are not captured).  The hook is removed by :meth:`FisherOptimizer.close` or when the optimizer
+is garbage collected (a ``weakref.finalize``; the hook holds no reference to the optimizer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from collections.abc import Iterable
+from itertools import chain
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.optim import Optimizer
+
+from ..estimators import ESTIMATORS
+from ..likelihoods import Likelihood, get_likelihood
+from ..selection import estimate_plan, select
+from ._functional import preconditioned_update, refresh_preconditioner
+
+__all__ = ["FisherOptimizer", "FisherReport"]
+
+logger = logging.getLogger("fisher_optim")
+
+_EXTRA = "fisher_optim"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_COUNTERS = ("step", "fisher_count")
+
+
+class _InputCapture:
+    """Forward hook target: remembers the latest batch.  Holds no reference to the optimizer."""
+
+    __slots__ = ("inputs", "enabled", "__weakref__")
+
+    def __init__(self):
+        self.inputs: Tensor | None = None
+        self.enabled = True
+
+    def __call__(self, module, args, output):
+        if self.enabled and torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
+            self.inputs = args[0].detach()
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, object | None]:
+    """``(module that runs the estimation, DDP process group or None)``."""
+    if isinstance(model, DistributedDataParallel):
+        return model.module, getattr(model, "process_group", None) or dist.group.WORLD
+    if isinstance(model, DataParallel):
+        return model.module, None
+    return model, None
+
+
+class FisherReport(dict):
+    """``{parameter name: {estimator, n_samples, rse, cost, reason, fisher_mean}}`` plus run counters.
+
+    ``rse`` is the predicted relative standard error of the running estimate and ``cost`` the predicted
+    cost of one refresh for that tensor, both from :func:`fisher_optim.selection.select` (``nan`` for a
+    fixed estimator); ``fisher_mean`` is the mean entry of the bias-corrected running Fisher.  Attributes:
+    ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps).
+    """
+
+    steps: int = 0
+    refreshes: int = 0
+    selections: int = 0
+    skipped_steps: int = 0
+
+    def table(self) -> str:
+        """The report as a fixed-width text table."""
+        w = max([len("parameter"), *map(len, self)])
+        lines = [f"{'parameter':<{w}}  estimator  N   rse       cost      mean F     reason"]
+        for name, r in self.items():
+            lines.append(
+                f"{name:<{w}}  {r['estimator']:<9}  {r['n_samples']:<3} {r['rse']:<9.3g} {r['cost']:<9.3g} "
+                f"{r['fisher_mean']:<10.3g} {r['reason']}"
+            )
+        lines.append(
+            f"steps {self.steps}, refreshes {self.refreshes}, selections {self.selections}, "
+            f"skipped (non-finite) {self.skipped_steps}"
+        )
+        return "\n".join(lines)
+
+
+class FisherOptimizer(Optimizer):
+    """Base class of the Fisher optimizers (see the module docstring).  Not used directly.
+
+    Subclasses implement ``_update_kwargs(group)`` and ``_refresh_kwargs(group)``: the constants of
+    :func:`~fisher_optim.optim._functional.preconditioned_update` and
+    :func:`~fisher_optim.optim._functional.refresh_preconditioner`.  State per parameter: ``step``,
+    ``exp_avg`` (first moment), ``fisher_ema``, ``fisher_count`` (refresh counter) and ``precond``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        params: Iterable | None,
+        defaults: dict,
+        *,
+        estimator: str,
+        n_samples: int,
+        fisher_interval: int,
+        fisher_batch: int | None,
+        target_rse: float,
+        variance_interval: int,
+        max_samples: int,
+        cost_model: str,
+        nonfinite: str,
+        seed: int | None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
+        allowed = ("auto", *ESTIMATORS)
+        if estimator not in allowed:
+            raise ValueError(f"Invalid estimator: {estimator!r}. Must be one of {list(allowed)}")
+        for name, value in (("n_samples", n_samples), ("fisher_interval", fisher_interval),
+                            ("variance_interval", variance_interval), ("max_samples", max_samples)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value}")
+        if fisher_batch is not None and (
+            isinstance(fisher_batch, bool) or not isinstance(fisher_batch, int) or fisher_batch < 1
+        ):
+            raise ValueError(f"Invalid fisher_batch: {fisher_batch}")
+        if isinstance(target_rse, bool) or not isinstance(target_rse, (int, float)) or not target_rse > 0:
+            raise ValueError(f"Invalid target_rse: {target_rse}")
+        if cost_model not in ("measured", "flops"):
+            raise ValueError(f"Invalid cost_model: {cost_model!r}. Must be 'measured' or 'flops'")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Must be 'skip' or 'raise'")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"Invalid seed: {seed}")
+        self._lik = get_likelihood(likelihood)
+        self._net, self._pg = _unwrap(model)
+        self._names = {id(p): n for n, p in self._net.named_parameters()}
+        self.estimator = estimator
+        self.n_samples = n_samples
+        self.fisher_interval = fisher_interval
+        self.fisher_batch = fisher_batch
+        self.target_rse = float(target_rse)
+        self.variance_interval = variance_interval
+        self.max_samples = max_samples
+        self.cost_model = cost_model
+        self.nonfinite = nonfinite
+
+        super().__init__(self._net.parameters() if params is None else params, defaults)
+
+        # label-sampling generator: on the model's device, seeded per rank
+        device = next(chain((p.device for g in self.param_groups for p in g["params"]), [torch.device("cpu")]))
+        rank = dist.get_rank(self._pg) if self._pg is not None else 0
+        base = torch.initial_seed() if seed is None else seed
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed((base + rank) % 2**63)
+        self._plan: dict[str, tuple[str, int]] | None = None  # auto mode: the last selection's plan
+        self._choices: dict[str, dict] = {}
+        self._steps = 0
+        self._refreshes = 0
+        self._selections = 0
+        self._since_refresh = 0
+        self._since_select = 0
+        self._skipped = 0
+
+        self._capture = _InputCapture()
+        handle = model.register_forward_hook(self._capture)
+        self._finalizer = weakref.finalize(self, handle.remove)
+
+    # -- torch.optim plumbing ------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and id(p) not in self._names:
+                raise ValueError(
+                    f"parameter {i} of the new group (shape {tuple(p.shape)}) is not a parameter of `model`: "
+                    "the optimizer can only precondition parameters whose Fisher it can estimate"
+                )
+        param_group = dict(param_group, params=params)
+        super().add_param_group(param_group)
+
+    def close(self) -> None:
+        """Remove the input-capturing forward hook and drop the captured batch (idempotent)."""
+        self._finalizer()
+        self._capture.inputs = None
+
+    def __getstate__(self):
+        raise TypeError(f"{type(self).__name__} holds a model and a forward hook: save opt.state_dict() instead")
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """float32 state for bf16/fp16 parameters, else the parameter's dtype."""
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+    @staticmethod
+    def _counter_dtype(p: Tensor) -> torch.dtype:
+        """Step counters: float64 for float64 parameters (exact bias corrections), else float32 (torch's)."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _init_state(self, p: Tensor) -> dict:
+        dt = self._state_dtype(p)
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["fisher_ema"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["fisher_count"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
+        state["precond"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        return state
+
+    def state_dict(self) -> dict:
+        """torch's ``{"state", "param_groups"}`` plus ``"fisher_optim"``: the label generator's state, the
+        auto-mode plan and choices, and the refresh/selection/skip counters (plain types and tensors only, so
+        ``torch.load(..., weights_only=True)`` reads it)."""
+        sd = super().state_dict()
+        sd[_EXTRA] = {
+            "generator_state": self._generator.get_state(),
+            "plan": None if self._plan is None else {n: [e, k] for n, (e, k) in self._plan.items()},
+            "choices": {n: dict(c) for n, c in self._choices.items()},
+            "counters": {
+                "steps": self._steps,
+                "refreshes": self._refreshes,
+                "selections": self._selections,
+                "since_refresh": self._since_refresh,
+                "since_select": self._since_select,
+                "skipped": self._skipped,
+            },
+            "estimator": self.estimator,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Inverse of :meth:`state_dict`.  Fisher state of bf16/fp16 parameters stays float32 (torch's own
+        loader would cast it to the parameter's dtype) and counters keep their dtype, on the parameter's device."""
+        sd = dict(state_dict)
+        extra = sd.pop(_EXTRA, None)
+        if extra is None:
+            raise ValueError(f"state_dict has no {_EXTRA!r} entry: it was not saved by a fisher_optim optimizer")
+        saved = sd["state"]
+        super().load_state_dict(sd)
+        ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for i, p in zip(ids, params):
+            if i in saved:
+                self.state[p] = {
+                    k: v.to(
+                        device=p.device,
+                        dtype=self._counter_dtype(p) if k in _COUNTERS else self._state_dtype(p),
+                        copy=True,
+                    )
+                    if isinstance(v, Tensor)
+                    else v
+                    for k, v in saved[i].items()
+                }
+        self._generator.set_state(extra["generator_state"].cpu())
+        self._plan = None if extra["plan"] is None else {n: (e, int(k)) for n, (e, k) in extra["plan"].items()}
+        self._choices = {n: dict(c) for n, c in extra["choices"].items()}
+        c = extra["counters"]
+        self._steps, self._refreshes, self._selections = c["steps"], c["refreshes"], c["selections"]
+        self._since_refresh, self._since_select, self._skipped = c["since_refresh"], c["since_select"], c["skipped"]
+
+    # -- subclass interface --------------------------------------------------------------------------
+    def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _refresh_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _ema_decay(self) -> float:
+        """Decay of the running Fisher handed to ``select`` (the smallest over groups: the noisiest EMA)."""
+        return min(self._refresh_kwargs(g)["beta2"] for g in self.param_groups)
+
+    # -- the step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, *, targets: Tensor | None = None):
+        """One optimisation step; returns the closure's loss (if a closure is given).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (torch.optim convention).  Its loss is
+                included in the non-finite check.
+            targets: the observed labels of the captured batch, used only by ``estimator="empirical"``
+                (and by an auto plan that chose it) on refresh steps; sliced like the inputs.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []  # (group, params with grad, grads)
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None and p.requires_grad]
+            if ps:
+                if any(p.grad.is_sparse for p in ps):
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                work.append((group, ps, [p.grad for p in ps]))
+        if not work:
+            return loss
+        with_grad = [p for _, ps, _ in work for p in ps]
+        due = (
+            self._refreshes == 0
+            or self._since_refresh >= self.fisher_interval
+            or any("fisher_count" not in self.state[p] for p in with_grad)
+        )
+        estimates, pending, gen_state = self._estimate(targets) if due else (None, None, None)
+
+        checked = [g for _, _, gs in work for g in gs] + ([] if estimates is None else list(estimates.values()))
+        if isinstance(loss, Tensor):
+            checked.append(loss.detach().reshape(-1))
+        bad = not self._all_finite(checked) or (isinstance(loss, float) and not math.isfinite(loss))
+        if bad:
+            if gen_state is not None:
+                self._generator.set_state(gen_state)
+            what = self._describe_nonfinite(work, estimates, loss)
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite {what} at step {self._steps}; no parameter or state "
+                    "was changed (use nonfinite='skip' to skip such steps)"
+                )
+            self._skipped += 1
+            logger.warning("%s: skipped step %d (non-finite %s)", type(self).__name__, self._steps, what)
+            return loss
+
+        if estimates is not None:
+            self._apply_refresh(estimates, pending)
+        for group, ps, grads in work:
+            states = [self.state[p] for p in ps]
+            preconditioned_update(
+                ps,
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["precond"] for s in states],
+                [s["step"] for s in states],
+                foreach=group["foreach"],
+                **self._update_kwargs(group),
+            )
+        self._steps += 1
+        self._since_refresh += 1
+        return loss
+
+    # -- refresh -------------------------------------------------------------------------------------
+    def _fisher_params(self) -> dict[str, Tensor]:
+        """Optimized parameters that require grad, by name in ``model.named_parameters()``."""
+        return {self._names[id(p)]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
+
+    def _estimate(self, targets):
+        """New estimates ``{param: tensor}`` (all-reduced under DDP), the pending selection and the
+        generator state before any draw (to rewind on a skipped step)."""
+        x = self._capture.inputs
+        if x is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() needs the inputs of the latest forward pass of `model`, and none "
+                "was captured: run `loss = criterion(model(x), y); loss.backward()` (with gradients enabled, "
+                "the batch as the first positional argument of the forward) before `opt.step()`"
+            )
+        if self.fisher_batch is not None:
+            x = x[: self.fisher_batch]
+            targets = None if targets is None else targets[: self.fisher_batch]
+        fparams = self._fisher_params()
+        names = list(fparams)
+        gen_state = self._generator.get_state()
+        pending = None
+        self._capture.enabled = False
+        try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
+            if self.estimator == "auto":
+                if self._plan is None or self._since_select >= self.variance_interval or any(
+                    n not in self._plan for n in names
+                ):
+                    pending = self._select(x, names)
+                    plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
+                else:
+                    plan = {n: self._plan[n] for n in names}
+            else:
+                plan = {n: (self.estimator, self.n_samples) for n in names}
+            empirical = any(e == "empirical" for e, _ in plan.values())
+            if empirical and targets is None:
+                raise ValueError(
+                    "estimator 'empirical' needs the observed labels of the captured batch: "
+                    "call opt.step(targets=y)"
+                )
+            est = estimate_plan(
+                self._net, x, likelihood=self._lik, plan=plan, generator=self._generator,
+                targets=targets if empirical else None,
+            )  # fmt: skip
+        finally:
+            self._capture.enabled = True
+        if self._pg is not None and dist.get_world_size(self._pg) > 1:
+            est = self._all_reduce(est, names)
+        return {fparams[n]: est[n] for n in names}, pending, gen_state
+
+    def _select(self, x: Tensor, names: list[str]) -> dict[str, dict]:
+        """Auto mode: per-layer choices from :func:`fisher_optim.selection.select` (rank 0's under DDP)."""
+        distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
+        choices = None
+        if not distributed or dist.get_rank(self._pg) == 0:
+            raw = select(
+                self._net, x, likelihood=self._lik, generator=self._generator, target_rse=self.target_rse,
+                ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
+            )  # fmt: skip
+            choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
+                       for n, c in raw.items()}  # fmt: skip
+        if distributed:
+            box = [choices]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
+            choices = box[0]
+        return choices
+
+    def _all_reduce(self, est: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+        """Average the estimates over the DDP ranks (one flat ``all_reduce``)."""
+        dtype = est[names[0]].dtype
+        for n in names[1:]:
+            dtype = torch.promote_types(dtype, est[n].dtype)
+        flat = torch.cat([est[n].reshape(-1).to(dtype) for n in names])
+        dist.all_reduce(flat, group=self._pg)
+        flat.div_(dist.get_world_size(self._pg))
+        out, i = {}, 0
+        for n in names:
+            k = est[n].numel()
+            out[n] = flat[i : i + k].view_as(est[n]).to(est[n].dtype)
+            i += k
+        return out
+
+    def _apply_refresh(self, estimates: dict[Tensor, Tensor], pending: dict | None) -> None:
+        if pending is not None:
+            self._choices = pending
+            self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
+            self._selections += 1
+            self._since_select = 0
+            if logger.isEnabledFor(logging.INFO):
+                rows = [
+                    f"  {n}: {c['estimator']} N={c['n_samples']} rse={c['rse']:.3g} cost={c['cost']:.3g} "
+                    f"({c['reason']})"
+                    for n, c in pending.items()
+                ]
+                logger.info("%s step %d: estimator selection\n%s", type(self).__name__, self._steps, "\n".join(rows))
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p in estimates]
+            if not ps:
+                continue
+            states = [self.state[p] if "fisher_count" in self.state[p] else self._init_state(p) for p in ps]
+            refresh_preconditioner(
+                [s["fisher_ema"] for s in states],
+                [s["fisher_count"] for s in states],
+                [estimates[p] for p in ps],
+                [s["precond"] for s in states],
+                foreach=group["foreach"],
+                **self._refresh_kwargs(group),
+            )
+        self._refreshes += 1
+        self._since_refresh = 0
+        self._since_select += 1
+
+    # -- non-finite values ---------------------------------------------------------------------------
+    @staticmethod
+    def _all_finite(tensors: list[Tensor]) -> bool:
+        """One fused L2-norm reduction (``torch._foreach_norm``) per (device, dtype), one host sync per device.
+
+        A NaN or infinity makes its tensor's norm non-finite.  So does a finite tensor whose norm overflows
+        (above ~1.8e19 in float32; bf16/fp16 norms are accumulated and returned in float32): such a step counts
+        as non-finite too.  The L2 norm is used because it is a vectorised reduction (the max-abs norm is ~15x
+        slower on the CPU)."""
+        groups: dict[tuple, list[Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                groups.setdefault((t.device, t.dtype), []).append(t)
+        flags: dict[torch.device, list[Tensor]] = {}
+        for (device, dtype), ts in groups.items():
+            norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
+            flags.setdefault(device, []).append(torch.stack(norms).isfinite().all().reshape(1))
+        return all(bool(torch.cat(f).all()) for f in flags.values())
+
+    def _describe_nonfinite(self, work, estimates, loss) -> str:
+        """Which values were non-finite (only called on failure; may synchronise freely)."""
+        if isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all()):
+            return "loss"
+        if isinstance(loss, float) and not math.isfinite(loss):
+            return "loss"
+        for _, ps, grads in work:
+            for p, g in zip(ps, grads):
+                if not bool(g.isfinite().all()):
+                    return f"gradient of {self._names[id(p)]!r}"
+        for p, e in (estimates or {}).items():
+            if not bool(e.isfinite().all()):
+                return f"Fisher estimate of {self._names[id(p)]!r}"
+        return "value"
+
+    # -- report --------------------------------------------------------------------------------------
+    def fisher_report(self) -> FisherReport:
+        """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason and
+        the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
+        """
+        rep = FisherReport()
+        for name, p in self._fisher_params().items():
+            if self.estimator == "auto":
+                c = self._choices.get(name)
+                row = (
+                    dict(c)
+                    if c is not None
+                    else dict(estimator="-", n_samples=0, rse=math.nan, cost=math.nan, reason="not selected yet")
+                )
+            else:
+                row = dict(estimator=self.estimator, n_samples=self.n_samples, rse=math.nan, cost=math.nan,
+                           reason=f"fixed (estimator={self.estimator!r})")  # fmt: skip
+            st = self.state.get(p, {})
+            if "fisher_count" in st and st["fisher_ema"].numel():
+                beta2 = self._refresh_kwargs(self._group_of(p))["beta2"]
+                bc = 1 - beta2 ** float(st["fisher_count"])
+                row["fisher_mean"] = float(st["fisher_ema"].mean()) / bc
+            else:
+                row["fisher_mean"] = math.nan
+            rep[name] = row
+        rep.steps, rep.refreshes, rep.selections, rep.skipped_steps = (
+            self._steps, self._refreshes, self._selections, self._skipped,
+        )  # fmt: skip
+        return rep
+
+    def _group_of(self, p: Tensor) -> dict:
+        for g in self.param_groups:
+            if any(q is p for q in g["params"]):
+                return g
+        raise KeyError("parameter not in this optimizer")
