@@ -10,11 +10,13 @@ Layout (imports flow downwards only)::
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation
+    optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
 """
 
 from .bounds import frobenius_bounds, trace_bounds, variance_bounds
 from .estimators import ESTIMATORS, diagonal_fisher
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
+from .optim import FisherAdam, FisherReport, NaturalGradient
 from .selection import Choice, estimate_plan, select
 from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 
@@ -39,4 +41,7 @@ __all__ = [
     "select",
     "estimate_plan",
     "Choice",
+    "FisherAdam",
+    "NaturalGradient",
+    "FisherReport",
 ]

@@ -20,7 +20,8 @@ samples.  Candidates and their costs:
   ``exact`` where the residual is nonzero; where the residual vanishes (last layer, piecewise-linear
   networks, spec §6a/§6g) Î₂ *is* the exact Fisher, which is what ``exact`` computes.
 
-Costs are measured on the current batch (``cost_model="measured"``: each layer's exact and one-sample
+Costs within ``COST_TIE`` (25 %, the timing noise) of each other count as a tie, which goes to ``exact``
+(zero variance).  Costs are measured on the current batch (``cost_model="measured"``: each layer's exact and one-sample
 passes timed in isolation) or predicted from sizes (``"flops"``: deterministic, for reproducible runs).
 """
 
@@ -43,6 +44,8 @@ from .variance import moments_from_probe
 __all__ = ["Choice", "select", "estimate_plan", "PLAN_ESTIMATORS"]
 
 PLAN_ESTIMATORS = ("exact", "mc1", "mc2", "empirical")
+#: relative cost difference treated as a tie (timing noise); ties go to the zero-variance exact estimator
+COST_TIE = 0.25
 
 
 @dataclass
@@ -274,7 +277,7 @@ def select(
             exact_reason = "Î₂ = exact here (d²h/dθ² = 0: last layer or piecewise-linear path): zero variance"
         else:
             exact_reason = "exact (C seeds) is cheaper than the Î₁ samples needed"
-        if n_need <= max_samples and n_need * c_1 < c_ex:
+        if n_need <= max_samples and n_need * c_1 * (1.0 + COST_TIE) < c_ex:
             rse = math.sqrt(phi * v1 / n_need) / f
             reason = f"Î₁ with N={n_need} meets target rse {target_rse:g} at lower cost than exact"
             out[name] = Choice("mc1", n_need, rse, n_need * c_1, reason, rse1, rse2, f)
