@@ -11,10 +11,12 @@ Layout (imports flow downwards only)::
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation
     optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
+    ewc           EWC regularisation on the same estimates
 """
 
 from .bounds import frobenius_bounds, trace_bounds, variance_bounds
 from .estimators import ESTIMATORS, diagonal_fisher
+from .ewc import EWC
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
 from .optim import FisherAdam, FisherReport, NaturalGradient
 from .selection import Choice, estimate_plan, select
@@ -44,4 +46,5 @@ __all__ = [
     "FisherAdam",
     "NaturalGradient",
     "FisherReport",
+    "EWC",
 ]
