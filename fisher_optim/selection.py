@@ -1,6 +1,7 @@
 r"""Per-layer choice of estimator and sample count from the closed-form variances, and mixed estimation.
 
-:func:`select` answers, for every parameter tensor ("layer"): which estimator, with how many samples,
+:func:`select` answers, for every layer (a module's weight and bias, which share one backward pass; any other
+parameter on its own): which estimator, with how many samples,
 keeps the relative standard error of the *running* estimate under ``target_rse`` at the lowest cost?
 
 The running estimate is an exponential moving average with decay ``beta`` of refreshes, each an
@@ -261,30 +262,44 @@ def select(
         units = _module_units(probe)
         costs = _measured_costs(probe, units, generator) if cost_model == "measured" else _flops_costs(probe, units)
     out: dict[str, Choice] = {}
-    for name in probe.params:
-        f = float(mom.fisher[name].mean()) / m if mom.fisher[name].numel() else 0.0
-        v1 = float(mom.v1[name].mean()) / m**2 if mom.fisher[name].numel() else 0.0
-        v2 = float(mom.v2[name].mean()) / m**2 if mom.v2 is not None and mom.v2[name].numel() else float("nan")
-        c_ex, c_1 = costs.get(name, (0.0, 0.0))
-        zero_res = hp is not None and name in hp.zero
-        if f <= 0:
-            out[name] = Choice("mc1", 1, 0.0, c_1, "zero Fisher on this batch: cheapest estimator", 0.0, 0.0, f)
+    # one decision per layer (the parameters that share a backward pass: a module's weight and bias)
+    for unit in units:
+        unit = [n for n in unit if n in probe.params]
+        if not unit:
             continue
-        rse1 = math.sqrt(v1) / f
-        rse2 = math.sqrt(v2) / f if v2 == v2 else float("nan")
-        n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 else 1
-        if zero_res:
-            exact_reason = "Î₂ = exact here (d²h/dθ² = 0: last layer or piecewise-linear path): zero variance"
+        numel = sum(mom.fisher[n].numel() for n in unit)
+        if numel == 0:
+            for n in unit:
+                out[n] = Choice("exact", 1, 0.0, 0.0, "empty parameter", 0.0, 0.0, 0.0)
+            continue
+
+        def mean(d, unit=unit, numel=numel):
+            return sum(float(d[n].sum()) for n in unit) / numel
+
+        f = mean(mom.fisher) / m
+        v1 = mean(mom.v1) / m**2
+        v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
+        c_ex = sum(costs.get(n, (0.0, 0.0))[0] for n in unit)
+        c_1 = sum(costs.get(n, (0.0, 0.0))[1] for n in unit)
+        zero_res = hp is not None and all(n in hp.zero for n in unit)
+        if f <= 0:
+            ch = Choice("mc1", 1, 0.0, c_1, "zero Fisher on this batch: cheapest estimator", 0.0, 0.0, f)
         else:
-            exact_reason = "exact (C seeds) is cheaper than the Î₁ samples needed"
-        if n_need <= max_samples and n_need * c_1 * (1.0 + COST_TIE) < c_ex:
-            rse = math.sqrt(phi * v1 / n_need) / f
-            reason = f"Î₁ with N={n_need} meets target rse {target_rse:g} at lower cost than exact"
-            out[name] = Choice("mc1", n_need, rse, n_need * c_1, reason, rse1, rse2, f)
-        else:
-            if n_need > max_samples:
-                exact_reason = (
-                    exact_reason if zero_res else f"Î₁ would need N={n_need} > max_samples={max_samples}"
-                )
-            out[name] = Choice("exact", 1, 0.0, c_ex, exact_reason, rse1, rse2, f)
+            rse1 = math.sqrt(v1) / f
+            rse2 = math.sqrt(v2) / f if v2 == v2 else float("nan")
+            n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 else 1
+            if n_need <= max_samples and n_need * c_1 * (1.0 + COST_TIE) < c_ex:
+                rse = math.sqrt(phi * v1 / n_need) / f
+                reason = f"Î₁ with N={n_need} meets target rse {target_rse:g} at lower cost than exact"
+                ch = Choice("mc1", n_need, rse, n_need * c_1, reason, rse1, rse2, f)
+            else:
+                if zero_res:
+                    reason = "Î₂ = exact here (d²h/dθ² = 0: last layer or piecewise-linear path): zero variance"
+                elif n_need > max_samples:
+                    reason = f"Î₁ would need N={n_need} > max_samples={max_samples}"
+                else:
+                    reason = f"exact (C seeds) costs no more than Î₁ with N={n_need}"
+                ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, f)
+        for n in unit:
+            out[n] = ch
     return out
