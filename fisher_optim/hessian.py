@@ -152,7 +152,7 @@ def chain_records(
     outs = [probe.module_outputs.get(n) for n in names]
     if any(t is None for t in ins) or any(t.dim() != 2 for t in ins):
         return hvp_records(probe, hp, seeds, per_sample=True)
-    if grads is None or any(n not in grads for n in names[1:]):
+    if grads is None or any(n not in grads for n in names):
         grads = dict(zip([f[0] for f in probe.fast], probe.output_grads(seeds)))
     L = len(hp.chain)
     d1s, rs = [], []
@@ -161,6 +161,12 @@ def chain_records(
         d1s.append(d1)
         if d2 is None:
             rs.append(None)
+            continue
+        if idx + 1 < L and isinstance(act, (nn.Sigmoid, nn.Tanh)):
+            # sigma'' / sigma' is 1 - 2 sigma (sigmoid) or -2 tanh: r = (sigma''/sigma') * dphi/dz, no matmul
+            y = torch.sigmoid(outs[idx]) if isinstance(act, nn.Sigmoid) else torch.tanh(outs[idx])
+            ratio = 1 - 2 * y if isinstance(act, nn.Sigmoid) else -2 * y
+            rs.append(ratio.detach() * grads[names[idx]])
             continue
         if idx + 1 < L:
             da = grads[names[idx + 1]] @ hp.chain[idx + 1][1].weight.detach()

@@ -77,13 +77,18 @@ class FisherMoments:
 
 
 def moments_from_probe(
-    probe: Probe, with_v1: bool = True, with_v2: bool = True, with_fisher_sq: bool = False, names=None
+    probe: Probe,
+    with_v1: bool = True,
+    with_v2: bool = True,
+    with_fisher_sq: bool = False,
+    names=None,
+    with_fisher: bool = True,
 ) -> FisherMoments:
-    """Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe`."""
+    """Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe` (skipped parts: ``None``)."""
     lik, h = probe.lik, probe.h.detach()
     recs = probe.seeded(unit_seeds(h), names=names)
     quad = _per_input(lik.fisher_quad)(h)
-    fisher = reduce_records(recs, quad, 2, probe.params, names)
+    fisher = reduce_records(recs, quad, 2, probe.params, names) if with_fisher else None
     fisher_sq = None
     if with_fisher_sq:
         fisher_sq = reduce_records(recs, lambda x, idx: quad(x, idx) ** 2, 4, probe.params, names)
@@ -105,12 +110,20 @@ def moments_from_probe(
 
 
 def fisher_moments(
-    model: nn.Module, inputs: Tensor, *, likelihood: str | Likelihood, with_v2: bool = True
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    likelihood: str | Likelihood,
+    with_v2: bool = True,
+    with_fisher_sq: bool = False,
 ) -> FisherMoments:
-    """:class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``C`` unit-seed backward passes)."""
+    r""":class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``C`` unit-seed backward passes).
+
+    ``with_fisher_sq`` adds :math:`\sum_m F_i(x_m)^2` (the input-randomness term of :func:`joint_variance`).
+    """
     lik = get_likelihood(likelihood)
     with Probe(model, inputs, lik) as probe:
-        return moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=True)
+        return moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq)
 
 
 def fisher_variance(
@@ -148,7 +161,9 @@ def fisher_variance(
             return {n: torch.zeros_like(p, dtype=probe.h.dtype).detach() for n, p in probe.params.items()}
         if estimator == "mc2":
             hessian_plan(model, probe.params)  # raise early for unsupported models
-        mom = moments_from_probe(probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2")
+        mom = moments_from_probe(
+            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False
+        )
     v = mom.v1 if estimator == "mc1" else mom.v2
     scale = 1.0 / n_samples / (m * m if reduction == "mean" else 1)
     return {n: (t * scale).detach() for n, t in v.items()}

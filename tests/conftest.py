@@ -19,6 +19,10 @@ from torch import nn
 
 from fisher_optim.likelihoods import Bernoulli, Categorical, Gaussian, Poisson
 
+# The suite runs tiny tensors: with 2 intra-op threads on a 2-core CI machine thread start-up dominates and the
+# whole suite is ~3x slower in CPU time. Tests that need more threads set them themselves.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.slow`` tests run only when asked for (``pytest -m slow``): the default tier stays light."""
