@@ -12,8 +12,12 @@ estimate on ``M`` inputs.  With per-refresh variance :math:`V_i = \sum_m \tilde 
 .. math::  \mathrm{rse} = \sqrt{\phi\,\overline{V}}\;/\;\overline{F}
            \qquad(\text{means over the tensor's entries}),
 
-so Î₁ needs :math:`N = \lceil \phi\,\overline{\tilde V_1} / (\mathrm{target}\cdot\overline F)^2 \rceil`
-samples.  Candidates and their costs:
+so Î₁ needs :math:`N \ge \lceil \phi\,\overline{\tilde V_1} / (\mathrm{target}\cdot\overline F)^2 \rceil`
+samples.  Meeting the target is necessary, not sufficient: the running estimate also carries the noise of the
+inputs.  Per input, a refresh's error variance is :math:`(A + L/N)/M` with :math:`A = \overline{\mathrm{Var}_x F_i}`
+and :math:`L = \overline{E_x \tilde v_1}`, and a time budget buys :math:`1/(c + s)` refreshes (``s`` the shared
+forward pass, split by size), so Î₁ with ``N`` samples is chosen only if
+:math:`(A + L/N)(N c_1 + s) < A (c_{exact} + s)`, with the best such ``N``.  Candidates and their costs:
 
 * ``exact``: ``C`` backward seeds down to the layer, zero variance;
 * ``mc1``: ``N`` sampled seeds, cost ``N`` times the one-sample cost;
@@ -262,9 +266,18 @@ def select(
         except ValueError:
             hp = None
         # V2 is reported only when asked: mc2 costs the exact pass plus the residual, so it is never chosen
-        mom = moments_from_probe(probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"))
+        mom = moments_from_probe(
+            probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"), with_fisher_sq=True
+        )
         units = _module_units(probe)
         costs = _measured_costs(probe, units, generator) if cost_model == "measured" else _flops_costs(probe, units)
+        # the part of a refresh every estimator pays (forward pass, per-call overhead), shared by size
+        if cost_model == "measured":
+            with torch.enable_grad():
+                shared = _time(lambda: model(inputs), repeats=2)
+        else:
+            shared = float(sum(p.numel() for p in probe.params.values()))
+    total_numel = max(1, sum(p.numel() for p in probe.params.values()))
     out: dict[str, Choice] = {}
     # one decision per layer (the parameters that share a backward pass: a module's weight and bias)
     for unit in units:
@@ -282,6 +295,10 @@ def select(
 
         f = mean(mom.fisher) / m
         v1 = mean(mom.v1) / m**2
+        # per-input noise levels: A = mean_i Var_x F_i(x) (inputs), L = mean_i E_x v1(theta_i|x) (one label)
+        a_in = max(0.0, mean(mom.fisher_sq) / m - sum(float((mom.fisher[n] / m).pow(2).sum()) for n in unit) / numel)
+        l_lab = mean(mom.v1) / m
+        s_l = shared * sum(mom.fisher[n].numel() for n in unit) / total_numel
         v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
         c_ex = sum(costs.get(n, (0.0, 0.0))[0] for n in unit)
         c_1 = sum(costs.get(n, (0.0, 0.0))[1] for n in unit)
@@ -292,17 +309,33 @@ def select(
             rse1 = math.sqrt(v1) / f
             rse2 = math.sqrt(v2) / f if v2 == v2 else float("nan")
             n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 else 1
-            if n_need <= max_samples and n_need * c_1 * (1.0 + COST_TIE) < c_ex:
-                rse = math.sqrt(phi * v1 / n_need) / f
-                reason = f"Î₁ with N={n_need} meets target rse {target_rse:g} at lower cost than exact"
-                ch = Choice("mc1", n_need, rse, n_need * c_1, reason, rse1, rse2, f)
+            # error per unit of time, input noise included: a refresh's error variance is (A + L/N)/M and a
+            # budget buys 1/(cost + shared) refreshes; Î₁ must beat exact's A * (c_ex + shared)
+            best_n, best_score = None, float("inf")
+            for n in range(n_need, max_samples + 1):
+                score = (a_in + l_lab / n) * (n * c_1 + s_l)
+                if score < best_score:
+                    best_n, best_score = n, score
+            exact_score = a_in * (c_ex + s_l)
+            if best_n is not None and best_score * (1.0 + COST_TIE) < exact_score:
+                rse = math.sqrt(phi * v1 / best_n) / f
+                reason = (
+                    f"Î₁ with N={best_n} meets target rse {target_rse:g} and is more accurate per second than "
+                    f"exact (label noise L/N = {l_lab / best_n / a_in:.2g} x input noise)"
+                )
+                ch = Choice("mc1", best_n, rse, best_n * c_1, reason, rse1, rse2, f)
             else:
                 if zero_res:
                     reason = "Î₂ = exact here (d²h/dθ² = 0: last layer or piecewise-linear path): zero variance"
                 elif n_need > max_samples:
                     reason = f"Î₁ would need N={n_need} > max_samples={max_samples}"
+                elif a_in > 0:
+                    reason = (
+                        f"exact is more accurate per second: Î₁'s label noise (L/N = {l_lab / n_need / a_in:.2g} x "
+                        f"input noise at N={n_need}) outweighs its saving ({c_ex / max(n_need * c_1, 1e-300):.2g}x)"
+                    )
                 else:
-                    reason = f"exact (C seeds) costs no more than Î₁ with N={n_need}"
+                    reason = "exact: no input noise measured on this batch to hide Î₁'s label noise"
                 ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, f)
         for n in unit:
             out[n] = ch
