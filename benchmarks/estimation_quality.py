@@ -947,17 +947,19 @@ def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:
         "small part of the call. `select` decides on per-layer backward timings measured in isolation, which sum "
         f"to a predicted ratio of {span(model_ratio)}"
         + (", so it believes Î₁ saves far more than it does. " if min(model_ratio) > 1.25 * max(call_ratio) else ". ")
-        + "Its target bounds only the label noise of the running estimate (`target_rse` = "
+        + "Its target bounds the label noise of the running estimate (`target_rse` = "
         f"{d['target_rse']}; auto's measured same-stream error per tensor at T: {span(same_stream)}, so the target "
         + ("is met" if max(same_stream) <= d["target_rse"] else "is not met everywhere")
-        + "), not the error against the Fisher, so nothing weighs the small saving against the error it "
-        f"adds. On top, one selection costs {span(sel_cost)} exact refreshes. After the EMA plateau (beyond about "
+        + "), and `select` also weighs Î₁'s label noise against the input noise A and the shared forward pass "
+        "(it takes Î₁ with N samples only if (A + L₁/N)(N c₁ + s) < A (c_exact + s), proposal 1 below), so what "
+        f"is left between auto and exact is mostly the selection's own cost: one selection costs {span(sel_cost)} "
+        "exact refreshes. After the EMA plateau (beyond about "
         "(1+β)/(1−β) refreshes) more refreshes no longer reduce the input noise, so there exact wins whatever the "
         f"cost ratio. Î₂ (mc2) has {span(mc2_vs_mc1)}× the error of Î₁ N=1 at T on the tensors before the last "
         f"layer (its one-label variance is far larger there, as in the paper study) and costs {span(mc2_cost)} "
         "exact refreshes (CPU); the empirical Fisher stalls at its bias.",
         "",
-        "## Proposal (selection rule; `selection.py` not edited)",
+        "## Proposals (item 1 is implemented in `fisher_optim/selection.py`; items 2 and 3 are not yet)",
         "",
         "1. **Decide on the error against the Fisher per unit of cost, input noise included.** "
         "`moments_from_probe(..., with_fisher_sq=True)` already gives A = Σ_i Var_x F_i on the batch at no extra "

@@ -149,7 +149,8 @@ class Probe:
                 hd.remove()
         if not isinstance(out, Tensor):
             raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
-        self.h = self.lik.flatten(out)
+        with torch.enable_grad():  # flatten may be a reshape: keep h on the graph under an optimizer's no_grad
+            self.h = self.lik.flatten(out)
         if self.h.shape[0] != self.inputs.shape[0]:
             raise ValueError(
                 f"model output has batch size {self.h.shape[0]} but inputs have {self.inputs.shape[0]}"

@@ -78,7 +78,8 @@ class FisherAdam(FisherOptimizer):
         fisher_interval: steps between Fisher refreshes (default 10).
         fisher_batch: number of captured inputs the estimation uses (default 32; ``None``: all).
         target_rse: auto mode's bound on the relative standard error of the running estimate.
-        variance_interval: auto mode re-selects every this many refreshes (default 10).
+        variance_interval: auto mode re-selects every this many refreshes (default 50: one selection costs about
+            6 exact refreshes, benchmarks/results/estimation_quality.md).
         max_samples: auto mode's largest Î₁ sample count.
         cost_model: auto mode's cost model, ``"measured"`` (time the passes) or ``"flops"`` (deterministic,
             for bit-reproducible runs).
@@ -120,7 +121,7 @@ class FisherAdam(FisherOptimizer):
         fisher_interval: int = 10,
         fisher_batch: int | None = 32,
         target_rse: float = 0.1,
-        variance_interval: int = 10,
+        variance_interval: int = 50,
         max_samples: int = 16,
         cost_model: str = "measured",
         nonfinite: str = "skip",

@@ -77,7 +77,7 @@ class NaturalGradient(FisherOptimizer):
         fisher_interval: int = 10,
         fisher_batch: int | None = 32,
         target_rse: float = 0.1,
-        variance_interval: int = 10,
+        variance_interval: int = 50,
         max_samples: int = 16,
         cost_model: str = "measured",
         nonfinite: str = "skip",
