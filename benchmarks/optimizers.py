@@ -65,6 +65,7 @@ import os
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -569,6 +570,10 @@ def _fmt_time(v: float) -> str:
     return "—" if not math.isfinite(v) else f"{v:.2f}"
 
 
+def _fmt_num(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else "n/a"
+
+
 def _fmt_metric(problem: Problem, v: float) -> str:
     if not math.isfinite(v):
         return "n/a"
@@ -630,11 +635,11 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
     finished = res.get("finished", "an unrecorded date")
     load = res.get("load_at_end", "not recorded")
     how = f" Rendered by `{rendered_by}` from the saved results." if rendered_by else ""
+    how += f" Code: git `{res['git']}`." if "git" in res else ""
     L += [
         "# Optimizer benchmark: fisher_optim against SGD, Adam, AdamW, AdaHessian, SophiaH and Sophia-G",
         "",
-        f"Produced by `{command}` (run from the repository root), finished {finished}, in {elapsed / 60:.1f} "
-        f"min.{how}",
+        f"Produced by `{command}` (run from the repository root), finished {finished}, in {elapsed / 60:.1f} min.{how}",
         "",
         f"Machine: {info}; load average at the end: {load}. The machine is shared with other jobs, so wall-clock",
         "numbers carry noise of the order of tens of percent; steps to target do not depend on the load.",
@@ -642,7 +647,7 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
         "Protocol (module docstring of `benchmarks/optimizers.py`): a grid of three learning rates per optimizer,",
         "tuned on the validation split with seed 0 (fewest steps to the validation target, then best final",
         f"validation metric); then seeds 0..{seeds - 1} at the chosen rate (seed 0 is the tuning run). Medians over",
-        "seeds; \"—\": fewer than half of the seeds reached the target within the budget. Time to target and time",
+        'seeds; "—": fewer than half of the seeds reached the target within the budget. Time to target and time',
         "per step are training wall-clock with 1 intra-op thread unless stated (forward, backward, optimizer step",
         "with every curvature pass), evaluation excluded. Steps to target are resolved to the evaluation interval",
         f"of the problem. Epoch budgets: as listed per problem (`--epochs-scale {epochs_scale:g}`). A run whose",
@@ -690,13 +695,19 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
             extra = f" ({s['diverged']} diverged)" if s["diverged"] else ""
             extra += f" ({s['capped']} hit the time cap)" if s["capped"] else ""
             extra += f" (errors: {'; '.join(s['errors'])})" if s["errors"] else ""
+            test = f"{_fmt_metric(prob, s['test_mean'])} ± {_fmt_metric(prob, s['test_sd'])}"
             L.append(f"| {specs[o].label} | {lr:.3g} ({grid}) | {s['reached']}/{s['n']}{extra} | "
-                     f"{_fmt_steps(s['steps'])} | {_fmt_time(s['time'])} | {_fmt_metric(prob, s['test_mean'])} ± "
-                     f"{_fmt_metric(prob, s['test_sd'])} | {s['ms']:.2f} | {s['ms'] / adam_ms:.2f} |")  # fmt: skip
+                     f"{_fmt_steps(s['steps'])} | {_fmt_time(s['time'])} | {test} | {_fmt_num(s['ms'])} | "
+                     f"{_fmt_num(s['ms'] / adam_ms)} |")  # fmt: skip
         for o, note in pr.get("notes", {}).items():
             L.append(f"\n{specs[o].label}: {note}.")
-        L += ["", "<details><summary>tuning runs (seed 0): steps to target / final validation metric per lr"
-              "</summary>", "", "| optimizer | " + " | ".join(["lr: steps / val"] * 3) + " |", "|---|---|---|---|"]
+        L += [
+            "",
+            "<details><summary>tuning runs (seed 0): steps to target / final validation metric per lr</summary>",
+            "",
+            "| optimizer | " + " | ".join(["lr: steps / val"] * 3) + " |",
+            "|---|---|---|---|",
+        ]
         for o in pr["tuning"]:
             cells = []
             for r in runs_of(res, key, "tuning", o):
@@ -757,24 +768,50 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
 
 
 # -- command line ----------------------------------------------------------------------------------------
+def git_version() -> str:
+    """``git describe --always --dirty`` of the checkout (the fisher_optim code that was benchmarked), or n/a."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+    return out.stdout.strip() or "n/a"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="problems: " + " ".join(PROBLEMS) + "\noptimizers: "
                                      + " ".join(OPTIMIZERS))  # fmt: skip
     parser.add_argument("--problems", nargs="+", default=None, metavar="P", help="problems to run (default: all)")
-    parser.add_argument("--optimizers", nargs="+", default=None, metavar="O",
-                        help="optimizers to run (default: all but fisher_adam_mc2 and fisher_adam_empirical)")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=None,
+        metavar="O",
+        help="optimizers to run (default: all but fisher_adam_mc2 and fisher_adam_empirical)",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds at the chosen lr (default 3; smoke 1)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every epoch budget (default 1)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny data, the middle lr only, one seed, a few steps; writes files only with --out")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny data, the middle lr only, one seed, a few steps; writes files only with --out",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per run (smoke: 3)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for optimizers.md/.json/_steps.png/_time.png (default benchmarks/results)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: on a shared 2-core machine two threads per process "
-                        "oversubscribe the cores and make step times 4-40x slower and erratic)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for optimizers.md/.json/_steps.png/_time.png (default benchmarks/results)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core machine two threads per process "
+        "oversubscribe the cores and make step times 4-40x slower and erratic)",
+    )
     parser.add_argument("--from-json", type=Path, default=None, metavar="JSON",
                         help="re-render the report and plots of a saved run (its optimizers.json) into --out, "
                         "without training")  # fmt: skip
@@ -828,6 +865,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["machine"] = info
     res["elapsed_s"] = elapsed
     res["seeds"] = seeds
+    res["git"] = git_version()
     res["epochs_scale"] = args.epochs_scale
     res["finished"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     try:
