@@ -150,9 +150,6 @@ def conv2d_is_fast(module: torch.nn.Conv2d) -> bool:
     )
 
 
-FAST_MODULES = (torch.nn.Linear, torch.nn.Conv2d)
-
-
 def is_fast(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Conv2d):
         return conv2d_is_fast(module)

@@ -183,7 +183,7 @@ def _time(fn, repeats: int = 1) -> float:
     return best
 
 
-def _measured_costs(probe: Probe, units, generator) -> dict[str, tuple[float, float]]:
+def _measured_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
     """Per parameter: (seconds of the exact pass, seconds of a one-sample Î₁ pass) for its layer."""
     lik, h = probe.lik, probe.h.detach()
     seeds_exact = lik.fisher_factor(h).permute(2, 0, 1)
@@ -241,6 +241,9 @@ def select(
         max_samples: largest ``N`` considered for Î₁.
         cost_model: ``"measured"`` (time each layer's passes on this batch) or ``"flops"``.
         with_v2: also compute Î₂'s variance for the report (``rse_mc2``; ``nan`` otherwise).
+        generator: accepted for symmetry with :func:`estimate_plan` and never advanced: the choice needs no
+            label draws (the timing pass uses a private, fixed generator), so a caller's label stream, and a
+            resumed run, do not depend on when selections happen.
 
     Example:
         >>> import torch
@@ -270,7 +273,7 @@ def select(
             probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"), with_fisher_sq=True
         )
         units = _module_units(probe)
-        costs = _measured_costs(probe, units, generator) if cost_model == "measured" else _flops_costs(probe, units)
+        costs = _measured_costs(probe, units) if cost_model == "measured" else _flops_costs(probe, units)
         # the part of a refresh every estimator pays (forward pass, per-call overhead), shared by size
         if cost_model == "measured":
             with torch.enable_grad():
