@@ -288,7 +288,7 @@ def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int, repea
     for _ in range(repeats):
         xb = x[torch.randperm(len(x), generator=g)[: cfg.m]]
         with Probe(model, xb, get_likelihood(LIKELIHOOD)) as probe:
-            costs, _, c = timed(lambda probe=probe: _measured_costs(probe, _module_units(probe), None))
+            costs, _, c = timed(lambda probe=probe: _measured_costs(probe, _module_units(probe)))
         ex.append(sum(c for c, _ in costs.values()))
         one.append(sum(c for _, c in costs.values()))
         ratio.append(ex[-1] / one[-1])
