@@ -126,6 +126,15 @@ def _act_derivs(act: nn.Module | None, z: Tensor) -> tuple[Tensor, Tensor | None
     """First and second derivative of an elementwise map at ``z`` (``None`` second derivative = 0)."""
     if act is None or isinstance(act, (nn.Identity, nn.Dropout)):
         return torch.ones_like(z), None
+    z = z.detach()
+    if isinstance(act, nn.Sigmoid):  # closed forms: no double backward
+        s = torch.sigmoid(z)
+        d1 = s * (1 - s)
+        return d1, d1 * (1 - 2 * s)
+    if isinstance(act, nn.Tanh):
+        t = torch.tanh(z)
+        d1 = 1 - t * t
+        return d1, -2 * t * d1
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         y = act(z.clone())  # a non-leaf copy: in-place activations (ReLU(inplace=True)) are allowed
@@ -173,22 +182,23 @@ def chain_records(
         else:
             da = seeds.to(d2.dtype).reshape(seeds.shape[0], *d2.shape)
         rs.append(d2 * da)  # (K, B, n_l)
-    hdiag: list[Tensor | None] = [r.clone() if r is not None else None for r in rs]
+    hdiag: list[Tensor | None] = list(rs)  # rebound below, never written in place
     for lp in range(L):
         r = rs[lp]
         if r is None or lp == 0:
             continue
         w = hp.chain[lp][1].weight.detach()
         # adjacent layer without materialising per-input Jacobians
-        contrib = (r @ (w * w)) * d1s[lp - 1] ** 2
-        hdiag[lp - 1] = contrib if hdiag[lp - 1] is None else hdiag[lp - 1] + contrib
+        # in place on the fresh matmul output: every large temporary costs page faults on CPU
+        contrib = (r @ (w * w)).mul_(d1s[lp - 1] ** 2)
+        hdiag[lp - 1] = contrib if hdiag[lp - 1] is None else contrib.add_(hdiag[lp - 1])
         if lp < 2:
             continue  # no layer below lp - 1: the per-input Jacobian is not needed
         jac = w.unsqueeze(0) * d1s[lp - 1].unsqueeze(1)  # (B, n_lp, n_{lp-1})
         for m in range(lp - 2, -1, -1):
             jac = (jac @ hp.chain[m + 1][1].weight.detach()) * d1s[m].unsqueeze(1)
             contrib = torch.einsum("kbi,bij->kbj", r, jac * jac)
-            hdiag[m] = contrib if hdiag[m] is None else hdiag[m] + contrib
+            hdiag[m] = contrib if hdiag[m] is None else contrib.add_(hdiag[m])
     pname = probe._pname
     out = []
     for idx, (_, lin, _) in enumerate(hp.chain):

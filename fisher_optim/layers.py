@@ -17,7 +17,10 @@ The per-sample tensors are gradients of ``seed_k^T h(x_b)`` (``power = 1``) or d
 * :class:`DenseRecord`: per-sample tensors computed elsewhere (``torch.func`` route, Hessian routes).
 
 ``fn(x, idx)`` receives ``x`` of shape ``(K, b, *rest)`` for the inputs ``idx`` (a slice of the batch) and
-returns ``(b, *rest)``.
+returns ``(b, *rest)``.  ``reduce_many(fn, degrees)`` is the multi-reducer: ``fn`` returns a tuple of such
+tensors (degrees ``degrees``), and every record builds its per-sample tensors once for all of them; a
+:class:`LinearRecord` stacks the statistics that multiply the same power of ``a`` into one matmul
+(:func:`linear_reduce`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,38 @@ Reducer = Callable[[Tensor, slice], Tensor]
 CHUNK_ELEMENTS = 2**25
 #: Conv2d records with at most this many seeds use per-input ``convolution_backward`` instead of ``unfold``
 CONV_BACKWARD_MAX_SEEDS = 2
+
+
+def linear_reduce(a: Tensor, terms: list[tuple[Tensor, int]], has_bias: bool) -> list[dict[str, Tensor]]:
+    """``[{"weight": stat^T a^e, "bias": sum_b stat}]`` for ``terms = [(stat (B, out), e)]``.
+
+    Statistics with the same exponent ``e`` share one matmul (stacked along the output dimension), and the
+    powers of ``a`` are built once (``a^4 = (a^2)^2``).
+    """
+    powers: dict[int, Tensor] = {}
+
+    def power(e: int) -> Tensor:
+        if e not in powers:
+            powers[e] = a if e == 1 else (power(e // 2) ** 2 if e % 2 == 0 else a**e)
+        return powers[e]
+
+    out: list[dict[str, Tensor] | None] = [None] * len(terms)
+    by_exp: dict[int, list[int]] = {}
+    for i, (_, e) in enumerate(terms):
+        by_exp.setdefault(e, []).append(i)
+    for e, idx in by_exp.items():
+        ap = power(e)
+        stacked = torch.cat([terms[i][0] for i in idx], dim=1) if len(idx) > 1 else terms[idx[0]][0]
+        w = stacked.T.to(ap.dtype) @ ap
+        start = 0
+        for i in idx:
+            width = terms[i][0].shape[1]
+            d = {"weight": w[start : start + width]}
+            if has_bias:
+                d["bias"] = terms[i][0].sum(0)
+            out[i] = d
+            start += width
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -53,6 +88,10 @@ class LinearRecord:
             out["bias"] = fq.sum(0)
         return out
 
+    def reduce_many(self, fn, degrees: tuple[int, ...]) -> list[dict[str, Tensor]]:
+        stats = fn(self.q, slice(None))
+        return linear_reduce(self.a, [(st, self.power * d) for st, d in zip(stats, degrees)], self.has_bias)
+
 
 @dataclass
 class UnfoldRecord:
@@ -68,21 +107,27 @@ class UnfoldRecord:
     weight_shape: torch.Size
 
     def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        return self.reduce_many(lambda x, idx: (fn(x, idx),), (degree,))[0]
+
+    def reduce_many(self, fn, degrees: tuple[int, ...]) -> list[dict[str, Tensor]]:
         k, b, o, _ = self.g.shape
         r = self.X.shape[1]
         step = max(1, CHUNK_ELEMENTS // max(1, k * o * r))
-        w = torch.zeros(o, r, dtype=self.g.dtype, device=self.g.device)
-        bias = torch.zeros(o, dtype=self.g.dtype, device=self.g.device) if self.has_bias else None
+        n = len(degrees)
+        ws = [torch.zeros(o, r, dtype=self.g.dtype, device=self.g.device) for _ in range(n)]
+        bs = [torch.zeros(o, dtype=self.g.dtype, device=self.g.device) for _ in range(n)] if self.has_bias else None
         for start in range(0, b, step):
             idx = slice(start, min(b, start + step))
             per_sample = torch.einsum("kbos,brs->kbor", self.g[:, idx], self.X[idx])
-            w += fn(per_sample, idx).sum(0)
-            if bias is not None:
-                bias += fn(self.g[:, idx].sum(-1), idx).sum(0)
-        out = {"weight": w.reshape(self.weight_shape)}
-        if bias is not None:
-            out["bias"] = bias
-        return out
+            for acc, st in zip(ws, fn(per_sample, idx)):
+                acc += st.sum(0)
+            if bs is not None:
+                for acc, st in zip(bs, fn(self.g[:, idx].sum(-1), idx)):
+                    acc += st.sum(0)
+        return [
+            {"weight": w.reshape(self.weight_shape), **({"bias": bs[i]} if bs is not None else {})}
+            for i, w in enumerate(ws)
+        ]
 
 
 @dataclass
@@ -99,6 +144,9 @@ class ConvRecord:
     module: torch.nn.Conv2d
 
     def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        return self.reduce_many(lambda x, idx: (fn(x, idx),), (degree,))[0]
+
+    def reduce_many(self, fn, degrees: tuple[int, ...]) -> list[dict[str, Tensor]]:
         m = self.module
         w = m.weight.detach()
 
@@ -111,17 +159,17 @@ class ConvRecord:
         per_input = torch.vmap(torch.vmap(one, in_dims=(None, 0)), in_dims=(0, 1), out_dims=1)
         k, b = self.g.shape[:2]
         step = max(1, CHUNK_ELEMENTS // max(1, k * w.numel()))
-        acc = torch.zeros_like(w, dtype=self.g.dtype)
-        bias = torch.zeros(w.shape[0], dtype=self.g.dtype, device=w.device) if self.has_bias else None
+        n = len(degrees)
+        accs = [torch.zeros_like(w, dtype=self.g.dtype) for _ in range(n)]
+        biases = [torch.zeros(w.shape[0], dtype=self.g.dtype, device=w.device) for _ in range(n)]
         for start in range(0, b, step):
             idx = slice(start, min(b, start + step))
-            acc += fn(per_input(self.inp[idx], self.g[:, idx]), idx).sum(0)
-            if bias is not None:
-                bias += fn(self.g[:, idx].sum((-1, -2)), idx).sum(0)
-        out = {"weight": acc}
-        if bias is not None:
-            out["bias"] = bias
-        return out
+            for acc, st in zip(accs, fn(per_input(self.inp[idx], self.g[:, idx]), idx)):
+                acc += st.sum(0)
+            if self.has_bias:
+                for acc, st in zip(biases, fn(self.g[:, idx].sum((-1, -2)), idx)):
+                    acc += st.sum(0)
+        return [{"weight": accs[i], **({"bias": biases[i]} if self.has_bias else {})} for i in range(n)]
 
 
 @dataclass
@@ -132,6 +180,13 @@ class DenseRecord:
 
     def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
         return {name: fn(x, slice(None)).sum(0) for name, x in self.values.items()}
+
+    def reduce_many(self, fn, degrees: tuple[int, ...]) -> list[dict[str, Tensor]]:
+        out: list[dict[str, Tensor]] = [{} for _ in degrees]
+        for name, x in self.values.items():
+            for i, st in enumerate(fn(x, slice(None))):
+                out[i][name] = st.sum(0)
+        return out
 
 
 def unfold_conv2d_input(module: torch.nn.Conv2d, inp: Tensor) -> Tensor:

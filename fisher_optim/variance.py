@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .engine import Probe, reduce_records
-from .estimators import check_estimator, check_n_samples, check_reduction, sum_of_squares
+from .engine import Probe
+from .estimators import check_estimator, check_n_samples, check_reduction
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
+from .layers import LinearRecord, linear_reduce
 from .likelihoods import Likelihood, get_likelihood
 
 __all__ = [
@@ -43,18 +44,6 @@ def unit_seeds(h: Tensor) -> Tensor:
     """``C`` unit seeds ``e_c`` per input: ``(C, B, C)``; the records then hold the Jacobian rows ``v_c``."""
     b, c = h.shape
     return torch.eye(c, dtype=h.dtype, device=h.device).unsqueeze(1).expand(c, b, c)
-
-
-def _per_input(fn_of_h):
-    """Wrap ``fn(h_rows, x)`` into a record reducer that slices ``h`` like the batch chunk."""
-
-    def make(h: Tensor):
-        def fn(x: Tensor, idx: slice) -> Tensor:
-            return fn_of_h(h[idx], x)
-
-        return fn
-
-    return make
 
 
 @dataclass
@@ -84,29 +73,81 @@ def moments_from_probe(
     names=None,
     with_fisher: bool = True,
 ) -> FisherMoments:
-    """Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe` (skipped parts: ``None``)."""
-    lik, h = probe.lik, probe.h.detach()
-    recs = probe.seeded(unit_seeds(h), names=names)
-    quad = _per_input(lik.fisher_quad)(h)
-    fisher = reduce_records(recs, quad, 2, probe.params, names) if with_fisher else None
-    fisher_sq = None
-    if with_fisher_sq:
-        fisher_sq = reduce_records(recs, lambda x, idx: quad(x, idx) ** 2, 4, probe.params, names)
-    v1 = reduce_records(recs, _per_input(lik.moment4)(h), 4, probe.params, names) if with_v1 else None
-    v2 = None
-    if with_v2:
-        factor = lik.fisher_factor(h)  # (B, C, K)
-        seeds = factor.permute(2, 0, 1)
-        # the S-seeded output gradients are linear combinations of the unit-seeded ones: no second backward
-        grads = {k: torch.einsum("bck,cb...->kb...", factor.to(g.dtype), g) for k, g in probe.last_grads.items()}
-        rrecs = residual_records(probe, seeds, per_sample=True, grads=grads)
-        if names is not None:
-            rrecs = [(r, {k: n for k, n in keys.items() if n in set(names)}) for r, keys in rrecs]
-        v2 = reduce_records(rrecs, sum_of_squares(), 2, probe.params, names)
-    def detach(d):
-        return None if d is None else {n: t.detach() for n, t in d.items()}
+    r"""Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe` (skipped parts: ``None``).
 
-    return FisherMoments(detach(fisher), detach(fisher_sq), detach(v1), detach(v2), h.shape[0])
+    One backward with the ``C`` unit seeds gives the Jacobian rows :math:`v_c` of every layer; per input
+    and output unit the likelihood's contractions give :math:`F = v^	op I v` and :math:`	ilde v_1`
+    together (:meth:`~fisher_optim.likelihoods.Likelihood.quad_and_moment4`), and the Hessian residual
+    route gives :math:`u_c` for the same unit seeds (reusing the backward's output gradients), so
+    :math:`	ilde v_2 = u^	op I u`.  Per layer, every statistic is reduced in one multi-reducer pass;
+    on ``nn.Linear`` layers the statistics multiplying :math:`a^4` (``fisher_sq``, ``v1``, ``v2``) share one
+    matmul (spec §7.1 factorisation).
+    """
+    lik, h = probe.lik, probe.h.detach()
+    seeds = unit_seeds(h)
+    recs = probe.seeded(seeds, names=names)
+    keys_on = [k for k, on in (("fisher", with_fisher), ("fisher_sq", with_fisher_sq), ("v1", with_v1)) if on]
+    degree = {"fisher": 2, "fisher_sq": 4, "v1": 4}
+    degrees = tuple(degree[k] for k in keys_on)
+
+    def stats(x: Tensor, idx: slice) -> tuple[Tensor, ...]:
+        if with_v1:
+            quad, m4 = lik.quad_and_moment4(h[idx], x)
+        else:
+            quad, m4 = lik.fisher_quad(h[idx], x), None
+        vals = {"fisher": quad, "fisher_sq": quad * quad if with_fisher_sq else None, "v1": m4}
+        return tuple(vals[k] for k in keys_on)
+
+    def v2_stat(x: Tensor, idx: slice) -> tuple[Tensor]:
+        return (lik.fisher_quad(h[idx], x),)
+
+    wanted = None if names is None else set(names)
+    out: dict[str, dict[str, Tensor]] = {k: {} for k in keys_on}
+    rrecs = []
+    if with_v2:
+        out["v2"] = {}
+        # unit seeds: rho_c = d^2 h_c / dtheta_i^2 = u_c, and v2 = u^T I(h) u; the chain route reuses the
+        # unit-seeded output gradients of the backward above (no second backward)
+        rrecs = residual_records(probe, seeds, per_sample=True, grads=probe.last_grads)
+        if wanted is not None:
+            rrecs = [(r, {k: n for k, n in keys.items() if n in wanted}) for r, keys in rrecs]
+    fusable = {keys.get("weight"): rec for rec, keys in rrecs if isinstance(rec, LinearRecord)}
+
+    def store(which: str, vals: dict[str, Tensor], keys: dict[str, str]) -> None:
+        for key, name in keys.items():
+            if key in vals:
+                out[which][name] = vals[key].reshape(probe.params[name].shape)
+
+    for rec, keys in recs:
+        rrec = fusable.get(keys.get("weight")) if isinstance(rec, LinearRecord) else None
+        if rrec is not None and rrec.a is rec.a and rrec.has_bias == rec.has_bias and keys_on:
+            terms = [(st, rec.power * d) for st, d in zip(stats(rec.q, slice(None)), degrees)]
+            terms.append((v2_stat(rrec.q, slice(None))[0], rrec.power * 2))
+            vals = linear_reduce(rec.a, terms, rec.has_bias)
+            for k, v in zip(keys_on, vals):
+                store(k, v, keys)
+            store("v2", vals[-1], keys)
+            del fusable[keys["weight"]]
+            continue
+        if keys_on:
+            for k, v in zip(keys_on, rec.reduce_many(stats, degrees)):
+                store(k, v, keys)
+    for rec, keys in rrecs:
+        if isinstance(rec, LinearRecord) and keys.get("weight") not in fusable:
+            continue  # fused above
+        store("v2", rec.reduce_many(v2_stat, (2,))[0], keys)
+
+    def finish(which: str) -> dict[str, Tensor] | None:
+        if which not in out:
+            return None
+        d = out[which]
+        return {
+            n: d[n].detach() if n in d else torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
+            for n, p in probe.params.items()
+            if wanted is None or n in wanted
+        }
+
+    return FisherMoments(finish("fisher"), finish("fisher_sq"), finish("v1"), finish("v2"), h.shape[0])
 
 
 def fisher_moments(
