@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from .layers import DenseRecord, Reducer, is_fast, make_record
+from .layers import DenseRecord, Reducer, is_fast, linear_reduce, make_record
 from .likelihoods import Likelihood
 
 __all__ = ["Probe", "reduce_records", "trainable_parameters"]
@@ -179,11 +179,45 @@ class Probe:
         self.module_inputs = dict(zip([f[0] for f in self.fast], self._ins))
         self.module_outputs = dict(zip([f[0] for f in self.fast], self._outs))
         self._pname = pname
+        #: index in ``fast`` of the ``nn.Linear`` (2-D input) whose output *is* ``h`` (same elements), or None
+        self.output_index = None
+        for i, (_, m, _) in enumerate(self.fast):
+            o = self._outs[i]
+            if (
+                isinstance(m, nn.Linear)
+                and self._ins[i].dim() == 2
+                and o.shape == self.h.shape
+                and o.stride() == self.h.stride()
+                and o.data_ptr() == self.h.data_ptr()
+                and o.dtype == self.h.dtype
+            ):
+                self.output_index = i
 
     # -- seeded backward ------------------------------------------------------------------------
     def _module_params(self, i: int) -> list[str]:
         mname, m, has_bias = self.fast[i]
         return [self._pname[id(m.weight)]] + ([self._pname[id(m.bias)]] if has_bias else [])
+
+    def exact_output_layer(self, names: Iterable[str] | None = None) -> tuple[dict[str, Tensor], set[str]]:
+        r"""Exact ``sum_m I_ii`` of the output layer's parameters without any seed (spec §7.1 with ``B_L = I``).
+
+        When a ``nn.Linear`` produces ``h`` itself, ``dh_a / dW[j,k] = delta_aj a_k``, so
+        ``F(W[j,k]) = I_jj(h) a_k^2`` and ``F(b[j]) = I_jj(h)``: one matmul with the Fisher's diagonal instead
+        of ``C`` seeds (``C`` can be 784 for a pixel-wise output).  Returns ``({name: sum over inputs}, names
+        covered)``; empty when no such layer exists or it is not among ``names``.
+        """
+        if self.output_index is None:
+            return {}, set()
+        keys = {"weight": self._module_params(self.output_index)[0]}
+        if self.fast[self.output_index][2]:
+            keys["bias"] = self._module_params(self.output_index)[1]
+        wanted = set(self.params) if names is None else set(names)
+        keys = {k: n for k, n in keys.items() if n in wanted}
+        if not keys:
+            return {}, set()
+        diag = self.lik.unit_variance(self.h.detach())  # (B, C): the diagonal of I(h) for every family
+        vals = linear_reduce(self._ins[self.output_index], [(diag, 2)], "bias" in keys)[0]
+        return {n: vals[k].reshape(self.params[n].shape) for k, n in keys.items()}, set(keys.values())
 
     def output_grads(self, seeds: Tensor, select: list[int] | None = None) -> list[Tensor]:
         """Gradients of ``sum_b seed[k,b]^T h_b`` w.r.t. recorded fast-layer outputs: ``(K, *out)`` each.

@@ -70,8 +70,12 @@ def _identity_sum(x: Tensor, idx: slice) -> Tensor:
 def exact_from_probe(probe: Probe) -> dict[str, Tensor]:
     """``sum_m I_ii(theta|x_m)`` from the ``C`` columns of ``S`` (``S S^T = I(h)``) as seeds."""
     h = probe.h.detach()
-    seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)  # (K, B, C)
-    return reduce_records(probe.seeded(seeds), sum_of_squares(), 2, probe.params)
+    out, done = probe.exact_output_layer()  # the output layer needs no seeds
+    rest = [n for n in probe.params if n not in done]
+    if rest:
+        seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)  # (K, B, C)
+        out.update(reduce_records(probe.seeded(seeds, names=rest), sum_of_squares(), 2, probe.params, rest))
+    return {n: out[n] for n in probe.params}
 
 
 def sampled_seeds(probe: Probe, n_samples: int, generator) -> tuple[Tensor, Tensor]:

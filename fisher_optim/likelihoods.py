@@ -80,7 +80,7 @@ class Likelihood:
         raise NotImplementedError
 
     def unit_variance(self, h: Tensor) -> Tensor:
-        """Diagonal of ``I(h)`` for factorised families (``B x C``)."""
+        """Diagonal of ``I(h)`` (``B x C``); for factorised families this is all of ``I(h)``."""
         raise NotImplementedError
 
     def unit_kappa4(self, h: Tensor) -> Tensor:
