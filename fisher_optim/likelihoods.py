@@ -87,6 +87,12 @@ class Likelihood:
         """Fourth cumulant :math:`F''''(h_a)` per unit for factorised families (``B x C``)."""
         raise NotImplementedError
 
+    def unit_moment4(self, h: Tensor) -> Tensor:
+        r""":math:`\mathcal M(e_a, e_a, e_a, e_a)` per unit ``a`` (``B x C``): ``moment4`` along the unit directions,
+        i.e. ``Var((t_a - eta_a)^2)`` (the output layer's single-sample Î₁ variance per ``a_k^4``)."""
+        var = self.unit_variance(h)
+        return self.unit_kappa4(h) + 2 * var * var
+
     # -- generic derived quantities ---------------------------------------------------------------
     def grad(self, h: Tensor, y: Tensor) -> Tensor:
         r""":math:`\partial(-\log p(y|h))/\partial h` for targets ``y`` of shape ``(..., B, ...)``."""
@@ -190,6 +196,13 @@ class Categorical(Likelihood):
     def unit_variance(self, h):
         p = torch.softmax(h, -1)
         return p * (1 - p)
+
+    def unit_moment4(self, h):
+        # t_a - p_a is 1 - p_a with probability p_a, else -p_a: E d^4 - (E d^2)^2
+        p = torch.softmax(h, -1)
+        q = 1 - p
+        var = p * q
+        return var * (q**3 + p**3) - var * var
 
     def fisher(self, h):
         p = torch.softmax(h, -1)

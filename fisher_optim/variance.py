@@ -85,7 +85,18 @@ def moments_from_probe(
     """
     lik, h = probe.lik, probe.h.detach()
     seeds = unit_seeds(h)
-    recs = probe.seeded(seeds, names=names)
+    wanted = None if names is None else set(names)
+    # the output layer (a Linear producing h) in closed form: v = e_a, no seeds (see Probe.exact_output_layer)
+    out_keys: dict[str, str] = {}
+    if probe.output_index is not None:
+        i = probe.output_index
+        out_keys = dict(zip(("weight", "bias"), probe._module_params(i)))
+        out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
+    rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
+    recs = probe.seeded(seeds, names=rest) if rest else []
+    grads = dict(probe.last_grads) if rest else {}
+    if probe.output_index is not None:
+        grads[probe.fast[probe.output_index][0]] = seeds  # d(e_c^T h)/dh = e_c
     keys_on = [k for k, on in (("fisher", with_fisher), ("fisher_sq", with_fisher_sq), ("v1", with_v1)) if on]
     degree = {"fisher": 2, "fisher_sq": 4, "v1": 4}
     degrees = tuple(degree[k] for k in keys_on)
@@ -101,14 +112,13 @@ def moments_from_probe(
     def v2_stat(x: Tensor, idx: slice) -> tuple[Tensor]:
         return (lik.fisher_quad(h[idx], x),)
 
-    wanted = None if names is None else set(names)
     out: dict[str, dict[str, Tensor]] = {k: {} for k in keys_on}
     rrecs = []
     if with_v2:
         out["v2"] = {}
         # unit seeds: rho_c = d^2 h_c / dtheta_i^2 = u_c, and v2 = u^T I(h) u; the chain route reuses the
         # unit-seeded output gradients of the backward above (no second backward)
-        rrecs = residual_records(probe, seeds, per_sample=True, grads=probe.last_grads)
+        rrecs = residual_records(probe, seeds, per_sample=True, grads=grads)
         if wanted is not None:
             rrecs = [(r, {k: n for k, n in keys.items() if n in wanted}) for r, keys in rrecs]
     fusable = {keys.get("weight"): rec for rec, keys in rrecs if isinstance(rec, LinearRecord)}
@@ -136,6 +146,12 @@ def moments_from_probe(
         if isinstance(rec, LinearRecord) and keys.get("weight") not in fusable:
             continue  # fused above
         store("v2", rec.reduce_many(v2_stat, (2,))[0], keys)
+    if out_keys and keys_on:
+        var = lik.unit_variance(h)
+        unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (lik.unit_moment4(h), 4) if with_v1 else None}
+        vals = linear_reduce(probe._ins[probe.output_index], [unit[k] for k in keys_on], "bias" in out_keys)
+        for k, v in zip(keys_on, vals):
+            store(k, v, out_keys)
 
     def finish(which: str) -> dict[str, Tensor] | None:
         if which not in out:

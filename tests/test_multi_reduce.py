@@ -129,3 +129,12 @@ def test_moments_restricted_to_names_equal_full_moments_restricted(with_v2):
         assert sorted(got) == sorted(names)
         for n in names:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_unit_moment4_is_moment4_along_unit_directions(name):
+    lik = get_likelihood(name)
+    h = torch.randn(4, 3, generator=_gen(4), dtype=DTYPE) * 0.7
+    eye = torch.eye(3, dtype=DTYPE).unsqueeze(1).expand(3, 4, 3)  # (C, B, C): direction e_a in column a
+    torch.testing.assert_close(lik.unit_moment4(h), lik.moment4(h, eye), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(lik.unit_variance(h), lik.fisher_quad(h, eye), rtol=1e-12, atol=1e-15)
