@@ -26,8 +26,24 @@ forward pass, split by size), so Î₁ with ``N`` samples is chosen only if
   networks, spec §6a/§6g) Î₂ *is* the exact Fisher, which is what ``exact`` computes.
 
 Costs within ``COST_TIE`` (25 %, the timing noise) of each other count as a tie, which goes to ``exact``
-(zero variance).  Costs are measured on the current batch (``cost_model="measured"``: each layer's exact and one-sample
-passes timed in isolation) or predicted from sizes (``"flops"``: deterministic, for reproducible runs).
+(zero variance).  Two cost models give the per-layer costs :math:`(c_{exact}, c_1)` and the shared part ``s``:
+
+* ``"flops"`` (deterministic, for bit-reproducible runs): a layer's pass costs ``seeds x (size of every layer
+  from the output down to it + its own size)`` (``C`` seeds for exact, one for Î₁; a ``torch.func``-route
+  parameter crosses the whole model), ``s`` is the parameter count;
+* ``"measured"``: three whole-model timings on the current batch, one forward pass (``s``), one exact pass and
+  one one-sample Î₁ pass over *all* layers (one backward each, after one untimed warm-up of the Î₁ pass; the
+  moments pass that precedes it warms up the batched-seed backward of the exact pass).  Each total is split over
+  the layers in proportion to their ``"flops"`` costs, so every layer gets the measured exact/Î₁ ratio and the
+  flops model's relative sizes.  Timing each layer apart (the previous model) took 8 backward passes per layer, over
+  a minute on a ResNet-18; a backward pass through all layers costs about as much as one through the deepest.
+
+Costs depend on the input shape and the layers, not on the parameter values: :func:`run_selection` returns them as
+:class:`Costs` and accepts them back (``costs=``) to skip the timing on a batch of the same shape and dtype, as
+:class:`~fisher_optim.optim.FisherAdam` does.  The selection's moments pass computes the exact Fisher
+:math:`\sum_m F(x_m)` anyway (:func:`~fisher_optim.variance.moments_from_probe`); :func:`run_selection` returns it as
+:attr:`Selection.fisher`, scaled as :func:`estimate_plan` (mean over the inputs), so the refresh that follows a
+selection needs no estimation pass of its own.
 """
 
 from __future__ import annotations
@@ -46,7 +62,7 @@ from .hessian import residual_records
 from .likelihoods import Likelihood, get_likelihood
 from .variance import moments_from_probe
 
-__all__ = ["Choice", "select", "estimate_plan", "PLAN_ESTIMATORS"]
+__all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
 
 PLAN_ESTIMATORS = ("exact", "mc1", "mc2", "empirical")
 #: relative cost difference treated as a tie (timing noise); ties go to the zero-variance exact estimator
@@ -104,6 +120,10 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
     out: dict[str, Tensor] = {}
     exact_names = set(groups["exact"]) | set(groups["mc2"])
     if exact_names:
+        done_out, done = probe.exact_output_layer(exact_names)  # the output layer needs no seeds
+        out.update(done_out)
+        exact_names -= done
+    if exact_names:
         seeds = lik.fisher_factor(h).permute(2, 0, 1)
         recs = probe.seeded(seeds, names=exact_names)
         out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, exact_names))
@@ -133,7 +153,7 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
         yt = lik.check_targets(h, targets)
         recs = probe.seeded(lik.grad(h, yt).unsqueeze(0), names=groups["empirical"])
         out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, groups["empirical"]))
-    return out
+    return {n: out[n] for n in probe.params if n in out}  # in the order of model.named_parameters()
 
 
 def estimate_plan(
@@ -167,6 +187,49 @@ def estimate_plan(
 
 
 # -- selection -----------------------------------------------------------------------------------------
+COST_MODELS = ("measured", "flops")
+
+
+@dataclass
+class Costs:
+    """Per-refresh costs used by :func:`run_selection`, reusable on later batches of the same shape.
+
+    ``per_param`` maps each parameter name to ``(c_exact, c_one_sample)``: its share of the seconds of one exact
+    pass and of one one-sample Î₁ pass (``"flops"``: relative units); ``shared`` is the part every estimator
+    pays (the forward pass; ``"flops"``: the parameter count), split over the layers by size.  ``input_shape``,
+    ``input_dtype`` and ``names`` (the parameters, sorted) say what the costs were measured for.
+    """
+
+    cost_model: str
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    names: tuple[str, ...]
+    per_param: dict[str, tuple[float, float]]
+    shared: float
+
+    def matches(self, inputs: Tensor, names, cost_model: str) -> bool:
+        """Whether these costs hold for ``inputs`` (shape and dtype), the parameters ``names`` and ``cost_model``."""
+        return (
+            self.cost_model == cost_model
+            and self.input_shape == tuple(inputs.shape)
+            and self.input_dtype == inputs.dtype
+            and self.names == tuple(sorted(names))
+        )
+
+
+@dataclass
+class Selection:
+    r"""What :func:`run_selection` computed: ``choices`` (as :func:`select` returns them), the ``costs`` it used
+    (to pass back as ``costs=`` on a batch of the same shape) and ``fisher``, the exact diagonal Fisher of the
+    selection batch, :math:`\frac1M\sum_m F_{ii}(x_m)` (mean over the ``M`` inputs: the scaling of
+    :func:`estimate_plan` and :func:`~fisher_optim.diagonal_fisher`), for every selected parameter (zeros for
+    a parameter unused by the forward pass)."""
+
+    choices: dict[str, Choice]
+    fisher: dict[str, Tensor]
+    costs: Costs
+
+
 def _module_units(probe: Probe) -> list[list[str]]:
     """Parameter names grouped by the layer (module) whose backward produces them."""
     units = [probe._module_params(i) for i in range(len(probe.fast))]
@@ -183,24 +246,32 @@ def _time(fn, repeats: int = 1) -> float:
     return best
 
 
-def _measured_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
-    """Per parameter: (seconds of the exact pass, seconds of a one-sample Î₁ pass) for its layer."""
-    lik, h = probe.lik, probe.h.detach()
-    seeds_exact = lik.fisher_factor(h).permute(2, 0, 1)
-    one = lik.grad(h, lik.sample(h, 1, generator=torch.Generator(device=h.device).manual_seed(0)))
-    out = {}
-    for names in units:
-        def run(seeds, names=names):
-            reduce_records(probe.seeded(seeds, names=names), sum_of_squares(), 2, probe.params, names)
+def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> dict[str, tuple[float, float]]:
+    """Per parameter: (seconds of the exact pass, seconds of a one-sample Î₁ pass) for its layer.
 
-        run(one)  # warm-up of both paths (the first batched-seed backward pays a one-off vmap setup)
-        run(seeds_exact)
-        t_ex = _time(lambda: run(seeds_exact), repeats=2)
-        t_1 = _time(lambda: run(one), repeats=2)
-        share = 1.0 / len(names)
-        for n in names:
-            out[n] = (t_ex * share, t_1 * share)
-    return out
+    Two whole-model timings, one exact pass and one one-sample pass over every layer in ``units``, each split
+    over the parameters in proportion to :func:`_flops_costs` (see the module docstring).  The one-sample pass
+    gets one untimed warm-up, the exact pass too unless ``warm_exact`` (a batched-seed backward on this probe
+    already ran: the first one pays a one-off vmap setup)."""
+    names = [n for unit in units for n in unit]
+    if not names:
+        return {}
+    gen = torch.Generator(device=probe.h.device)  # private: the caller's label stream is never advanced
+    exact_plan = {n: ("exact", 1) for n in names}
+    one_plan = {n: ("mc1", 1) for n in names}
+
+    def run(plan):  # the very calls a refresh makes (plan_from_probe), output-layer shortcut included
+        plan_from_probe(probe, plan, generator=gen.manual_seed(0))
+
+    run(one_plan)
+    if not warm_exact:
+        run(exact_plan)
+    t_ex = _time(lambda: run(exact_plan))
+    t_1 = _time(lambda: run(one_plan))
+    flops = _flops_costs(probe, units)
+    tot_ex = sum(c for c, _ in flops.values()) or 1.0
+    tot_1 = sum(c for _, c in flops.values()) or 1.0
+    return {n: (t_ex * c_ex / tot_ex, t_1 * c_1 / tot_1) for n, (c_ex, c_1) in flops.items()}
 
 
 def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
@@ -214,10 +285,37 @@ def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
     for i, names in enumerate(units):
         depth = sum(sizes[i:]) if i < len(probe.fast) else sum(sizes)
         cost1 = float(depth + sizes[i])
+        # the output layer's exact Fisher takes no seeds (Probe.exact_output_layer): one pass of its own size
+        c_exact = float(sizes[i]) if i == probe.output_index else c * cost1
         for n in names:
             share = probe.params[n].numel() / max(1, sizes[i])
-            out[n] = (c * cost1 * share, cost1 * share)
+            out[n] = (c_exact * share, cost1 * share)
     return out
+
+
+def _costs(probe: Probe, units, cost_model: str, warm_exact: bool) -> Costs:
+    """Fresh :class:`Costs` for this probe's batch and parameters."""
+    if cost_model == "measured":
+        per_param = _measured_costs(probe, units, warm_exact=warm_exact)
+        # the part of a refresh every estimator pays (forward pass, per-call overhead), shared by size
+        with torch.enable_grad():
+            shared = _time(lambda: probe.model(probe.inputs), repeats=2)
+    else:
+        per_param = _flops_costs(probe, units)
+        shared = float(sum(p.numel() for p in probe.params.values()))
+    x = probe.inputs
+    return Costs(cost_model, tuple(x.shape), x.dtype, tuple(sorted(probe.params)), per_param, shared)
+
+
+def _check_select_args(target_rse, ema_decay, max_samples, cost_model) -> int:
+    if not (isinstance(target_rse, (int, float)) and target_rse > 0):
+        raise ValueError(f"Invalid target_rse: {target_rse}")
+    if not (0.0 <= ema_decay < 1.0):
+        raise ValueError(f"Invalid ema_decay: {ema_decay}")
+    max_samples = check_n_samples(max_samples)
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"Invalid cost_model: {cost_model!r}. Must be 'measured' or 'flops'")
+    return max_samples
 
 
 def select(
@@ -232,6 +330,7 @@ def select(
     names=None,
     cost_model: str = "measured",
     with_v2: bool = False,
+    costs: Costs | None = None,
 ) -> dict[str, Choice]:
     r"""Choose ``(estimator, n_samples)`` per parameter tensor (see the module docstring).
 
@@ -239,11 +338,15 @@ def select(
         target_rse: bound on the relative standard error of the running estimate.
         ema_decay: decay ``beta`` of the running estimate (``phi = (1-beta)/(1+beta)``).
         max_samples: largest ``N`` considered for Î₁.
-        cost_model: ``"measured"`` (time each layer's passes on this batch) or ``"flops"``.
+        cost_model: ``"measured"`` (time whole-model passes on this batch) or ``"flops"``.
         with_v2: also compute Î₂'s variance for the report (``rse_mc2``; ``nan`` otherwise).
+        costs: :class:`Costs` of an earlier :func:`run_selection` on a batch of the same shape and dtype, the
+            same parameters and ``cost_model``: used instead of measuring (``ValueError`` if they do not match).
         generator: accepted for symmetry with :func:`estimate_plan` and never advanced: the choice needs no
             label draws (the timing pass uses a private, fixed generator), so a caller's label stream, and a
             resumed run, do not depend on when selections happen.
+
+    :func:`run_selection` takes the same arguments and also returns the costs and the exact Fisher of the batch.
 
     Example:
         >>> import torch
@@ -253,16 +356,58 @@ def select(
         >>> sorted(ch) == sorted(n for n, _ in net.named_parameters())
         True
     """
-    if not (isinstance(target_rse, (int, float)) and target_rse > 0):
-        raise ValueError(f"Invalid target_rse: {target_rse}")
-    if not (0.0 <= ema_decay < 1.0):
-        raise ValueError(f"Invalid ema_decay: {ema_decay}")
-    max_samples = check_n_samples(max_samples)
-    if cost_model not in ("measured", "flops"):
-        raise ValueError(f"Invalid cost_model: {cost_model!r}. Must be 'measured' or 'flops'")
+    return run_selection(
+        model, inputs, likelihood=likelihood, generator=generator, target_rse=target_rse, ema_decay=ema_decay,
+        max_samples=max_samples, names=names, cost_model=cost_model, with_v2=with_v2, costs=costs,
+    ).choices  # fmt: skip
+
+
+def run_selection(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    likelihood: str | Likelihood,
+    generator: torch.Generator | None = None,
+    target_rse: float = 0.1,
+    ema_decay: float = 0.9,
+    max_samples: int = 16,
+    names=None,
+    cost_model: str = "measured",
+    with_v2: bool = False,
+    costs: Costs | None = None,
+) -> Selection:
+    r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
+    (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
+    :math:`\frac1M\sum_m F_{ii}(x_m)` of ``inputs`` that the variance pass computed (equal to
+    ``diagonal_fisher(model, inputs, estimator="exact")`` up to rounding).  Draws no labels (``generator`` is
+    never advanced).
+
+    Example:
+        >>> import torch
+        >>> from fisher_optim import diagonal_fisher
+        >>> from fisher_optim.selection import run_selection
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 3)).double()
+        >>> x = torch.randn(32, 4, dtype=torch.float64)
+        >>> sel = run_selection(net, x, likelihood="categorical", cost_model="flops")
+        >>> ref = diagonal_fisher(net, x, likelihood="categorical", estimator="exact")
+        >>> all(torch.allclose(sel.fisher[n], ref[n]) for n in ref)
+        True
+        >>> again = run_selection(net, x, likelihood="categorical", cost_model="flops", costs=sel.costs)
+        >>> def plan(s):
+        ...     return {n: (c.estimator, c.n_samples) for n, c in s.choices.items()}
+        >>> again.costs is sel.costs and plan(again) == plan(sel)
+        True
+    """
+    max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
     lik = get_likelihood(likelihood)
     phi = (1.0 - ema_decay) / (1.0 + ema_decay)
     with Probe(model, inputs, lik, names=names) as probe:
+        if costs is not None and not costs.matches(inputs, probe.params, cost_model):
+            raise ValueError(
+                f"costs were measured for {costs.cost_model!r} costs, inputs {costs.input_shape} {costs.input_dtype} "
+                f"and {len(costs.names)} parameters, not {cost_model!r}, {tuple(inputs.shape)} {inputs.dtype} and "
+                f"{len(probe.params)} parameters: pass costs=None to measure them"
+            )
         m = probe.h.shape[0]
         try:
             hp = hessian_plan(model, probe.params)
@@ -273,13 +418,10 @@ def select(
             probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"), with_fisher_sq=True
         )
         units = _module_units(probe)
-        costs = _measured_costs(probe, units) if cost_model == "measured" else _flops_costs(probe, units)
-        # the part of a refresh every estimator pays (forward pass, per-call overhead), shared by size
-        if cost_model == "measured":
-            with torch.enable_grad():
-                shared = _time(lambda: model(inputs), repeats=2)
-        else:
-            shared = float(sum(p.numel() for p in probe.params.values()))
+        if costs is None:
+            costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
+        unused = list(probe.unused)
+    costs_pp, shared = costs.per_param, costs.shared
     total_numel = max(1, sum(p.numel() for p in probe.params.values()))
     out: dict[str, Choice] = {}
     # one decision per layer (the parameters that share a backward pass: a module's weight and bias)
@@ -303,8 +445,8 @@ def select(
         l_lab = mean(mom.v1) / m
         s_l = shared * sum(mom.fisher[n].numel() for n in unit) / total_numel
         v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
-        c_ex = sum(costs.get(n, (0.0, 0.0))[0] for n in unit)
-        c_1 = sum(costs.get(n, (0.0, 0.0))[1] for n in unit)
+        c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
+        c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
         zero_res = hp is not None and all(n in hp.zero for n in unit)
         if f <= 0:
             ch = Choice("mc1", 1, 0.0, c_1, "zero Fisher on this batch: cheapest estimator", 0.0, 0.0, f)
@@ -342,4 +484,7 @@ def select(
                 ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, f)
         for n in unit:
             out[n] = ch
-    return out
+    for n in unused:
+        out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
+    fisher = {n: (f / m).detach() for n, f in mom.fisher.items()}
+    return Selection(out, fisher, costs)

@@ -482,6 +482,86 @@ def test_auto_mode_on_a_general_route_model_keeps_no_graph():
     opt.close()
 
 
+def _count_cost_measurements(monkeypatch) -> list:
+    import fisher_optim.selection as sel_mod
+
+    calls, real = [], sel_mod._costs
+    monkeypatch.setattr(sel_mod, "_costs", lambda probe, *a, **k: calls.append(tuple(probe.inputs.shape)) or real(
+        probe, *a, **k))  # fmt: skip
+    return calls
+
+
+@pytest.mark.parametrize("cost_model", ["measured", "flops"])
+def test_auto_mode_reuses_selection_costs_until_the_shape_changes(monkeypatch, cost_model):
+    monkeypatch.setattr(base_mod, "COST_REUSE", 3)
+    calls = _count_cost_measurements(monkeypatch)
+    net = make_mlp()
+    opt = FisherAdam(net, fisher_interval=1, variance_interval=1, cost_model=cost_model, seed=0)
+    train(net, opt, 4)  # 4 selections on batches of 8: measure once, reuse 3 times
+    assert opt.fisher_report().selections == 4 and calls == [(8, 5)]
+    train(net, opt, 1)  # COST_REUSE reuses done: measure again
+    assert calls == [(8, 5)] * 2
+    x, y = batch(5, n=6)  # a new input shape: measure
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    train(net, opt, 1, start=6)  # back to 8 inputs: the cached costs again
+    assert calls == [(8, 5), (8, 5), (6, 5)] and opt.fisher_report().selections == 7
+    assert "_cost_cache" not in str(opt.state_dict())  # timings belong to the machine, not to the checkpoint
+    opt.close()
+
+
+@pytest.mark.parametrize("params", ["all", "subset"])
+def test_refresh_at_a_selection_is_the_selections_exact_fisher(monkeypatch, params):
+    """The selection's variance pass gives the refresh (no second estimation pass, no label draw); the
+    refreshes between selections follow the plan with ``estimate_plan``."""
+    net = make_mlp()
+    x, y = batch(0)
+    chosen = None if params == "all" else [net[0].weight, net[0].bias, net[4].weight]
+    opt = FisherAdam(net, params=chosen, fisher_batch=5, betas=(0.9, 0.5), variance_interval=2, fisher_interval=1,
+                     cost_model="flops", seed=0)  # fmt: skip
+    expected = diagonal_fisher(net, x[:5], likelihood="categorical", estimator="exact")
+    plans, real = [], base_mod.estimate_plan
+    monkeypatch.setattr(base_mod, "estimate_plan", lambda *a, **k: plans.append(k["plan"]) or real(*a, **k))
+    gen_state = opt._generator.get_state()
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    assert plans == [] and torch.equal(opt._generator.get_state(), gen_state)
+    optimized = [n for n, p in net.named_parameters() if chosen is None or any(p is q for q in chosen)]
+    for n, p in net.named_parameters():
+        if n not in optimized:
+            assert p not in opt.state
+            continue
+        ema = opt.state[p]["fisher_ema"]
+        torch.testing.assert_close(ema / 0.5, expected[n], rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")
+    train(net, opt, 1, start=1)  # not a selection: the plan
+    assert len(plans) == 1 and sorted(plans[0]) == sorted(optimized)
+    assert plans[0] == {n: (r["estimator"], r["n_samples"]) for n, r in opt.fisher_report().items()}
+    train(net, opt, 1, start=2)  # a selection again
+    assert len(plans) == 1 and opt.fisher_report().selections == 2
+    opt.close()
+
+
+def test_auto_mode_with_a_layer_unused_by_the_forward():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_mlp()
+            self.unused = nn.Linear(2, 2).double()
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net()
+    opt = FisherAdam(net, fisher_interval=1, variance_interval=2, cost_model="flops")
+    train(net, opt, 3)
+    rep = opt.fisher_report()
+    assert rep.selections == 2 and rep["unused.weight"]["reason"].startswith("unused")
+    assert rep["unused.weight"]["fisher_mean"] == 0.0 and rep["body.0.weight"]["fisher_mean"] > 0
+    opt.close()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # non-finite values
 

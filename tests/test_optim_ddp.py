@@ -80,11 +80,13 @@ def test_ddp_ranks_stay_identical(tmp_path):
                 assert torch.equal(a["state"][n][k], b["state"][n][k]), (tag, n, k)
         assert a["choices"] == b["choices"], tag
         assert not torch.equal(a["params"]["0.weight"], make_model()[0].weight)  # it did train
-    # the first refresh holds the mean over ranks of each rank's own exact estimate (beta2 = 0.5)
+    # the first refresh holds the mean over ranks of each rank's own exact estimate (beta2 = 0.5); in auto mode it
+    # is a selection's refresh: rank 0's from its selection, the other rank's from estimate_plan, then all-reduced
     net = make_model()
     local = [
         diagonal_fisher(net, rank_batch(r, 0)[0], likelihood="categorical", estimator="exact") for r in range(WORLD)
     ]
-    for n, ema in r0["exact"]["first_ema"].items():
-        torch.testing.assert_close(ema / 0.5, (local[0][n] + local[1][n]) / 2, rtol=1e-12, atol=1e-15)
-        assert not torch.allclose(local[0][n], local[1][n])  # the ranks did see different data
+    for tag in ("exact", "auto"):
+        for n, ema in r0[tag]["first_ema"].items():
+            torch.testing.assert_close(ema / 0.5, (local[0][n] + local[1][n]) / 2, rtol=1e-12, atol=1e-15)
+            assert not torch.allclose(local[0][n], local[1][n])  # the ranks did see different data

@@ -10,11 +10,15 @@ One ``step()``:
 
 1. collect the parameters that have a gradient and require one (the others are skipped, state included);
 2. if a refresh is due (the first step, then every ``fisher_interval`` steps, or when a parameter has no
-   Fisher state yet): in auto mode, every ``variance_interval`` refreshes, call
-   :func:`fisher_optim.selection.select` for a per-layer plan ``name -> (estimator, n_samples)``; then
-   :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured inputs (one shared
-   forward, eval mode, its own backward passes; ``.grad`` is never touched); under DDP the estimates are
-   averaged over ranks (one ``all_reduce``);
+   Fisher state yet): :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured
+   inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
+   fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
+   In auto mode, every ``variance_interval`` refreshes, :func:`fisher_optim.selection.run_selection` first
+   chooses a new plan on the same inputs; its variance pass computes the exact Fisher anyway, and that
+   refresh uses it (the mean over the inputs, as ``estimate_plan``) instead of a second estimation pass: a
+   selection's refresh is exact and draws no labels.  Under DDP only rank 0 selects (its choices are
+   broadcast) and the other ranks compute their exact estimate with ``estimate_plan``.  The estimates are
+   then averaged over ranks (one ``all_reduce``);
 3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
    (``torch._foreach_norm``) per device and dtype and **one host synchronisation per step**
    (the same price as ``torch.amp.GradScaler``'s inf check).  On failure, ``nonfinite="skip"`` leaves every
@@ -24,6 +28,14 @@ One ``step()``:
 4. fold the estimates into the running Fisher and recompute the preconditioner
    (:func:`~fisher_optim.optim._functional.refresh_preconditioner`), then run the fused update.
    Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
+
+Selection costs: ``cost_model="measured"`` times whole-model passes (see :mod:`fisher_optim.selection`).  The
+optimizer keeps the :class:`~fisher_optim.selection.Costs` of its latest selections in a small cache keyed by
+the selection batch's shape and dtype and the selected parameters, and passes them back to ``run_selection``: a
+selection measures only on a new key, and every ``COST_REUSE`` (10) reuses, to follow drifts of the machine's
+speed.  The cache is not part of ``state_dict`` (timings belong to the machine, not the run): a resumed run
+measures on its first selection.  With ``cost_model="flops"`` the costs are a deterministic function of the
+sizes, so a resumed run stays bit-identical.
 
 Inputs: a forward hook on ``model`` keeps a detached *reference* (no copy) to the first positional tensor
 argument of the latest forward run with gradients enabled (forwards under ``torch.no_grad()``, e.g.
@@ -47,7 +59,7 @@ from torch.optim import Optimizer
 
 from ..estimators import ESTIMATORS
 from ..likelihoods import Likelihood, get_likelihood
-from ..selection import estimate_plan, select
+from ..selection import Costs, estimate_plan, run_selection
 from ._functional import preconditioned_update, refresh_preconditioner
 
 __all__ = ["FisherOptimizer", "FisherReport"]
@@ -57,6 +69,10 @@ logger = logging.getLogger("fisher_optim")
 _EXTRA = "fisher_optim"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _COUNTERS = ("step", "fisher_count")
+#: a cached selection cost is re-measured after this many reuses (timings drift with the machine's load)
+COST_REUSE = 10
+#: at most this many cached selection costs (input shapes) are kept, the oldest dropped first
+_COST_CACHE_SIZE = 8
 
 
 class _InputCapture:
@@ -189,6 +205,8 @@ class FisherOptimizer(Optimizer):
         self._since_refresh = 0
         self._since_select = 0
         self._skipped = 0
+        # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
+        self._cost_cache: dict[tuple, list] = {}
 
         self._capture = _InputCapture()
         handle = model.register_forward_hook(self._capture)
@@ -386,48 +404,66 @@ class FisherOptimizer(Optimizer):
         pending = None
         self._capture.enabled = False
         try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
+            est = None
             if self.estimator == "auto":
                 if self._plan is None or self._since_select >= self.variance_interval or any(
                     n not in self._plan for n in names
                 ):
-                    pending = self._select(x, names)
-                    plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
+                    pending, est = self._select(x, names)
+                    if est is None:  # a DDP rank other than 0: the exact Fisher of its own inputs
+                        plan = {n: ("exact", 1) for n in names}
                 else:
                     plan = {n: self._plan[n] for n in names}
             else:
                 plan = {n: (self.estimator, self.n_samples) for n in names}
-            empirical = any(e == "empirical" for e, _ in plan.values())
-            if empirical and targets is None:
-                raise ValueError(
-                    "estimator 'empirical' needs the observed labels of the captured batch: "
-                    "call opt.step(targets=y)"
-                )
-            est = estimate_plan(
-                self._net, x, likelihood=self._lik, plan=plan, generator=self._generator,
-                targets=targets if empirical else None,
-            )  # fmt: skip
+            if est is None:
+                empirical = any(e == "empirical" for e, _ in plan.values())
+                if empirical and targets is None:
+                    raise ValueError(
+                        "estimator 'empirical' needs the observed labels of the captured batch: "
+                        "call opt.step(targets=y)"
+                    )
+                est = estimate_plan(
+                    self._net, x, likelihood=self._lik, plan=plan, generator=self._generator,
+                    targets=targets if empirical else None,
+                )  # fmt: skip
         finally:
             self._capture.enabled = True
         if self._pg is not None and dist.get_world_size(self._pg) > 1:
             est = self._all_reduce(est, names)
         return {fparams[n]: est[n] for n in names}, pending, gen_state
 
-    def _select(self, x: Tensor, names: list[str]) -> dict[str, dict]:
-        """Auto mode: per-layer choices from :func:`fisher_optim.selection.select` (rank 0's under DDP)."""
+    def _select(self, x: Tensor, names: list[str]) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
+        """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
+        and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
-        choices = None
+        choices, fisher = None, None
         if not distributed or dist.get_rank(self._pg) == 0:
-            raw = select(
+            key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
+            cached = self._cost_cache.get(key)
+            if cached is not None and cached[1] >= COST_REUSE:
+                cached = None
+            sel = run_selection(
                 self._net, x, likelihood=self._lik, generator=self._generator, target_rse=self.target_rse,
                 ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
+                costs=None if cached is None else cached[0],
             )  # fmt: skip
+            self._cache_costs(key, sel.costs, reused=cached is not None)
             choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
-                       for n, c in raw.items()}  # fmt: skip
+                       for n, c in sel.choices.items()}  # fmt: skip
+            fisher = sel.fisher
         if distributed:
             box = [choices]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
             choices = box[0]
-        return choices
+        return choices, fisher
+
+    def _cache_costs(self, key: tuple, costs: Costs, reused: bool) -> None:
+        """Remember ``costs`` for ``key``, counting reuses (see the module docstring); keep the newest few."""
+        entry = self._cost_cache.pop(key, None)
+        self._cost_cache[key] = [costs, entry[1] + 1 if reused and entry is not None else 0]
+        while len(self._cost_cache) > _COST_CACHE_SIZE:
+            del self._cost_cache[next(iter(self._cost_cache))]
 
     def _all_reduce(self, est: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
         """Average the estimates over the DDP ranks (one flat ``all_reduce``)."""

@@ -1,0 +1,172 @@
+"""Tests of fisher_optim.selection: the choice is unchanged by the cheap cost model, the costs are reusable, and
+the exact Fisher that the selection hands back equals ``diagonal_fisher(..., estimator="exact")`` (float64).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPE, init_, inputs, mlp
+from torch import nn
+
+from fisher_optim import diagonal_fisher
+from fisher_optim import selection as sel_mod
+from fisher_optim.engine import Probe
+from fisher_optim.likelihoods import get_likelihood
+from fisher_optim.selection import Costs, run_selection, select
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def plan_of(choices):
+    return {n: (c.estimator, c.n_samples) for n, c in choices.items()}
+
+
+def sigmoid_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 4)).double()
+
+
+def sigmoid_inputs(m: int = 64) -> torch.Tensor:
+    return torch.randn(m, 6, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+
+
+def layernorm_net() -> nn.Module:
+    """LayerNorm takes the torch.func route."""
+    return init_(nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)), seed=3)
+
+
+def conv_net() -> nn.Module:
+    return init_(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)), seed=4)
+
+
+class WithUnused(nn.Module):
+    """A Linear layer that the forward pass never calls (zero Fisher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp("sigmoid", widths=(3, 4, 3))
+        self.unused = nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+CASES = {
+    "sigmoid_mlp": (lambda: mlp("sigmoid", widths=(3, 5, 4, 3)), (7, 3)),
+    "layernorm": (layernorm_net, (6, 3)),
+    "conv": (conv_net, (5, 2, 5, 5)),
+    "unused_layer": (WithUnused, (6, 3)),
+}
+
+
+def test_flops_choices_unchanged():
+    """The decision rule is untouched: the plan and costs of the previous implementation (commit 1c509e8), except
+    the output layer's exact cost, now its own size (no seeds: ``Probe.exact_output_layer``) instead of C x."""
+    ch = select(sigmoid_mlp(), sigmoid_inputs(), likelihood="categorical", cost_model="flops")
+    expected = {
+        "0.weight": ("mc1", 1, 564.0), "0.bias": ("mc1", 1, 564.0),
+        "2.weight": ("exact", 1, 2448.0), "2.bias": ("exact", 1, 2448.0),
+        "4.weight": ("exact", 1, 68.0), "4.bias": ("exact", 1, 68.0),
+    }  # fmt: skip
+    assert {n: (c.estimator, c.n_samples, c.cost) for n, c in ch.items()} == expected
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "gaussian"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_selection_fisher_is_the_exact_fisher(case, likelihood):
+    make, shape = CASES[case]
+    net, x = make(), inputs(shape)
+    sel = run_selection(net, x, likelihood=likelihood, cost_model="flops")
+    ref = diagonal_fisher(net, x, likelihood=likelihood, estimator="exact")
+    assert sel.fisher.keys() == ref.keys() == sel.choices.keys()
+    for n in ref:
+        assert sel.fisher[n].dtype == ref[n].dtype and not sel.fisher[n].requires_grad
+        torch.testing.assert_close(sel.fisher[n], ref[n], rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")
+    if case == "unused_layer":
+        assert sel.choices["unused.weight"].reason.startswith("unused") and not sel.fisher["unused.weight"].any()
+
+
+def test_selection_respects_names():
+    net, x = mlp("sigmoid", widths=(3, 5, 4, 3)), inputs((7, 3))
+    names = ["2.weight", "4.bias"]
+    sel = run_selection(net, x, likelihood="categorical", cost_model="flops", names=names)
+    ref = diagonal_fisher(net, x, likelihood="categorical", estimator="exact")
+    assert sorted(sel.fisher) == sorted(sel.choices) == sorted(names) and sel.costs.names == tuple(sorted(names))
+    for n in names:
+        torch.testing.assert_close(sel.fisher[n], ref[n], rtol=1e-12, atol=1e-15)
+
+
+def test_select_draws_no_labels():
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    run_selection(sigmoid_mlp(), sigmoid_inputs(8), likelihood="categorical", generator=g, cost_model="measured")
+    assert torch.equal(g.get_state(), state)
+
+
+@pytest.mark.parametrize("cost_model", ["measured", "flops"])
+def test_costs_passed_back_are_reused(monkeypatch, cost_model):
+    calls = []
+    real = sel_mod._costs
+    monkeypatch.setattr(sel_mod, "_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net, x = sigmoid_mlp(), sigmoid_inputs(16)
+    first = run_selection(net, x, likelihood="categorical", cost_model=cost_model)
+    assert isinstance(first.costs, Costs) and len(calls) == 1
+    assert first.costs.input_shape == (16, 6) and first.costs.cost_model == cost_model
+    assert set(first.costs.per_param) == {n for n, _ in net.named_parameters()}
+    x2 = sigmoid_inputs(32)[16:]  # another batch, same shape: the costs still hold
+    again = run_selection(net, x2, likelihood="categorical", cost_model=cost_model, costs=first.costs)
+    assert len(calls) == 1 and again.costs is first.costs
+    assert plan_of(select(net, x2, likelihood="categorical", cost_model=cost_model, costs=first.costs)) == plan_of(
+        again.choices
+    )
+    if cost_model == "flops":
+        assert plan_of(again.choices) == plan_of(select(net, x2, likelihood="categorical", cost_model="flops"))
+
+
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        (dict(inputs=sigmoid_inputs(8)), r"inputs \(16, 6\).*not 'flops', \(8, 6\)"),
+        (dict(inputs=sigmoid_inputs(16).float()), r"torch.float64.*torch.float32"),
+        (dict(names=["0.weight"]), r"6 parameters, not .* 1 parameters"),
+        (dict(cost_model="measured"), r"'flops' costs.*not 'measured'"),
+    ],
+)
+def test_mismatched_costs_raise(over, msg):
+    net = sigmoid_mlp()
+    costs = run_selection(net, sigmoid_inputs(16), likelihood="categorical", cost_model="flops").costs
+    kw = {**dict(inputs=sigmoid_inputs(16), likelihood="categorical", cost_model="flops", costs=costs), **over}
+    if kw["inputs"].dtype == torch.float32:
+        net = net.float()
+    with pytest.raises(ValueError, match=msg):
+        select(net, **kw)
+
+
+def test_measured_costs_time_whole_model_passes(monkeypatch):
+    """A fixed number of backward passes whatever the depth, each total split in the flops model's proportions."""
+    lik = get_likelihood("categorical")
+    for widths in [(3, 4, 3), (3, 5, 5, 5, 5, 3)]:
+        timings = iter([3.0, 1.0])  # t_exact = 3 s, t_one = 1 s
+
+        def fake_time(fn, repeats=1, timings=timings):
+            fn()
+            return next(timings)
+
+        monkeypatch.setattr(sel_mod, "_time", fake_time)
+        net, x = mlp("sigmoid", widths=widths), inputs((6, 3))
+        with Probe(net, x, lik) as probe:
+            seeded, real = [], probe.seeded
+            probe.seeded = lambda seeds, names=None, real=real, seeded=seeded: (
+                seeded.append(seeds.shape[0]) or real(seeds, names)
+            )
+            units = sel_mod._module_units(probe)
+            costs = sel_mod._measured_costs(probe, units, warm_exact=True)
+            flops = sel_mod._flops_costs(probe, units)
+        assert seeded == [1, 3, 1]  # one warm-up (one-sample), one exact pass (3 seeds), one one-sample pass
+        assert sum(c for c, _ in costs.values()) == pytest.approx(3.0)
+        assert sum(c for _, c in costs.values()) == pytest.approx(1.0)
+        tot_ex = sum(c for c, _ in flops.values())
+        tot_1 = sum(c for _, c in flops.values())
+        for n, (c_ex, c_1) in costs.items():
+            assert c_ex == pytest.approx(3.0 * flops[n][0] / tot_ex) and c_1 == pytest.approx(1.0 * flops[n][1] / tot_1)
