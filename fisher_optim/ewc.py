@@ -30,9 +30,10 @@ the **mean over examples of per-example squares** (or per-example sampled-label 
   this made EWC with Î₂ the least stable choice;
 * ``"empirical"``: squared score of the **observed** label of each example (the empirical Fisher; biased).
 * ``"auto"``: a per-layer mix of ``"exact"`` and ``"mc1"`` with ``N`` samples, chosen once per
-  :meth:`EWC.consolidate` call by :func:`fisher_optim.selection.select` on the first batch (closed-form
+  :meth:`EWC.consolidate` call by :func:`fisher_optim.selection.run_selection` on the first batch (closed-form
   variances: the cheapest estimator whose relative standard error on that batch is at most ``target_rse``;
-  defaults in ``AUTO_SELECT_DEFAULTS``, override with ``select_kwargs``), then applied to every batch with
+  defaults in ``AUTO_SELECT_DEFAULTS``, override with ``select_kwargs``); the first batch's estimate is the
+  exact Fisher the selection computed anyway, every later batch uses the plan with
   :func:`fisher_optim.selection.estimate_plan`.  The chosen plan is kept in ``EWC.last_plan``.
 
 It is never the square of a mini-batch gradient.  The mini-batch variant used by popular EWC code is
@@ -296,12 +297,15 @@ class EWC:
 
     def _auto_sum(self, x: Tensor, first: bool) -> dict[str, Tensor]:
         """Sum over the batch of the per-layer plan's estimates; the plan is chosen on the first batch."""
-        from .selection import estimate_plan, select
+        from .selection import estimate_plan, run_selection
 
         if first:
-            self.last_plan = select(
+            # the selection's variance pass computes the exact Fisher of this batch: it is the batch's estimate
+            sel = run_selection(
                 self.model, x, likelihood=self.likelihood, generator=self.generator, **self.select_kwargs
             )
+            self.last_plan = sel.choices
+            return {n: v * x.shape[0] for n, v in sel.fisher.items()}
         plan = {n: (c.estimator, c.n_samples) for n, c in self.last_plan.items()}
         mean = estimate_plan(self.model, x, likelihood=self.likelihood, plan=plan, generator=self.generator)
         return {n: v * x.shape[0] for n, v in mean.items()}

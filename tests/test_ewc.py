@@ -123,13 +123,22 @@ def test_auto_uses_the_selection_plan():
     assert ewc.select_kwargs["ema_decay"] == 0.0 and ewc.select_kwargs["target_rse"] == 0.5
     F = ewc.consolidate(x)
     assert set(ewc.last_plan) == set(names)
-    plan = {n: (c.estimator, c.n_samples) for n, c in ewc.last_plan.items()}
-    expected = selection.estimate_plan(model, x, likelihood="categorical", plan=plan, generator=gen(11))
+    # one batch: its estimate is the exact Fisher the selection computed anyway
     ex = split(model, names, exact_diag(lik, h, J))
     for n in names:
-        torch.testing.assert_close(F[n], expected[n], rtol=1e-10, atol=1e-14)
-        if plan[n][0] == "exact":
-            torch.testing.assert_close(F[n], ex[n], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(F[n], ex[n], rtol=1e-10, atol=1e-14)
+    # two batches: the first is the selection's exact Fisher, the second uses the plan (no labels drawn before it)
+    ewc = EWC(model, likelihood="categorical", lam=1.0, estimator="auto", generator=gen(11),
+              select_kwargs={"target_rse": 0.5, "cost_model": "flops"})
+    half = x.shape[0] // 2
+    F2 = ewc.consolidate(x, batch_size=half)
+    plan = {n: (c.estimator, c.n_samples) for n, c in ewc.last_plan.items()}
+    first = selection.estimate_plan(model, x[:half], likelihood="categorical", plan={n: ("exact", 1) for n in names})
+    second = selection.estimate_plan(model, x[half:], likelihood="categorical", plan=plan, generator=gen(11))
+    m2 = x.shape[0] - half
+    for n in names:
+        expected = (half * first[n] + m2 * second[n]) / x.shape[0]
+        torch.testing.assert_close(F2[n], expected, rtol=1e-10, atol=1e-14)
 
 
 # -- DataLoader input ------------------------------------------------------------------------------------
