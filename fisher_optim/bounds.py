@@ -85,7 +85,7 @@ def variance_bounds(
         h = probe.h.detach()
         m = h.shape[0]
         if estimator == "mc1":
-            recs = probe.seeded(unit_seeds(h))
+            recs = probe.seeded(unit_seeds(h), diagonal=torch.ones_like(h))
             lo_w, up_w = lambda_min_moment4_tensor(lik, h), lik.lambda_max_moment4(h)
             power, degree = 2, 4
         else:

@@ -96,7 +96,7 @@ class Probe:
 
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
-        self._outs = self._ins = None
+        self._outs = self._ins = self._in_graph = None
         self.h = None
         return False
 
@@ -127,11 +127,13 @@ class Probe:
         ins: dict[str, Tensor] = {}
         outs: dict[str, Tensor] = {}
         versions: dict[str, int] = {}
+        in_graph: dict[str, Tensor] = {}
 
         def make_hook(mname):
             def hook(module, args, output):
                 calls[mname] = calls.get(mname, 0) + 1
                 ins[mname] = args[0].detach()
+                in_graph[mname] = args[0]
                 outs[mname] = output
                 versions[mname] = output._version
                 # with clone=True the module's caller gets a copy, so a later in-place op (ReLU(inplace=True))
@@ -174,6 +176,7 @@ class Probe:
         self.general = [n for n in self.params if n not in covered and n not in unused_fast]
         self.unused = sorted(unused_fast)
         self._ins = [ins[mname] for mname, _, _ in self.fast]
+        self._in_graph = [in_graph[mname] for mname, _, _ in self.fast]  # the inputs on the autograd graph
         self._outs = [outs[mname] for mname, _, _ in self.fast]
         self._versions = [versions[mname] for mname, _, _ in self.fast]
         self.module_inputs = dict(zip([f[0] for f in self.fast], self._ins))
@@ -219,39 +222,66 @@ class Probe:
         vals = linear_reduce(self._ins[self.output_index], [(diag, 2)], "bias" in keys)[0]
         return {n: vals[k].reshape(self.params[n].shape) for k, n in keys.items()}, set(keys.values())
 
-    def output_grads(self, seeds: Tensor, select: list[int] | None = None) -> list[Tensor]:
+    def output_grads(
+        self, seeds: Tensor, select: list[int] | None = None, diagonal: Tensor | None = None
+    ) -> list[Tensor]:
         """Gradients of ``sum_b seed[k,b]^T h_b`` w.r.t. recorded fast-layer outputs: ``(K, *out)`` each.
 
         ``select`` restricts the backward to those layers (autograd then skips the rest of the graph).
+        ``diagonal`` (``B x C``) declares ``seed[k, b, c] = diagonal[b, k] delta_kc`` (unit seeds, or the exact
+        seeds ``S`` of a factorised likelihood): when a ``nn.Linear`` produces ``h`` itself
+        (:attr:`output_index`), the gradient at its input is then ``diagonal[b, k] W[k, :]`` without the
+        ``(K B x C) @ (C x n)`` product, and the backward starts there.
         """
         if select is None:
             select = list(range(len(self._outs)))
-        outs = [self._outs[i] for i in select]
-        if not outs:
+        if not select:
             return []
         k = seeds.shape[0]
         seeds = seeds.to(self.h.dtype)
-        if k == 1:
-            grads = torch.autograd.grad(self.h, outs, seeds[0], retain_graph=True, allow_unused=True)
+        oi = self.output_index
+        if diagonal is not None and oi is not None and k == self.h.shape[1]:
+            others = [i for i in select if i != oi]
+            grads = dict(zip(others, self._grads_from(
+                self._in_graph[oi],
+                diagonal.to(self.h.dtype).T.unsqueeze(-1) * self.fast[oi][1].weight.detach().unsqueeze(1),
+                [self._outs[i] for i in others],
+            ))) if others else {}  # fmt: skip
+            if oi in select:
+                grads[oi] = seeds.reshape(k, *self._outs[oi].shape)
+            return [grads[i] for i in select]
+        return self._grads_from(self.h, seeds, [self._outs[i] for i in select])
+
+    @staticmethod
+    def _grads_from(root: Tensor, grad: Tensor, outs: list[Tensor]) -> list[Tensor]:
+        """Batched ``d (grad[k] . root) / d out`` for every ``out`` (zeros where unused): ``(K, *out)`` each."""
+        k = grad.shape[0]
+        if not root.requires_grad:
+            grads = [None] * len(outs)
+        elif k == 1:
+            grads = torch.autograd.grad(root, outs, grad[0], retain_graph=True, allow_unused=True)
             grads = [g.unsqueeze(0) if g is not None else None for g in grads]
         else:
             try:
                 grads = torch.autograd.grad(
-                    self.h, outs, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    root, outs, grad, retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
             except RuntimeError:  # an op without a batching rule: loop over seeds
-                per = [torch.autograd.grad(self.h, outs, s, retain_graph=True, allow_unused=True) for s in seeds]
+                per = [torch.autograd.grad(root, outs, s, retain_graph=True, allow_unused=True) for s in grad]
                 grads = [None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(outs))]
         return [
             torch.zeros((k, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
             for g, o in zip(grads, outs)
         ]
 
-    def seeded(self, seeds: Tensor, names: Iterable[str] | None = None) -> list[tuple[object, dict[str, str]]]:
+    def seeded(
+        self, seeds: Tensor, names: Iterable[str] | None = None, diagonal: Tensor | None = None
+    ) -> list[tuple[object, dict[str, str]]]:
         """Per-layer records of per-sample gradients of ``seed[k,b]^T h(x_b)``.
 
         Returns ``[(record, {record_key: parameter_name})]`` covering the parameters ``names`` (default:
         all of this probe's; unused parameters are absent and :func:`reduce_records` fills them with zeros).
+        ``diagonal``: see :meth:`output_grads` (a promise about ``seeds``, not checked).
         """
         if seeds.dim() != 3 or seeds.shape[1:] != self.h.shape:
             raise ValueError(f"seeds must have shape (K, {tuple(self.h.shape)}), got {tuple(seeds.shape)}")
@@ -259,7 +289,7 @@ class Probe:
         wanted = set(self.params) if names is None else set(names)
         select = [i for i in range(len(self.fast)) if wanted.intersection(self._module_params(i))]
         out = []
-        grads = self.output_grads(seeds, select)
+        grads = self.output_grads(seeds, select, diagonal=diagonal)
         #: the seeded output gradients of the last call, by module name (reused by the Hessian chain route)
         self.last_grads = {self.fast[i][0]: g for i, g in zip(select, grads)}
         for i, g in zip(select, grads):

@@ -67,14 +67,35 @@ def _identity_sum(x: Tensor, idx: slice) -> Tensor:
     return x.sum(0)
 
 
-def exact_from_probe(probe: Probe) -> dict[str, Tensor]:
-    """``sum_m I_ii(theta|x_m)`` from the ``C`` columns of ``S`` (``S S^T = I(h)``) as seeds."""
+def exact_records(probe: Probe, names) -> list:
+    r"""Records whose reduction by :func:`exact_reducer` gives ``sum_m I_ii(theta|x_m)`` for ``names``.
+
+    Categorical: the ``C`` columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.
+    Factorised likelihoods (``I(h)`` diagonal): the ``C`` unit seeds ``e_c`` (a stride-0 view, nothing
+    materialised; the output layer's backward is a row scaling, see
+    :meth:`~fisher_optim.engine.Probe.output_grads`), reduced by ``sum_c I_cc x_c^2`` = ``fisher_quad``.
+    """
     h = probe.h.detach()
+    if probe.lik.factorized:
+        seeds = torch.eye(h.shape[1], dtype=h.dtype, device=h.device).unsqueeze(1).expand(h.shape[1], *h.shape)
+        return probe.seeded(seeds, names=names, diagonal=torch.ones_like(h))
+    return probe.seeded(probe.lik.fisher_factor(h).permute(2, 0, 1), names=names)
+
+
+def exact_reducer(probe: Probe):
+    """The per-input reducer that goes with :func:`exact_records` (degree 2)."""
+    if probe.lik.factorized:
+        h = probe.h.detach()
+        return lambda x, idx: probe.lik.fisher_quad(h[idx], x)
+    return sum_of_squares()
+
+
+def exact_from_probe(probe: Probe) -> dict[str, Tensor]:
+    """``sum_m I_ii(theta|x_m)``: the output layer in closed form, the others by :func:`exact_records`."""
     out, done = probe.exact_output_layer()  # the output layer needs no seeds
     rest = [n for n in probe.params if n not in done]
     if rest:
-        seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)  # (K, B, C)
-        out.update(reduce_records(probe.seeded(seeds, names=rest), sum_of_squares(), 2, probe.params, rest))
+        out.update(reduce_records(exact_records(probe, rest), exact_reducer(probe), 2, probe.params, rest))
     return {n: out[n] for n in probe.params}
 
 

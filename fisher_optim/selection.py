@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Probe, reduce_records
-from .estimators import _identity_sum, check_estimator, check_n_samples, sum_of_squares
+from .estimators import _identity_sum, check_estimator, check_n_samples, exact_records, exact_reducer, sum_of_squares
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .likelihoods import Likelihood, get_likelihood
@@ -124,9 +124,8 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
         out.update(done_out)
         exact_names -= done
     if exact_names:
-        seeds = lik.fisher_factor(h).permute(2, 0, 1)
-        recs = probe.seeded(seeds, names=exact_names)
-        out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, exact_names))
+        recs = exact_records(probe, exact_names)
+        out.update(reduce_records(recs, exact_reducer(probe), 2, probe.params, exact_names))
     n_max = max([*groups["mc1"].values(), *groups["mc2"].values(), 0])
     if n_max:
         y = lik.sample(h, n_max, generator=generator)

@@ -93,7 +93,7 @@ def moments_from_probe(
         out_keys = dict(zip(("weight", "bias"), probe._module_params(i)))
         out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
     rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
-    recs = probe.seeded(seeds, names=rest) if rest else []
+    recs = probe.seeded(seeds, names=rest, diagonal=torch.ones_like(h)) if rest else []
     grads = dict(probe.last_grads) if rest else {}
     if probe.output_index is not None:
         grads[probe.fast[probe.output_index][0]] = seeds  # d(e_c^T h)/dh = e_c

@@ -1,8 +1,9 @@
 """Smoke test of ``benchmarks/estimation_quality.py`` (issue 4, benchmark c) and exact checks of its pieces.
 
 The running estimate and its prediction formula are checked against obviously-right references (explicit weighted
-sums; exact enumeration over input subsets and labels); the ``--smoke`` run checks what must hold whatever the
-timings are.
+sums; exact enumeration over input subsets and labels); the ``--smoke`` runs of both problems check what must hold
+whatever the timings are, and a short stream with frequent selections checks that auto runs as ``FisherAdam`` does
+(a selection's exact Fisher is that refresh's estimate; costs measured, reused ``COST_REUSE`` times, re-measured).
 """
 
 import itertools
@@ -83,38 +84,122 @@ def test_predicted_error_matches_enumeration_over_subsets_and_labels():
         assert math.isclose(math.sqrt(sq_in[n]) / ref["per"][n]["norm_F"], pred_in[j], rel_tol=1e-9), n
 
 
-def test_smoke_run_writes_report_and_respects_budgets(tmp_path):
-    res = eq.main(["--smoke", "--out", str(tmp_path)])
-    md = (tmp_path / "estimation_quality.md").read_text()
-    assert "python benchmarks/estimation_quality.py --smoke" in md
-    assert "## Answer" in md and "## Why" in md and "## Proposal" in md
-    assert (tmp_path / "estimation_quality.png").read_bytes()[:8] == PNG
+@pytest.mark.parametrize("problem", eq.PROBLEMS)
+def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
+    res = eq.main(["--smoke", "--problem", problem, "--out", str(tmp_path)])
+    cfg = res["config"]
+    stem = "estimation_quality" if problem == "mlp" else "estimation_quality_autoencoder"
+    assert cfg.stem == stem
+    md = (tmp_path / f"{stem}.md").read_text()
+    assert f"python benchmarks/estimation_quality.py --smoke --problem {problem}" in md
+    assert "## Answer" in md and "## Why" in md and "## Open proposal" in md
+    assert f"]({stem}.png)" in md
+    assert "selection counted" not in md and "not counted" not in md  # one auto curve, selections included
+    assert ("same-stream reference: label noise" in md) == (problem == "mlp")
+    assert (tmp_path / f"{stem}.png").read_bytes()[:8] == PNG
     assert torch.get_num_threads() >= 1  # restored (the run itself uses one thread)
+    assert set(res["checkpoints"][0]["streams"][0]["traces"]) == set(cfg.curves)
+    if problem == "autoencoder":
+        assert cfg.likelihood == "bernoulli" and "mc2 N=1" not in cfg.curves and not cfg.stream_reference
     for ck in res["checkpoints"]:
         for st in ck["streams"]:
             traces = st["traces"]
-            k_exact = res["config"].k_exact
-            assert traces["exact"].refreshes == k_exact
+            assert traces["exact"].refreshes == cfg.k_exact
             T = st["T"]
             for clock in ("wall", "cpu"):
-                assert T[clock] == pytest.approx(traces["exact"].cum(clock, False)[-1], rel=1e-12)
+                assert T[clock] == pytest.approx(traces["exact"].cum(clock)[-1], rel=1e-12)
             for name, tr in traces.items():
-                wall, cpu = tr.cum("wall", with_selection=False), tr.cum("cpu", with_selection=False)
+                wall, cpu = tr.cum("wall"), tr.cum("cpu")  # auto: selection refreshes included
                 # every strategy reaches the budget on both clocks, and stops once it has (after exact's last refresh)
                 assert wall[-1] >= T["wall"] and cpu[-1] >= T["cpu"], name
-                if tr.refreshes > k_exact:
+                if tr.refreshes > cfg.k_exact:
                     assert wall[-2] < T["wall"] or cpu[-2] < T["cpu"], name
                 errs = np.stack(tr.err_full)
                 assert np.isfinite(errs).all() and (errs > 0).all(), name
-            assert (np.stack(traces["exact"].err_stream) == 0).all()  # the exact strategy is the reference
-            for name in ("mc1 N=1", "mc1 N=4", "empirical"):
-                assert (np.stack(traces[name].err_stream) > 0).all(), name
+                assert len(tr.err_stream) == (tr.refreshes if cfg.stream_reference else 0), name
+            if cfg.stream_reference:
+                assert (np.stack(traces["exact"].err_stream) == 0).all()  # the exact strategy is the reference
+                for name in ("mc1 N=1", "mc1 N=4", "empirical"):
+                    assert (np.stack(traces[name].err_stream) > 0).all(), name
+                # auto's first refresh is a selection: its estimate is the exact Fisher of that batch
+                assert traces[eq.AUTO].err_stream[0].max() < 1e-5
+            np.testing.assert_allclose(traces[eq.AUTO].err_full[0], traces["exact"].err_full[0], rtol=1e-4)
             # auto selects on its first refresh and then every variance_interval refreshes
-            n_sel = sum(w > 0 for w in traces[eq.AUTO].sel_wall)
-            interval = res["config"].defaults["variance_interval"]
-            assert n_sel == len(st["selections"]) == math.ceil(traces[eq.AUTO].refreshes / interval)
+            auto = traces[eq.AUTO]
+            interval = cfg.defaults["variance_interval"]
+            kinds = [k != eq.PLAN for k in auto.kind]
+            assert kinds == [j % interval == 0 for j in range(auto.refreshes)]
+            assert sum(kinds) == len(st["selections"]) == math.ceil(auto.refreshes / interval)
+            assert auto.kind[0] == eq.SEL_MEASURED  # the first selection of a stream measures its costs
             for sel in st["selections"]:
                 assert {c["estimator"] for c in sel.values()} <= {"exact", "mc1", "mc2", "empirical"}
     for r in res["rows"]:
-        for c in eq.CURVES:
-            assert r["table"][(c, "full")].shape == (len(res["config"].fractions),)
+        for c in cfg.curves:
+            assert r["table"][(c, "full")].shape == (len(cfg.fractions),)
+
+
+def test_auto_reuses_the_selection_as_its_refresh_and_caches_costs_like_fisher_adam(monkeypatch):
+    """Auto's stream: a selection refresh calls ``run_selection`` only (no ``estimate_plan``) and folds its exact
+    Fisher in; costs are measured at the stream's first selection, passed back by the next COST_REUSE selections,
+    then measured again (FisherAdam's cache policy)."""
+    from fisher_optim.optim.base import COST_REUSE
+
+    cfg = eq.Config(widths=(20, 8, 5), n_train=64, k_exact=150, repeats=1, chunk=64, synthetic=True)
+    cfg.defaults = {**cfg.defaults, "variance_interval": 2}
+    x, y = eq.load_data(cfg)
+    model = eq.make_model(cfg)
+    ref = eq.full_data_references(model, x, y, cfg)
+    calls = {"estimate_plan": 0, "run_selection": []}
+    real_estimate, real_select = eq.estimate_plan, eq.run_selection
+
+    def estimate_plan(*args, **kwargs):
+        calls["estimate_plan"] += 1
+        return real_estimate(*args, **kwargs)
+
+    def run_selection(*args, **kwargs):
+        sel = real_select(*args, **kwargs)
+        calls["run_selection"].append((kwargs.get("costs"), sel))
+        return sel
+
+    monkeypatch.setattr(eq, "estimate_plan", estimate_plan)
+    monkeypatch.setattr(eq, "run_selection", run_selection)
+    st = eq.run_stream(model, x, y, ref, cfg, seed=3)
+    tr = st["traces"]
+    auto = tr[eq.AUTO]
+    sels = calls["run_selection"][1:]  # the first call is the untimed warm-up
+    assert calls["run_selection"][0][0] is None
+    assert len(sels) == len(st["selections"]) == sum(k != eq.PLAN for k in auto.kind)
+    assert len(sels) >= COST_REUSE + 2, "budget too small to see a re-measurement"
+    # estimate_plan: warm-up (one per fixed strategy), the exact Fisher of every batch (same-stream reference),
+    # every fixed refresh but exact's (shared with the reference), and auto's plan refreshes only
+    fixed_refreshes = sum(tr[s].refreshes for s in cfg.fixed if s != "exact")
+    assert calls["estimate_plan"] == len(cfg.fixed) + st["stream_refreshes"] + fixed_refreshes + auto.kind.count(
+        eq.PLAN
+    )
+    # cost cache: measure, reuse COST_REUSE times, measure, ...; a reuse passes the previous selection's costs
+    for i, (costs, sel) in enumerate(sels):
+        measured = i % (COST_REUSE + 1) == 0
+        assert (costs is None) == measured, i
+        if not measured:
+            assert costs is sels[i - 1][1].costs and sel.costs is costs
+    sel_kinds = [k for k in auto.kind if k != eq.PLAN]
+    assert sel_kinds == [eq.SEL_MEASURED if c is None else eq.SEL_CACHED for c, _ in sels]
+    # the selection's exact Fisher is that refresh's estimate: auto's first refresh equals exact's on batch 0
+    batch0 = x[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))[: cfg.m]]  # the stream's first
+    exact0 = real_estimate(model, batch0, likelihood=cfg.likelihood, plan={n: ("exact", 1) for n in ref["names"]})
+    torch.testing.assert_close(sels[0][1].fisher, exact0, rtol=1e-5, atol=0)
+    assert auto.err_stream[0].max() < 1e-5
+
+
+def test_autoencoder_data_are_binary_pixels_and_their_own_targets():
+    cfg = eq.Config.smoke("autoencoder")
+    x, y = eq.load_data(cfg)
+    assert x is y and x.shape == (cfg.n_train, cfg.widths[0]) and x.dtype == torch.float32
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    model = eq.make_model(cfg)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU] * (len(cfg.widths) - 2) + [nn.Linear]
+    out = model(x[:4])
+    loss = eq.training_loss(cfg, out, x[:4])
+    torch.testing.assert_close(loss, -torch.distributions.Bernoulli(logits=out).log_prob(x[:4]).sum() / 4)
+    full = eq.Config.for_problem("autoencoder")
+    assert full.widths == (784, 128, 32, 128, 784) and full.likelihood == "bernoulli"

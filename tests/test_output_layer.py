@@ -82,3 +82,22 @@ def test_output_layer_rule_respects_names():
     with Probe(model, x, get_likelihood("categorical")) as probe:
         vals, done = probe.exact_output_layer(names=["2.bias", "0.weight"])
     assert done == {"2.bias"} and set(vals) == {"2.bias"}
+
+
+@pytest.mark.parametrize("name", ["plain", "unflatten", "activation_after"])
+def test_diagonal_seed_shortcut_equals_the_full_backward(name):
+    """``output_grads(..., diagonal=s)`` for seeds ``s[b,k] e_k`` starts the backward at the output layer's input
+    (``s[b,k] W[k,:]``) when that layer produces ``h``; the gradients must equal the plain batched backward."""
+    model, _, lik_name = _models()[name]
+    model = init_(model.double(), seed=5)
+    x = inputs((4, 3), seed=6)
+    with Probe(model, x, get_likelihood(lik_name)) as probe:
+        c = probe.h.shape[1]
+        s = torch.rand(probe.h.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5
+        seeds = torch.diag_embed(s).permute(1, 0, 2)  # seeds[k, b, c] = s[b, k] delta_kc
+        assert seeds.shape == (c, *probe.h.shape)
+        full = probe.output_grads(seeds)
+        short = probe.output_grads(seeds, diagonal=s)
+    assert len(full) == len(short)
+    for a, b in zip(full, short):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

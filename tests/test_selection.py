@@ -157,8 +157,8 @@ def test_measured_costs_time_whole_model_passes(monkeypatch):
         net, x = mlp("sigmoid", widths=widths), inputs((6, 3))
         with Probe(net, x, lik) as probe:
             seeded, real = [], probe.seeded
-            probe.seeded = lambda seeds, names=None, real=real, seeded=seeded: (
-                seeded.append(seeds.shape[0]) or real(seeds, names)
+            probe.seeded = lambda seeds, names=None, diagonal=None, real=real, seeded=seeded: (
+                seeded.append(seeds.shape[0]) or real(seeds, names, diagonal=diagonal)
             )
             units = sel_mod._module_units(probe)
             costs = sel_mod._measured_costs(probe, units, warm_exact=True)

@@ -723,9 +723,7 @@ def test_variance_cost_benchmark_smoke(tmp_path):
         assert all(v <= 1e-9 for v in res["agreement"].values()) and res["agreement"]
         assert len(res["breakdown"]) == 8 and all(math.isfinite(v) for v in res["breakdown"].values())
         assert len(bench.target_rows(res)) == 7
-        # matmul FLOPs are counted, and the moments call does at least the exact Fisher's products
-        assert all(s["flops"] > 0 for s in stats.values())
-        assert stats[bench.ALL]["flop_ratio"] >= 1.0
+        assert all(s["flops"] > 0 for s in stats.values())  # matmul FLOPs are counted
     md = (tmp_path / "variance_cost.md").read_text()
     assert "python benchmarks/variance_cost.py --smoke --threads 1 --out" in md
     assert md.count("| fisher_moments (F, V₁, V₂) |") == len(results)
