@@ -15,11 +15,16 @@ estimate on ``M`` inputs.  With per-refresh variance :math:`V_i = \sum_m \tilde 
 so Î₁ needs :math:`N \ge \lceil \phi\,\overline{\tilde V_1} / (\mathrm{target}\cdot\overline F)^2 \rceil`
 samples.  Meeting the target is necessary, not sufficient: the running estimate also carries the noise of the
 inputs.  Per input, a refresh's error variance is :math:`(A + L/N)/M` with :math:`A = \overline{\mathrm{Var}_x F_i}`
-and :math:`L = \overline{E_x \tilde v_1}`, and a time budget buys :math:`1/(c + s)` refreshes (``s`` the shared
-forward pass, split by size), so Î₁ with ``N`` samples is chosen only if
-:math:`(A + L/N)(N c_1 + s) < A (c_{exact} + s)`, with the best such ``N``.  Candidates and their costs:
+and :math:`L = \overline{E_x \tilde v_1}`, and a time budget buys :math:`1/(c + s)` refreshes (``s`` the forward
+pass and per-call overhead, paid once per refresh), so Î₁ with ``N`` samples is chosen only if
+:math:`(A + L/N)(N c_1 + s) < A (c_{exact} + s)`, with the best such ``N``.  The costs are those of whole-model
+calls: a layer's seeds run a backward through every layer above it and the other layers ride on the same
+backward, so :math:`c_{exact}` and :math:`c_1` are the costs of an exact and a one-sample pass over all the layers
+(the output layer excepted, whose exact Fisher needs no seeds: its own costs).  Judging a layer by its share of
+those passes instead (the previous rule) biased ``N`` low: the best ``N`` grows as :math:`\sqrt{L s / (A c_1)}`.
+Candidates and their costs:
 
-* ``exact``: ``C`` backward seeds down to the layer, zero variance;
+* ``exact``: ``C`` backward seeds (none for an output ``nn.Linear``), zero variance;
 * ``mc1``: ``N`` sampled seeds, cost ``N`` times the one-sample cost;
 * ``mc2``: costs the exact pass plus the Hessian residual (Î₂ = exact + residual here), so it never beats
   ``exact`` where the residual is nonzero; where the residual vanishes (last layer, piecewise-linear
@@ -420,8 +425,13 @@ def run_selection(
         if costs is None:
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
+        out_unit = set(probe._module_params(probe.output_index)) if probe.output_index is not None else set()
     costs_pp, shared = costs.per_param, costs.shared
-    total_numel = max(1, sum(p.numel() for p in probe.params.values()))
+    # whole-refresh costs: a layer's Î₁ samples (or exact seeds) run a backward through every layer above it, and the
+    # forward pass and per-call overhead are paid once per refresh, so each layer is judged on the costs of the
+    # whole-model calls; only the output layer's passes are its own (its exact Fisher needs no seeds at all)
+    c1_all = sum(c for _, c in costs_pp.values())
+    cex_all = sum(c for n, (c, _) in costs_pp.items() if n not in out_unit)
     out: dict[str, Choice] = {}
     # one decision per layer (the parameters that share a backward pass: a module's weight and bias)
     for unit in units:
@@ -442,7 +452,7 @@ def run_selection(
         # per-input noise levels: A = mean_i Var_x F_i(x) (inputs), L = mean_i E_x v1(theta_i|x) (one label)
         a_in = max(0.0, mean(mom.fisher_sq) / m - sum(float((mom.fisher[n] / m).pow(2).sum()) for n in unit) / numel)
         l_lab = mean(mom.v1) / m
-        s_l = shared * sum(mom.fisher[n].numel() for n in unit) / total_numel
+        is_out = bool(out_unit) and set(unit) <= out_unit
         v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
         c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
         c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
@@ -454,13 +464,15 @@ def run_selection(
             rse2 = math.sqrt(v2) / f if v2 == v2 else float("nan")
             n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 else 1
             # error per unit of time, input noise included: a refresh's error variance is (A + L/N)/M and a
-            # budget buys 1/(cost + shared) refreshes; Î₁ must beat exact's A * (c_ex + shared)
+            # budget buys 1/(refresh cost) refreshes; Î₁ must beat exact's A * (exact refresh cost)
+            w_1 = c_1 if is_out else c1_all
+            w_ex = c_ex if is_out else cex_all
             best_n, best_score = None, float("inf")
             for n in range(n_need, max_samples + 1):
-                score = (a_in + l_lab / n) * (n * c_1 + s_l)
+                score = (a_in + l_lab / n) * (n * w_1 + shared)
                 if score < best_score:
                     best_n, best_score = n, score
-            exact_score = a_in * (c_ex + s_l)
+            exact_score = a_in * (w_ex + shared)
             if best_n is not None and best_score * (1.0 + COST_TIE) < exact_score:
                 rse = math.sqrt(phi * v1 / best_n) / f
                 reason = (

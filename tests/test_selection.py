@@ -61,11 +61,12 @@ CASES = {
 
 
 def test_flops_choices_unchanged():
-    """The decision rule is untouched: the plan and costs of the previous implementation (commit 1c509e8), except
-    the output layer's exact cost, now its own size (no seeds: ``Probe.exact_output_layer``) instead of C x."""
+    """The flops model's plan and reported costs on a small sigmoid MLP, pinned.  Changed on purpose twice: the output
+    layer's exact cost is its own size (no seeds: ``Probe.exact_output_layer``), and every other layer is judged on
+    the whole-model costs (which made layer 0 exact here: its Î₁ label noise does not pay for the saving)."""
     ch = select(sigmoid_mlp(), sigmoid_inputs(), likelihood="categorical", cost_model="flops")
     expected = {
-        "0.weight": ("mc1", 1, 564.0), "0.bias": ("mc1", 1, 564.0),
+        "0.weight": ("exact", 1, 2256.0), "0.bias": ("exact", 1, 2256.0),
         "2.weight": ("exact", 1, 2448.0), "2.bias": ("exact", 1, 2448.0),
         "4.weight": ("exact", 1, 68.0), "4.bias": ("exact", 1, 68.0),
     }  # fmt: skip
@@ -170,3 +171,16 @@ def test_measured_costs_time_whole_model_passes(monkeypatch):
         tot_1 = sum(c for _, c in flops.values())
         for n, (c_ex, c_1) in costs.items():
             assert c_ex == pytest.approx(3.0 * flops[n][0] / tot_ex) and c_1 == pytest.approx(1.0 * flops[n][1] / tot_1)
+
+
+def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
+    """64 Bernoulli outputs: exact costs 64 seeds below the output layer but nothing on it (no seeds), and a refresh
+    pays the forward pass whatever the plan, so Î₁ samples below are cheap next to it: the flops model takes exact on
+    the output layer and Î₁ with more than one sample on the hidden layers."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 64)).double()
+    x = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.7).double()
+    ch = select(net, x, likelihood="bernoulli", cost_model="flops")
+    assert (ch["4.weight"].estimator, ch["4.bias"].estimator) == ("exact", "exact")
+    for n in ("0.weight", "0.bias", "2.weight", "2.bias"):
+        assert ch[n].estimator == "mc1" and ch[n].n_samples > 1, (n, ch[n])
