@@ -36,11 +36,11 @@ Costs within ``COST_TIE`` (25 %, the timing noise) of each other count as a tie,
 * ``"flops"`` (deterministic, for bit-reproducible runs): a layer's pass costs ``seeds x (size of every layer
   from the output down to it + its own size)`` (``C`` seeds for exact, one for Î₁; a ``torch.func``-route
   parameter crosses the whole model), ``s`` is the parameter count;
-* ``"measured"``: three whole-model timings on the current batch, one forward pass (``s``), one exact pass and
-  one one-sample Î₁ pass over *all* layers (one backward each, after one untimed warm-up of the Î₁ pass; the
-  moments pass that precedes it warms up the batched-seed backward of the exact pass).  Each total is split over
-  the layers in proportion to their ``"flops"`` costs, so every layer gets the measured exact/Î₁ ratio and the
-  flops model's relative sizes.  Timing each layer apart (the previous model) took 8 backward passes per layer, over
+* ``"measured"``: whole-model timings on the current batch of the calls a refresh makes: one forward pass, one
+  exact pass and a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
+  separate the marginal cost of a sample from the per-call overhead, which joins the forward pass in ``s``; the
+  exact pass less that overhead and the per-sample cost are split over the layers in proportion to their
+  ``"flops"`` costs.  Timing each layer apart (the previous model) took 8 backward passes per layer, over
   a minute on a ResNet-18; a backward pass through all layers costs about as much as one through the deepest.
 
 Costs depend on the input shape and the layers, not on the parameter values: :func:`run_selection` returns them as
@@ -250,32 +250,47 @@ def _time(fn, repeats: int = 1) -> float:
     return best
 
 
-def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> dict[str, tuple[float, float]]:
-    """Per parameter: (seconds of the exact pass, seconds of a one-sample Î₁ pass) for its layer.
+#: samples of the second one-sample-kind timing in the measured cost model (marginal cost per sample)
+COST_PROBE_SAMPLES = 4
 
-    Two whole-model timings, one exact pass and one one-sample pass over every layer in ``units``, each split
-    over the parameters in proportion to :func:`_flops_costs` (see the module docstring).  The one-sample pass
-    gets one untimed warm-up, the exact pass too unless ``warm_exact`` (a batched-seed backward on this probe
-    already ran: the first one pays a one-off vmap setup)."""
+
+def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> tuple[dict[str, tuple[float, float]], float]:
+    """Per parameter (seconds of the exact pass, seconds per Î₁ sample) for its layer, and the per-call overhead.
+
+    Three whole-model timings of the calls a refresh makes (:func:`plan_from_probe`): an exact pass, a one-sample
+    and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over every layer in ``units``.  Their difference gives the marginal
+    cost of one sample; the rest of the one-sample call is per-call overhead (label draw, hooks, reductions' set-up),
+    returned apart so that the caller adds it to the shared part (it is paid once per refresh, whatever the plan).
+    The exact pass less that overhead, and the per-sample cost, are split over the parameters in proportion to
+    :func:`_flops_costs` (see the module docstring).  The sampled passes get one untimed warm-up each, the exact pass
+    too unless ``warm_exact`` (a batched-seed backward on this probe already ran: the first one pays a one-off vmap
+    setup)."""
     names = [n for unit in units for n in unit]
     if not names:
-        return {}
+        return {}, 0.0
     gen = torch.Generator(device=probe.h.device)  # private: the caller's label stream is never advanced
     exact_plan = {n: ("exact", 1) for n in names}
     one_plan = {n: ("mc1", 1) for n in names}
+    many_plan = {n: ("mc1", COST_PROBE_SAMPLES) for n in names}
 
     def run(plan):  # the very calls a refresh makes (plan_from_probe), output-layer shortcut included
         plan_from_probe(probe, plan, generator=gen.manual_seed(0))
 
     run(one_plan)
+    run(many_plan)
     if not warm_exact:
         run(exact_plan)
     t_ex = _time(lambda: run(exact_plan))
     t_1 = _time(lambda: run(one_plan))
+    t_many = _time(lambda: run(many_plan))
+    per_sample = max((t_many - t_1) / (COST_PROBE_SAMPLES - 1), 0.05 * t_1)  # timing noise can make it <= 0
+    overhead = max(t_1 - per_sample, 0.0)
+    exact_work = max(t_ex - overhead, per_sample)
     flops = _flops_costs(probe, units)
     tot_ex = sum(c for c, _ in flops.values()) or 1.0
     tot_1 = sum(c for _, c in flops.values()) or 1.0
-    return {n: (t_ex * c_ex / tot_ex, t_1 * c_1 / tot_1) for n, (c_ex, c_1) in flops.items()}
+    per_param = {n: (exact_work * c_ex / tot_ex, per_sample * c_1 / tot_1) for n, (c_ex, c_1) in flops.items()}
+    return per_param, overhead
 
 
 def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
@@ -300,10 +315,10 @@ def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
 def _costs(probe: Probe, units, cost_model: str, warm_exact: bool) -> Costs:
     """Fresh :class:`Costs` for this probe's batch and parameters."""
     if cost_model == "measured":
-        per_param = _measured_costs(probe, units, warm_exact=warm_exact)
-        # the part of a refresh every estimator pays (forward pass, per-call overhead), shared by size
+        per_param, overhead = _measured_costs(probe, units, warm_exact=warm_exact)
+        # the part of a refresh every estimator pays once: the forward pass and the per-call overhead
         with torch.enable_grad():
-            shared = _time(lambda: probe.model(probe.inputs), repeats=2)
+            shared = _time(lambda: probe.model(probe.inputs), repeats=2) + overhead
     else:
         per_param = _flops_costs(probe, units)
         shared = float(sum(p.numel() for p in probe.params.values()))

@@ -145,10 +145,11 @@ def test_mismatched_costs_raise(over, msg):
 
 
 def test_measured_costs_time_whole_model_passes(monkeypatch):
-    """A fixed number of backward passes whatever the depth, each total split in the flops model's proportions."""
+    """A fixed number of whole-model passes whatever the depth; the one- and four-sample timings separate the cost
+    per sample from the per-call overhead; each total is split in the flops model's proportions."""
     lik = get_likelihood("categorical")
     for widths in [(3, 4, 3), (3, 5, 5, 5, 5, 3)]:
-        timings = iter([3.0, 1.0])  # t_exact = 3 s, t_one = 1 s
+        timings = iter([3.0, 1.0, 1.6])  # t_exact = 3 s, t_one = 1 s, t_four = 1.6 s: 0.2 s/sample, 0.8 s overhead
 
         def fake_time(fn, repeats=1, timings=timings):
             fn()
@@ -162,15 +163,17 @@ def test_measured_costs_time_whole_model_passes(monkeypatch):
                 seeded.append(seeds.shape[0]) or real(seeds, names, diagonal=diagonal)
             )
             units = sel_mod._module_units(probe)
-            costs = sel_mod._measured_costs(probe, units, warm_exact=True)
+            costs, overhead = sel_mod._measured_costs(probe, units, warm_exact=True)
             flops = sel_mod._flops_costs(probe, units)
-        assert seeded == [1, 3, 1]  # one warm-up (one-sample), one exact pass (3 seeds), one one-sample pass
-        assert sum(c for c, _ in costs.values()) == pytest.approx(3.0)
-        assert sum(c for _, c in costs.values()) == pytest.approx(1.0)
+        # warm-ups (one and four samples), then the timed exact (3 seeds), one-sample and four-sample passes
+        assert seeded == [1, 4, 3, 1, 4]
+        assert overhead == pytest.approx(0.8)
+        assert sum(c for c, _ in costs.values()) == pytest.approx(3.0 - 0.8)
+        assert sum(c for _, c in costs.values()) == pytest.approx(0.2)
         tot_ex = sum(c for c, _ in flops.values())
         tot_1 = sum(c for _, c in flops.values())
         for n, (c_ex, c_1) in costs.items():
-            assert c_ex == pytest.approx(3.0 * flops[n][0] / tot_ex) and c_1 == pytest.approx(1.0 * flops[n][1] / tot_1)
+            assert c_ex == pytest.approx(2.2 * flops[n][0] / tot_ex) and c_1 == pytest.approx(0.2 * flops[n][1] / tot_1)
 
 
 def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
