@@ -361,7 +361,8 @@ def predicted_error(ref: dict, names: list[str], cfg: Config, k: int, n_samples:
 def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> dict[str, float]:
     """What ``run_selection``'s measured cost model predicts for whole refreshes: per random batch of ``M`` inputs,
     the costs it measures (``fisher_optim.selection._costs``, the function ``run_selection`` calls when it has no
-    cached costs: one exact and one one-sample pass over all layers, and the forward pass as the shared part).  A
+    cached costs: an exact, a one-sample and a four-sample pass over all layers; the forward pass and the per-call
+    overhead are the shared part).  A
     uniform plan's refresh costs the sum of its per-layer costs plus the shared part; medians over
     ``cfg.cost_batches`` batches of the exact and one-sample refresh costs and of their ratio, and the ratio's
     range."""
@@ -1102,8 +1103,9 @@ def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:
         "noise of one input (ρ₁), so replacing the exact pass by Î₁ with N=1 pays at equal time only if it is at "
         f"least {g3(min(be_all))}× cheaper (larger N lowers the bar but costs more); the measured whole-call ratio "
         f"exact/mc1 N=1 is {span(call_ratio)} at M = {cfg.m}, so by this criterion Î₁ N=1 pays on {pays} of "
-        f"{n_cells} (tensor, checkpoint) cells. `run_selection` costs whole-model passes (an exact and a one-sample "
-        'pass over all layers, split over the layers in proportion to the `"flops"` model\'s costs, plus the '
+        f"{n_cells} (tensor, checkpoint) cells. `run_selection` costs whole-model passes (an exact, a one-sample "
+        "and a four-sample pass over all layers; the per-sample cost and the exact pass less the per-call overhead "
+        'are split over the layers in proportion to the `"flops"` model\'s costs, and the overhead joins the '
         "forward pass shared by all "
         f"estimators); its predicted whole-refresh ratio is {span(model_ratio)} against the measured "
         f"{span(call_ratio)}"
