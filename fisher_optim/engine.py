@@ -4,9 +4,10 @@ r"""The estimation engine: one forward pass, many seeded backward passes, per-la
 this call only) and records the inputs and outputs of the layers that have fast rules (``nn.Linear``,
 ``nn.Conv2d``).  :meth:`Probe.seeded` then backpropagates ``K`` seeds per input,
 ``seed[k, b] in R^C`` at the output ``h(x_b)``, and returns per-layer records of the per-sample
-gradients of ``seed[k, b]^T h(x_b)`` (:mod:`fisher_optim.layers`).  Parameters of every other module
-(LayerNorm, Embedding, BatchNorm, custom modules, layers reused twice in one forward) take the general
-``torch.func`` route: ``vmap`` over inputs of a ``vjp`` over seeds.
+gradients of ``seed[k, b]^T h(x_b)`` (:mod:`fisher_optim.layers`); BatchNorm with running statistics (an
+affine map per channel in eval mode) has a fast rule too.  Parameters of every other module (LayerNorm,
+Embedding, BatchNorm without running statistics, custom modules, layers reused twice in one forward) take the
+general ``torch.func`` route: ``vmap`` over inputs of a ``vjp`` over seeds.
 
 Every estimator is then ``reduce(records, fn, degree)`` for some per-input function of the seed stack:
 the exact diagonal Fisher uses the ``C`` columns of ``S`` (``S S^T = I(h)``) and ``fn = sum_k x_k^2``;

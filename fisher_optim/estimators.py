@@ -54,11 +54,23 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
+def square_sum(x: Tensor, n: int | None = None) -> Tensor:
+    """``sum_{k < n} x_k^2`` over the leading axis (default all of it), accumulated in place with ``addcmul_``:
+    ``(x * x).sum(0)`` allocates a tensor as large as ``x`` and reduces across its slowest axis, ~10x slower on CPU
+    for the large per-sample tensors of convolutional layers."""
+    n = x.shape[0] if n is None else n
+    out = x[0].square()
+    for k in range(1, n):
+        out.addcmul_(x[k], x[k])
+    return out
+
+
 def sum_of_squares(scale: float = 1.0):
     """Per-input reducer ``scale * sum_k x_k^2`` (degree 2)."""
 
     def fn(x: Tensor, idx: slice) -> Tensor:
-        return (x * x).sum(0) * scale
+        out = square_sum(x)
+        return out.mul_(scale) if scale != 1.0 else out
 
     return fn
 

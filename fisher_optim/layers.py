@@ -14,7 +14,8 @@ The per-sample tensors are gradients of ``seed_k^T h(x_b)`` (``power = 1``) or d
 * :class:`UnfoldRecord` (``nn.Linear`` with extra leading dims, ``nn.Conv2d``): the per-sample gradient
   ``x[k,b,o,r] = sum_s g[k,b,o,s] X[b,r,s]`` keeps the cross-position terms exactly (it does not factorise);
   it is materialised in chunks of inputs.
-* :class:`DenseRecord`: per-sample tensors computed elsewhere (``torch.func`` route, Hessian routes).
+* :class:`DenseRecord`: per-sample tensors computed elsewhere (``torch.func`` route, Hessian routes) or small
+  enough to hold (BatchNorm with running statistics: one value per channel, :func:`batchnorm_is_fast`).
 
 ``fn(x, idx)`` receives ``x`` of shape ``(K, b, *rest)`` for the inputs ``idx`` (a slice of the batch) and
 returns ``(b, *rest)``.  ``reduce_many(fn, degrees)`` is the multi-reducer: ``fn`` returns a tuple of such
@@ -205,9 +206,24 @@ def conv2d_is_fast(module: torch.nn.Conv2d) -> bool:
     )
 
 
+def batchnorm_is_fast(module: torch.nn.Module) -> bool:
+    """BatchNorm with an affine map and running statistics: in eval mode (the Probe's) a per-channel affine map of
+    the input, ``y = w * xhat + b`` with ``xhat = (x - running_mean) / sqrt(running_var + eps)``, so the per-sample
+    gradients are ``sum_positions g * xhat`` and ``sum_positions g``."""
+    return (
+        isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        and module.affine
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
 def is_fast(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Conv2d):
         return conv2d_is_fast(module)
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        return batchnorm_is_fast(module)
     return isinstance(module, torch.nn.Linear)
 
 
@@ -221,10 +237,24 @@ def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias
         g = out_grad.reshape(out_grad.shape[0], b, -1, out_grad.shape[-1]).transpose(2, 3)
         return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
     if isinstance(module, torch.nn.Conv2d):
-        if out_grad.shape[0] <= CONV_BACKWARD_MAX_SEEDS:
+        k, b = out_grad.shape[:2]
+        if out_grad[0, 0, 0].numel() == 1:
+            # one output position (e.g. 1x1 maps at the end of a ResNet): the per-sample gradient is the outer
+            # product g[k,b,o] X[b,r], exactly a Linear layer's factored form (one matmul, nothing materialised)
+            X = unfold_conv2d_input(module, inp)
+            return LinearRecord(a=X.reshape(b, -1), q=out_grad.reshape(k, b, -1), has_bias=has_bias)
+        if k <= CONV_BACKWARD_MAX_SEEDS:
             return ConvRecord(inp=inp, g=out_grad, has_bias=has_bias, module=module)
         X = unfold_conv2d_input(module, inp)
-        k, b = out_grad.shape[:2]
         g = out_grad.reshape(k, b, out_grad.shape[2], -1)
         return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
+    if batchnorm_is_fast(module):
+        shape = (1, -1) + (1,) * (inp.dim() - 2)
+        xhat = (inp - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+        k, b, c = out_grad.shape[:3]
+        g = out_grad.reshape(k, b, c, -1)  # (K, B, C, positions)
+        values = {"weight": torch.einsum("kbcs,bcs->kbc", g, xhat.reshape(b, c, -1).to(g.dtype))}
+        if has_bias:
+            values["bias"] = g.sum(-1)
+        return DenseRecord(values)
     raise TypeError(f"no fast rule for {type(module).__name__}")

@@ -61,7 +61,15 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Probe, reduce_records
-from .estimators import _identity_sum, check_estimator, check_n_samples, exact_records, exact_reducer, sum_of_squares
+from .estimators import (
+    _identity_sum,
+    check_estimator,
+    check_n_samples,
+    exact_records,
+    exact_reducer,
+    square_sum,
+    sum_of_squares,
+)
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .likelihoods import Likelihood, get_likelihood
@@ -142,7 +150,7 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
                 names = {k for k, v in groups["mc1"].items() if v == n}
 
                 def fn(x, idx, n=n):
-                    return (x[:n] * x[:n]).sum(0) / n
+                    return square_sum(x, n).div_(n)
 
                 out.update(reduce_records(recs, fn, 2, probe.params, names))
         for n in sorted(set(groups["mc2"].values())):

@@ -106,6 +106,26 @@ def batchnorm():
     )
 
 
+def conv_single_position():
+    """The second convolution has a 1x1 output map: the Linear-like factored rule."""
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4, 3))
+
+
+def batchnorm1d():
+    return nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def batchnorm1d_seq():
+    """BatchNorm1d on (B, C, L) inputs."""
+    return nn.Sequential(nn.BatchNorm1d(2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5, 3))
+
+
+def batchnorm_relu_inplace():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    )
+
+
 @torch.no_grad()
 def with_running_stats(model):
     """Non-trivial BatchNorm running statistics (so eval and train mode differ)."""
@@ -149,6 +169,11 @@ CASES = {
     "embedding": (embedding, token_inputs, False, False),
     "batchnorm-eval": (lambda: with_running_stats(batchnorm()), lambda b: inputs((b, 2, 6, 6)), False, False),
     "batchnorm-train": (lambda: with_running_stats(batchnorm()), lambda b: inputs((b, 2, 6, 6)), False, True),
+    "conv-1x1-output": (conv_single_position, lambda b: inputs((b, 2, 6, 6)), True, False),
+    "batchnorm1d-eval": (lambda: with_running_stats(batchnorm1d()), lambda b: inputs((b, 3)), False, False),
+    "batchnorm1d-seq": (lambda: with_running_stats(batchnorm1d_seq()), lambda b: inputs((b, 2, 5)), False, False),
+    "batchnorm-relu-inplace": (lambda: with_running_stats(batchnorm_relu_inplace()), lambda b: inputs((b, 2, 6, 6)),
+                               False, False),  # fmt: skip
     "residual": (Residual, lambda b: inputs((b, 3)), True, False),
     "custom-param": (custom_param, lambda b: inputs((b, 3)), False, False),
     "shared-linear": (Shared, lambda b: inputs((b, 3)), True, False),
@@ -244,3 +269,15 @@ def test_frozen_parameters_are_left_out():
     model, x = build("frozen-params")
     out = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
     assert list(out) == ["0.weight", "2.bias", "4.weight", "4.bias"]
+
+
+@pytest.mark.parametrize("name", ["batchnorm-eval", "batchnorm1d-eval", "batchnorm1d-seq", "batchnorm-relu-inplace"])
+def test_batchnorm_with_running_stats_takes_the_fast_rule(name):
+    """BatchNorm in eval mode is a per-channel affine map: a fast rule, not the torch.func route."""
+    from fisher_optim.engine import Probe
+
+    model, x = build(name)
+    with Probe(model, x, make_likelihood("categorical")) as probe:
+        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert bn and any(mname == bn[0] for mname, _, _ in probe.fast)
+        assert not probe.general
