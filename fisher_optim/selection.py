@@ -511,7 +511,8 @@ def run_selection(
                 elif a_in > 0:
                     reason = (
                         f"exact is more accurate per second: Î₁'s label noise (L/N = {l_lab / n_need / a_in:.2g} x "
-                        f"input noise at N={n_need}) outweighs its saving ({c_ex / max(n_need * c_1, 1e-300):.2g}x)"
+                        f"input noise at N={n_need}) outweighs its saving (a refresh "
+                        f"{(w_ex + shared) / max(n_need * w_1 + shared, 1e-300):.2g}x cheaper)"
                     )
                 else:
                     reason = "exact: no input noise measured on this batch to hide Î₁'s label noise"
