@@ -182,3 +182,20 @@ def mnist_arrays():
         x, y = mnist_data()
         return x, y.astype(np.int64)
     return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def seeded_mlp(widths, activation=None, seed: int = 0):
+    """``Linear`` layers of ``widths`` with ``activation()`` between them (default ``nn.Sigmoid``), PyTorch's default
+    initialisation drawn under ``torch.manual_seed(seed)`` without touching the caller's global RNG state."""
+    import torch
+    from torch import nn
+
+    act = nn.Sigmoid if activation is None else activation
+    layers = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers.append(act())
+    return nn.Sequential(*layers)

@@ -88,7 +88,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import log, machine_info, mnist_arrays  # noqa: E402
+from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
 from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
 from fisher_optim.optim.base import COST_REUSE  # noqa: E402
 from fisher_optim.selection import COST_TIE, run_selection  # noqa: E402
@@ -222,15 +222,7 @@ def load_data(cfg: Config) -> tuple[Tensor, Tensor]:
 
 
 def make_model(cfg: Config) -> nn.Sequential:
-    act = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[cfg.activation]
-    layers: list[nn.Module] = []
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        for i in range(len(cfg.widths) - 1):
-            layers.append(nn.Linear(cfg.widths[i], cfg.widths[i + 1]))
-            if i < len(cfg.widths) - 2:
-                layers.append(act())
-    return nn.Sequential(*layers)
+    return seeded_mlp(cfg.widths, {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[cfg.activation], cfg.seed)
 
 
 def training_loss(cfg: Config, out: Tensor, y: Tensor) -> Tensor:

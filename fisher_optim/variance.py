@@ -122,6 +122,7 @@ def moments_from_probe(
         if wanted is not None:
             rrecs = [(r, {k: n for k, n in keys.items() if n in wanted}) for r, keys in rrecs]
     fusable = {keys.get("weight"): rec for rec, keys in rrecs if isinstance(rec, LinearRecord)}
+    fused: set[int] = set()  # ids of the residual records already reduced with their layer's other statistics
 
     def store(which: str, vals: dict[str, Tensor], keys: dict[str, str]) -> None:
         for key, name in keys.items():
@@ -137,14 +138,14 @@ def moments_from_probe(
             for k, v in zip(keys_on, vals):
                 store(k, v, keys)
             store("v2", vals[-1], keys)
-            del fusable[keys["weight"]]
+            fused.add(id(rrec))
             continue
         if keys_on:
             for k, v in zip(keys_on, rec.reduce_many(stats, degrees)):
                 store(k, v, keys)
     for rec, keys in rrecs:
-        if isinstance(rec, LinearRecord) and keys.get("weight") not in fusable:
-            continue  # fused above
+        if id(rec) in fused:
+            continue
         store("v2", rec.reduce_many(v2_stat, (2,))[0], keys)
     if out_keys and keys_on:
         var = lik.unit_variance(h)

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks._common import log, machine_info, mnist_arrays  # noqa: E402
+from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
 from fisher_optim import diagonal_fisher, fisher_moments, variance_bounds  # noqa: E402
 from fisher_optim.likelihoods import Categorical  # noqa: E402
 
@@ -123,14 +123,7 @@ def load_data(cfg: Config) -> dict[str, Tensor]:
 
 def make_model(cfg: Config) -> nn.Sequential:
     """Sigmoid MLP with PyTorch's default Linear initialisation drawn under ``torch.manual_seed(cfg.seed)``."""
-    layers: list[nn.Module] = []
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        for i in range(len(cfg.widths) - 1):
-            layers.append(nn.Linear(cfg.widths[i], cfg.widths[i + 1]))
-            if i < len(cfg.widths) - 2:
-                layers.append(nn.Sigmoid())
-    return nn.Sequential(*layers)
+    return seeded_mlp(cfg.widths, nn.Sigmoid, cfg.seed)
 
 
 def linear_names(model: nn.Sequential) -> list[str]:
