@@ -25,10 +25,12 @@ frozen weights so that only the estimation differs between strategies:
   for all); each has its own label generator.
 * **Strategies.**  ``estimate_plan`` (the call ``FisherAdam`` makes) with a uniform plan: exact, mc1 (Î₁) N=1 and
   N=4, mc2 (Î₂) N=1 (``mlp`` only), empirical (observed labels; the autoencoder's are its binary pixels; biased,
-  its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: every
-  ``variance_interval`` refreshes (the first included) the refresh is a *selection*: ``run_selection`` on the
+  its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: at the first refresh,
+  then after ``variance_interval`` refreshes, doubled each time a selection keeps the plan in use (up to 8x; reset
+  when it changes: ``selection.next_select_interval``), the refresh is a *selection*: ``run_selection`` on the
   current batch with ``FisherAdam``'s defaults (``target_rse``, ``ema_decay = betas[1]``, ``max_samples``,
-  ``cost_model``) and the optimizer's cost cache (costs measured at the first selection of a stream, passed back
+  ``cost_model``), the plan in use as ``current=`` (kept unless beaten by the tie margin), and the optimizer's
+  cost cache (costs measured at the first selection of a stream, passed back
   by the next ``COST_REUSE`` selections, then measured again), and that refresh's estimate is ``sel.fisher``, the
   exact Fisher of the batch (no ``estimate_plan`` call, no label draw); the other refreshes call ``estimate_plan``
   with the latest plan.
@@ -91,7 +93,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
 from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
 from fisher_optim.optim.base import COST_REUSE  # noqa: E402
-from fisher_optim.selection import COST_TIE, run_selection  # noqa: E402
+from fisher_optim.selection import COST_TIE, next_select_interval, run_selection  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROBLEMS = ("mlp", "autoencoder")
@@ -431,7 +433,7 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
     budget: dict[str, float] = {}
     plans = {s: {n: FIXED[s] for n in names} for s in cfg.fixed}
     exact_plan = {n: FIXED["exact"] for n in names}
-    auto_plan, since_select = None, 0
+    auto_plan, since_select, select_every = None, 0, d["variance_interval"]
     cost_cache: list | None = None  # [Costs, reuses] as FisherAdam keeps them
     selections: list[dict] = []
     order = [s for s in strategies if s != "exact"]
@@ -477,14 +479,18 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
         for s in order[shift:] + order[:shift]:
             if not active(s):
                 continue
-            if s == AUTO and (auto_plan is None or since_select >= d["variance_interval"]):
+            if s == AUTO and (auto_plan is None or since_select >= select_every):
                 # FisherAdam._select: cached costs unless new or reused COST_REUSE times already
                 cached = cost_cache if cost_cache is not None and cost_cache[1] < COST_REUSE else None
                 sel, w, c = timed(
-                    lambda xb=xb, cached=cached: run_selection(
-                        model, xb, generator=gens[AUTO], costs=None if cached is None else cached[0], **select_kw
+                    lambda xb=xb, cached=cached, cur=auto_plan: run_selection(
+                        model, xb, generator=gens[AUTO], costs=None if cached is None else cached[0],
+                        current=cur, **select_kw
                     )
                 )
+                # FisherAdam._apply_refresh: the interval doubles while the plan holds, resets when it changes
+                select_every = next_select_interval(select_every, d["variance_interval"],
+                                                    sel.changed or auto_plan is None)  # fmt: skip
                 cost_cache = [sel.costs, cached[1] + 1 if cached is not None else 0]  # FisherAdam._cache_costs
                 est, kind = sel.fisher, (SEL_MEASURED if cached is None else SEL_CACHED)
                 auto_plan = {n: (ch.estimator, ch.n_samples) for n, ch in sel.choices.items()}
@@ -845,8 +851,10 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         "every fisher_interval-th shuffled batch), the same inputs for every strategy; the estimate is folded into "
         "a bias-corrected EMA exactly as FisherAdam does.",
         f"- Strategies: `estimate_plan` (the call FisherAdam makes) with a uniform plan: {fixed_list}; and auto, as "
-        f"FisherAdam runs it: every {d['variance_interval']} refreshes (the first included) the refresh is a "
-        "selection, `run_selection` on the current batch with the defaults above, whose `sel.fisher` (the exact "
+        f"FisherAdam runs it: at the first refresh, then after {d['variance_interval']} refreshes, doubled each time "
+        "a selection keeps the plan in use (up to 8×, reset when it changes), the refresh is a "
+        "selection, `run_selection` on the current batch with the defaults above and the plan in use as `current=`, "
+        "whose `sel.fisher` (the exact "
         "Fisher of the batch, computed by its variance pass; no label draw, no `estimate_plan` call) is that "
         "refresh's estimate; the other refreshes call `estimate_plan` with the latest plan. Costs follow the "
         "optimizer's cache: measured at the first selection of a stream, passed back (`costs=`) by the next "
@@ -973,7 +981,9 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         + "; its choices counted over all its selections (all streams); `run_selection`'s mean predicted rse of the "
         "running estimate and one-sample, one-refresh rse of Î₁. Last column: what two rules choose from the "
         "full-data A and L₁ and the measured mean CPU costs of whole calls (Î₁'s cost linear in N through the "
-        "measured N=1 and N=4 costs), without `select`'s target_rse floor on N: the equal-time rule `select` applies "
+        "measured N=1 and N=4 costs), without `select`'s target_rse floor on N: the equal-time rule applied to each "
+        "tensor in isolation (what `select` did before its joint plan search; `select` now minimises the plan's "
+        "mean error over all tensors at equal time, the layers coupled through the plan's cost) "
         f"(Î₁ with N samples if cost(N)·(c_M A + L₁/N)·(1 + {COST_TIE}) < cost(exact)·c_M A, the best such N) and a "
         f"fixed-schedule rule that `select` does not implement (the cheapest Î₁ with L₁/N ≤ τ·c_M A, τ = {TAU}, "
         "if cheaper than exact: at most "
@@ -1080,8 +1090,8 @@ def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:
             f"{ms(a['sel_measured_cpu'])} ms with measured costs ({a['sel_measured_n']}×)"
             + (f" and {ms(a['sel_cached_cpu'])} ms with cached costs ({a['sel_cached_n']}×)" if a["sel_cached_n"]
                else " (none with cached costs)")
-            + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time at one selection per "
-            f"{d['variance_interval']} refreshes."
+            + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time "
+            f"({len(sels) / max(1, len(ck['streams'])):.1f} selections per stream)."
         )  # fmt: skip
     off = max((m / c for m, c in zip(model_ratio, call_ratio)), key=lambda q: max(q, 1 / q))  # worst checkpoint
     off_text = (
@@ -1096,13 +1106,13 @@ def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:
         f"least {g3(min(be_all))}× cheaper (larger N lowers the bar but costs more); the measured whole-call ratio "
         f"exact/mc1 N=1 is {span(call_ratio)} at M = {cfg.m}, so by this criterion Î₁ N=1 pays on {pays} of "
         f"{n_cells} (tensor, checkpoint) cells. `run_selection` costs whole-model passes (an exact, a one-sample "
-        "and a four-sample pass over all layers; the per-sample cost and the exact pass less the per-call overhead "
-        'are split over the layers in proportion to the `"flops"` model\'s costs, and the overhead joins the '
-        "forward pass shared by all "
+        "and a four-sample pass over all layers, which scale the `flops` model's per-layer backward and "
+        "reduction costs so that it prices mixed plans; the per-call overhead joins the forward pass shared by all "
         f"estimators); its predicted whole-refresh ratio is {span(model_ratio)} against the measured "
         f"{span(call_ratio)}"
         + off_text
-        + "Auto's most frequent estimator per tensor agrees with the equal-time rule evaluated on the full-data A "
+        + "Auto's most frequent estimator per tensor agrees with the per-tensor equal-time rule evaluated on the "
+        "full-data A "
         f"and L₁ with the measured call costs (last column of the per-tensor tables) on {agree} of {n_cells} cells."
         + (
             f" Its target bounds the label noise of the running estimate (`target_rse` = {d['target_rse']}; auto's "

@@ -204,12 +204,23 @@ COST_MODELS = ("measured", "flops")
 
 @dataclass
 class Costs:
-    """Per-refresh costs used by :func:`run_selection`, reusable on later batches of the same shape.
+    r"""Per-refresh costs used by :func:`run_selection`, reusable on later batches of the same shape.
+
+    The cost of a refresh with a mixed plan (:meth:`refresh_cost`) is
+
+    .. math::  s + \Big[\max_{u\in E} b^{ex}_u + \sum_{u\in E} r^{ex}_u\Big]
+               + \Big[N_{\max} \max_{u\in S} b^{1}_u + \sum_{u\in S} N_u\, r^{1}_u\Big]
+
+    for the layers ``E`` estimated exactly and the layers ``S`` by Î₁ with ``N_u`` samples: each group runs one
+    seeded backward, as deep as its deepest layer (``b``: the backward down to and through layer ``u``), plus one
+    reduction per layer (``r``); the output layer's exact Fisher takes no seeds (``b = 0``).  ``units`` lists the
+    layers (parameter names that share a backward: a module's weight and bias) and ``unit_costs`` their
+    ``(b_ex, r_ex, b_1, r_1)`` in seconds (``"flops"``: parameter-count units); ``shared`` (``s``) is the part every
+    plan pays once per refresh (the forward pass and the per-call overhead; ``"flops"``: the parameter count).
 
     ``per_param`` maps each parameter name to ``(c_exact, c_one_sample)``: its share of the seconds of one exact
-    pass and of one one-sample Î₁ pass (``"flops"``: relative units); ``shared`` is the part every estimator
-    pays (the forward pass; ``"flops"``: the parameter count), split over the layers by size.  ``input_shape``,
-    ``input_dtype`` and ``names`` (the parameters, sorted) say what the costs were measured for.
+    pass and of one one-sample Î₁ pass over all layers (for reports).  ``input_shape``, ``input_dtype`` and
+    ``names`` (the parameters, sorted) say what the costs were measured for.
     """
 
     cost_model: str
@@ -218,6 +229,8 @@ class Costs:
     names: tuple[str, ...]
     per_param: dict[str, tuple[float, float]]
     shared: float
+    units: tuple[tuple[str, ...], ...] = ()
+    unit_costs: tuple[tuple[float, float, float, float], ...] = ()
 
     def matches(self, inputs: Tensor, names, cost_model: str) -> bool:
         """Whether these costs hold for ``inputs`` (shape and dtype), the parameters ``names`` and ``cost_model``."""
@@ -227,6 +240,31 @@ class Costs:
             and self.input_dtype == inputs.dtype
             and self.names == tuple(sorted(names))
         )
+
+    def unit_refresh_cost(self, options: list[int]) -> float:
+        """:meth:`refresh_cost` of a plan given per unit (in ``units`` order): ``0`` for exact, ``N`` for Î₁."""
+        b_ex = r_ex = b_1 = r_1 = 0.0
+        n_max = 0
+        for opt, (bex, rex, b1, r1) in zip(options, self.unit_costs):
+            if opt == 0:
+                b_ex = max(b_ex, bex)
+                r_ex += rex
+            else:
+                n_max = max(n_max, opt)
+                b_1 = max(b_1, b1)
+                r_1 += opt * r1
+        return self.shared + b_ex + r_ex + n_max * b_1 + r_1
+
+    def refresh_cost(self, plan: dict[str, tuple[str, int]]) -> float:
+        """Predicted seconds of one refresh with ``plan`` (``name -> (estimator, n_samples)``, estimators ``exact``
+        or ``mc1``; a layer counts as exact unless its first listed parameter takes ``mc1``)."""
+        options = []
+        for unit in self.units:
+            est, n = plan.get(unit[0], ("exact", 1))
+            if est not in ("exact", "mc1"):
+                raise ValueError(f"refresh_cost models 'exact' and 'mc1' only, not {est!r}")
+            options.append(0 if est == "exact" else int(n))
+        return self.unit_refresh_cost(options)
 
 
 @dataclass
@@ -240,6 +278,21 @@ class Selection:
     choices: dict[str, Choice]
     fisher: dict[str, Tensor]
     costs: Costs
+    #: whether the plan differs from ``current`` (always ``True`` without one)
+    changed: bool = True
+    #: predicted seconds of one refresh with the chosen plan and with exact everywhere (``Costs.refresh_cost``)
+    plan_cost: float = float("nan")
+    exact_cost: float = float("nan")
+
+
+#: a plan that holds doubles the interval between selections, up to this many times the base interval
+SELECT_BACKOFF_MAX = 8
+
+
+def next_select_interval(interval: int, base: int, changed: bool) -> int:
+    """Refreshes until the next selection: back to ``base`` when the plan changed, else doubled (at most
+    ``SELECT_BACKOFF_MAX * base``): a plan that keeps winning is re-checked less and less often."""
+    return base if changed else min(2 * interval, SELECT_BACKOFF_MAX * base)
 
 
 def _module_units(probe: Probe) -> list[list[str]]:
@@ -262,8 +315,11 @@ def _time(fn, repeats: int = 1) -> float:
 COST_PROBE_SAMPLES = 4
 
 
-def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> tuple[dict[str, tuple[float, float]], float]:
-    """Per parameter (seconds of the exact pass, seconds per Î₁ sample) for its layer, and the per-call overhead.
+def _measured_costs(
+    probe: Probe, units, warm_exact: bool = False
+) -> tuple[dict[str, tuple[float, float]], float, tuple[float, float]]:
+    """Per parameter (seconds of the exact pass, seconds per Î₁ sample) for its layer, the per-call overhead, and the
+    seconds per flops unit of the exact and of the one-sample pass (scales of :func:`_unit_flops`).
 
     Three whole-model timings of the calls a refresh makes (:func:`plan_from_probe`): an exact pass, a one-sample
     and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over every layer in ``units``.  Their difference gives the marginal
@@ -272,10 +328,11 @@ def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> tuple[dict
     The exact pass less that overhead, and the per-sample cost, are split over the parameters in proportion to
     :func:`_flops_costs` (see the module docstring).  The sampled passes get one untimed warm-up each, the exact pass
     too unless ``warm_exact`` (a batched-seed backward on this probe already ran: the first one pays a one-off vmap
-    setup)."""
+    setup).  The scales make :func:`_unit_flops`'s whole-plan costs of the exact and of the one-sample pass equal the
+    measured ones, so :meth:`Costs.refresh_cost` prices a mixed plan from the same three timings."""
     names = [n for unit in units for n in unit]
     if not names:
-        return {}, 0.0
+        return {}, 0.0, (0.0, 0.0)
     gen = torch.Generator(device=probe.h.device)  # private: the caller's label stream is never advanced
     exact_plan = {n: ("exact", 1) for n in names}
     one_plan = {n: ("mc1", 1) for n in names}
@@ -298,7 +355,10 @@ def _measured_costs(probe: Probe, units, warm_exact: bool = False) -> tuple[dict
     tot_ex = sum(c for c, _ in flops.values()) or 1.0
     tot_1 = sum(c for _, c in flops.values()) or 1.0
     per_param = {n: (exact_work * c_ex / tot_ex, per_sample * c_1 / tot_1) for n, (c_ex, c_1) in flops.items()}
-    return per_param, overhead
+    uf = _unit_flops(probe, units)
+    plan_ex = max(c[0] for c in uf) + sum(c[1] for c in uf)
+    plan_1 = max(c[2] for c in uf) + sum(c[3] for c in uf)
+    return per_param, overhead, (exact_work / max(plan_ex, 1e-300), per_sample / max(plan_1, 1e-300))
 
 
 def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
@@ -320,18 +380,253 @@ def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
     return out
 
 
+def _unit_flops(probe: Probe, units) -> list[tuple[float, float, float, float]]:
+    """Per layer ``(b_ex, r_ex, b_1, r_1)`` of :class:`Costs` in parameter-count units: a seed's backward down to
+    and through layer ``u`` crosses every later layer (``b = sum of their sizes and its own``; a ``torch.func``-route
+    parameter crosses the whole model) and its reduction costs the layer's size; exact takes ``C`` seeds, none on
+    the output layer (its reduction only, :meth:`~fisher_optim.engine.Probe.exact_output_layer`)."""
+    c = probe.h.shape[1]
+    sizes = [sum(probe.params[n].numel() for n in names) for names in units]
+    out = []
+    for i, size in enumerate(sizes):
+        back = float(sum(sizes[i:]) if i < len(probe.fast) else sum(sizes))
+        if i == probe.output_index:
+            out.append((0.0, float(size), back, float(size)))
+        else:
+            out.append((c * back, c * float(size), back, float(size)))
+    return out
+
+
 def _costs(probe: Probe, units, cost_model: str, warm_exact: bool) -> Costs:
     """Fresh :class:`Costs` for this probe's batch and parameters."""
+    uf = _unit_flops(probe, units)
     if cost_model == "measured":
-        per_param, overhead = _measured_costs(probe, units, warm_exact=warm_exact)
+        per_param, overhead, (k_ex, k_1) = _measured_costs(probe, units, warm_exact=warm_exact)
         # the part of a refresh every estimator pays once: the forward pass and the per-call overhead
         with torch.enable_grad():
             shared = _time(lambda: probe.model(probe.inputs), repeats=2) + overhead
+        uf = [(k_ex * bex, k_ex * rex, k_1 * b1, k_1 * r1) for bex, rex, b1, r1 in uf]
     else:
         per_param = _flops_costs(probe, units)
         shared = float(sum(p.numel() for p in probe.params.values()))
     x = probe.inputs
-    return Costs(cost_model, tuple(x.shape), x.dtype, tuple(sorted(probe.params)), per_param, shared)
+    return Costs(
+        cost_model, tuple(x.shape), x.dtype, tuple(sorted(probe.params)), per_param, shared,
+        tuple(tuple(u) for u in units), tuple(uf),
+    )  # fmt: skip
+
+
+@dataclass
+class _UnitStats:
+    """What the joint choice needs of one layer: per tensor the input and one-label noise relative to the squared
+    norm of its mean Fisher (``a_t``, ``l_t``), the rse floor on ``N`` and the layer's reporting numbers."""
+
+    names: tuple[str, ...]
+    a: list[float]
+    l: list[float]
+    n_need: int
+    f: float
+    v1: float
+    v2: float
+    a_mean: float
+    l_mean: float
+
+
+def _unit_stats(unit, mom, m: int, phi: float, target_rse: float) -> _UnitStats | None:
+    """:class:`_UnitStats` of the layer ``unit`` from the moments of an ``M``-input batch (``None``: empty layer).
+
+    Per entry ``i``: mean Fisher ``F_i = sum_m F_i(x_m)/M``, input noise ``A_i = sum_m F_i(x_m)^2/M - F_i^2`` and
+    one-label noise ``L_i = sum_m v1(theta_i|x_m)/M``; per tensor ``a_t = sum_i A_i / sum_i F_i^2`` and
+    ``l_t = sum_i L_i / sum_i F_i^2``, so a refresh on ``M`` inputs with ``N`` labels each has expected squared
+    relative error ``(a_t + l_t/N)/M`` on that tensor (spec §2.3 b).  ``n_need`` is the smallest ``N`` with which
+    the label noise of the running estimate meets ``target_rse`` (layer means, EMA factor ``phi``)."""
+    numel = sum(mom.fisher[n].numel() for n in unit)
+    if numel == 0:
+        return None
+    a_t, l_t = [], []
+    for n in unit:
+        fm = mom.fisher[n].double() / m
+        norm2 = float(fm.pow(2).sum())
+        a_sum = max(0.0, float(mom.fisher_sq[n].double().sum()) / m - norm2)
+        l_sum = float(mom.v1[n].double().sum()) / m
+        a_t.append(a_sum / norm2 if norm2 > 0 else 0.0)
+        l_t.append(l_sum / norm2 if norm2 > 0 else 0.0)
+
+    def mean(d):
+        return sum(float(d[n].double().sum()) for n in unit) / numel
+
+    f = mean(mom.fisher) / m
+    v1 = mean(mom.v1) / m**2
+    v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
+    a_mean = max(0.0, mean(mom.fisher_sq) / m - sum(float((mom.fisher[n].double() / m).pow(2).sum()) for n in unit)
+                 / numel)  # fmt: skip
+    n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 and f > 0 else 1
+    return _UnitStats(tuple(unit), a_t, l_t, n_need, f, v1, v2, a_mean, mean(mom.v1) / m)
+
+
+def plan_error_cost(stats: list[_UnitStats | None], costs: Costs, options: list[int]) -> tuple[float, float]:
+    r"""``(sum over tensors of sqrt(a_t + l_t/N_t), refresh cost)`` of a plan (per unit: ``0`` exact, ``N`` Î₁).
+
+    Before the running estimate's plateau, a time budget ``T`` buys ``T / cost`` refreshes, so the expected
+    relative error of tensor ``t`` is about :math:`\sqrt{\mathrm{cost}\,(a_t + l_t/N_t)/(M T)}`: the mean over
+    tensors at equal time is proportional to ``sqrt(cost) * (the first number)``."""
+    err = 0.0
+    for st, opt in zip(stats, options):
+        if st is None:
+            continue
+        for a, l in zip(st.a, st.l):
+            err += math.sqrt(a + (l / opt if opt else 0.0))
+    return err, costs.unit_refresh_cost(options)
+
+
+def joint_plan(
+    stats: list[_UnitStats | None], costs: Costs, max_samples: int, sweeps: int = 20
+) -> tuple[list[int], float]:
+    r"""The plan (per unit ``0`` = exact or ``N`` = Î₁ with ``N`` samples, ``N >= n_need``) minimising the predicted
+    mean relative error at equal time, :math:`J = \mathrm{cost} \cdot (\sum_t \sqrt{a_t + l_t/N_t})^2`
+    (:func:`plan_error_cost`), and its ``J``.
+
+    The layers are coupled: every layer's refresh rate is set by the whole plan's cost, and a group's backward
+    is as deep as its deepest layer, so one exact layer deep down costs nearly a whole exact pass.  Coordinate
+    descent from all exact and from the four best of the structured starts (Î₁ with one sample count everywhere,
+    or everywhere but the seedless output layer, or above / below a split layer with exact on the other side), each
+    sweep trying every option of every layer and every common sample count of the Î₁ layers (all of
+    them, or those at the largest ``N``), until a sweep changes nothing.  Empty layers stay
+    exact (no cost, no error)."""
+    n_units = len(stats)
+    choices = [
+        [0] if st is None else [0, *range(st.n_need, max_samples + 1)] for st in stats
+    ]  # fmt: skip
+
+    def score(opts):
+        err, cost = plan_error_cost(stats, costs, opts)
+        return cost * err * err
+
+    def moves(opts):
+        for i in range(n_units):  # one layer at a time
+            for o in choices[i]:
+                if o != opts[i]:
+                    yield opts[:i] + [o] + opts[i + 1 :]
+        # the Î₁ layers share one backward of N_max seeds: move their sample counts together
+        n_max = max(opts)
+        if n_max == 0:
+            return
+        for n in range(1, max_samples + 1):
+            yield [o if o == 0 else max(n, choices[i][1]) for i, o in enumerate(opts)]
+            yield [o if o != n_max else max(n, choices[i][1]) for i, o in enumerate(opts)]
+
+    def uniform(n, keep_exact=lambda i: False):
+        return [0 if keep_exact(i) or len(c) == 1 else max(n, c[1]) for i, c in enumerate(choices)]
+
+    starts = [uniform(n) for n in range(1, max_samples + 1)]
+    starts += [uniform(n, lambda i: costs.unit_costs[i][0] == 0.0) for n in range(1, max_samples + 1)]
+    n0 = min(range(1, max_samples + 1), key=lambda n: score(uniform(n)))
+    for k in range(1, n_units):  # exact above layer k and Î₁ below, and the reverse
+        starts += [uniform(n0, lambda i, k=k: i >= k), uniform(n0, lambda i, k=k: i < k)]
+    starts = sorted(starts, key=score)[:4] + [[0] * n_units]
+    best, best_j = None, math.inf
+    for start in starts:
+        opts, j = list(start), score(start)
+        for _ in range(sweeps):
+            changed = False
+            for trial in moves(opts):
+                tj = score(trial)
+                if tj < j * (1 - 1e-12):
+                    opts, j, changed = trial, tj, True
+            if not changed:
+                break
+        if j < best_j:
+            best, best_j = opts, j
+    return best, best_j
+
+
+def _decide(
+    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None
+) -> tuple[dict[str, Choice], list[int], list[int] | None]:
+    """Per-parameter :class:`Choice` of the joint plan (see :func:`joint_plan`), with the reasons, the plan's options
+    and those of ``current`` (``None`` if not given or not a plan of exact/Î₁ over these layers).  ``current`` (a
+    plan ``name -> (estimator, n)``) is kept when the new optimum does not beat it by the tie margin."""
+    stats = [_unit_stats(u, mom, m, phi, target_rse) for u in units]
+    feasible = [None if st is None else st for st in stats]
+    for i, st in enumerate(feasible):
+        if st is not None and st.n_need > max_samples:
+            feasible[i] = _UnitStats(st.names, st.a, st.l, max_samples + 1, st.f, st.v1, st.v2, st.a_mean, st.l_mean)
+    opts, j = joint_plan(feasible, costs, max_samples)
+    all_exact = [0] * len(units)
+    err_ex, cost_ex = plan_error_cost(stats, costs, all_exact)
+    j_ex = cost_ex * err_ex * err_ex
+    if not j * (1.0 + COST_TIE) < j_ex:  # within the timing noise of exact: take the zero-variance estimator
+        opts, j = all_exact, j_ex
+    cur = None
+    if current is not None:
+        try:
+            cur = [0 if current[u[0]][0] == "exact" else int(current[u[0]][1]) for u in units]
+            if any(current[u[0]][0] not in ("exact", "mc1") for u in units):
+                cur = None
+        except KeyError:
+            cur = None
+    if cur is not None and all(o == 0 or (st is not None and o >= st.n_need) for o, st in zip(cur, feasible)):
+        e, c = plan_error_cost(stats, costs, cur)
+        if not j * (1.0 + COST_TIE) < c * e * e:  # hysteresis: the plan in use is within the margin, keep it
+            opts, j = cur, c * e * e
+    plan_cost = costs.unit_refresh_cost(opts)
+    costs_pp = costs.per_param
+    out: dict[str, Choice] = {}
+    for i, (unit, st) in enumerate(zip(units, stats)):
+        unit = [n for n in unit if n in mom.fisher]
+        if st is None:
+            for n in unit:
+                out[n] = Choice("exact", 1, 0.0, 0.0, "empty parameter", 0.0, 0.0, 0.0)
+            continue
+        c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
+        c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
+        rse1 = math.sqrt(st.v1) / st.f if st.f > 0 else 0.0
+        rse2 = math.sqrt(st.v2) / st.f if st.f > 0 and st.v2 == st.v2 else float("nan")
+        # the best alternative for this layer with the others as chosen: how much worse the plan would be
+        alts = [0] if opts[i] else ([] if feasible[i].n_need > max_samples
+                                    else list(range(feasible[i].n_need, max_samples + 1)))  # fmt: skip
+        alt_j, alt_o = math.inf, None
+        for o in alts:
+            trial = opts[:i] + [o] + opts[i + 1 :]
+            e, c = plan_error_cost(stats, costs, trial)
+            if c * e * e < alt_j:
+                alt_j, alt_o = c * e * e, o
+        worse = math.sqrt(alt_j / j) if j > 0 and alt_j < math.inf else float("inf")
+        alt_cost = costs.unit_refresh_cost(opts[:i] + [alt_o] + opts[i + 1 :]) if alt_o is not None else plan_cost
+        if st.f <= 0:
+            ch = Choice("mc1" if opts[i] else "exact", max(1, opts[i]), 0.0, c_1 if opts[i] else c_ex,
+                        "zero Fisher on this batch: the cheapest option in the joint plan", 0.0, 0.0, st.f)  # fmt: skip
+        elif opts[i]:
+            n = opts[i]
+            reason = (
+                f"Î₁ with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
+                f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
+                f"{alt_cost / plan_cost:.2g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
+            )
+            ch = Choice("mc1", n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f)
+        else:
+            zero_res = hp is not None and all(n in hp.zero for n in unit)
+            if zero_res and set(unit) <= out_unit:
+                reason = "output layer: exact without seeds (Î₂ = exact here, d²h/dθ² = 0): zero variance"
+            elif zero_res:
+                reason = "Î₂ = exact here (d²h/dθ² = 0: piecewise-linear path): zero variance"
+            else:
+                reason = "exact: zero variance"
+            if feasible[i].n_need > max_samples:
+                reason += f"; Î₁ would need N={st.n_need} > max_samples={max_samples}"
+            elif alt_o is not None:
+                reason += (
+                    f"; Î₁ (best N={alt_o}) would make a refresh {alt_cost / plan_cost:.3g}x as costly and the "
+                    f"plan's predicted error at equal time {worse:.3g}x"
+                )
+            if opts == all_exact and j_ex > 0 and alt_o is not None and worse < 1.0:
+                reason += f" (within the {COST_TIE:.0%} timing-noise margin: ties go to exact)"
+            ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, st.f)
+        for n in unit:
+            out[n] = ch
+    return out, opts, cur
+
+
 
 
 def _check_select_args(target_rse, ema_decay, max_samples, cost_model) -> int:
@@ -358,6 +653,7 @@ def select(
     cost_model: str = "measured",
     with_v2: bool = False,
     costs: Costs | None = None,
+    current: dict[str, tuple[str, int]] | None = None,
 ) -> dict[str, Choice]:
     r"""Choose ``(estimator, n_samples)`` per parameter tensor (see the module docstring).
 
@@ -369,6 +665,9 @@ def select(
         with_v2: also compute Î₂'s variance for the report (``rse_mc2``; ``nan`` otherwise).
         costs: :class:`Costs` of an earlier :func:`run_selection` on a batch of the same shape and dtype, the
             same parameters and ``cost_model``: used instead of measuring (``ValueError`` if they do not match).
+        current: the plan in use (``name -> (estimator, n_samples)``), kept unless the new optimum predicts an
+            error at equal time lower by more than the tie margin ``COST_TIE`` (hysteresis: the choice does not
+            flip on the noise of one batch's variances).
         generator: accepted for symmetry with :func:`estimate_plan` and never advanced: the choice needs no
             label draws (the timing pass uses a private, fixed generator), so a caller's label stream, and a
             resumed run, do not depend on when selections happen.
@@ -385,7 +684,7 @@ def select(
     """
     return run_selection(
         model, inputs, likelihood=likelihood, generator=generator, target_rse=target_rse, ema_decay=ema_decay,
-        max_samples=max_samples, names=names, cost_model=cost_model, with_v2=with_v2, costs=costs,
+        max_samples=max_samples, names=names, cost_model=cost_model, with_v2=with_v2, costs=costs, current=current,
     ).choices  # fmt: skip
 
 
@@ -402,12 +701,14 @@ def run_selection(
     cost_model: str = "measured",
     with_v2: bool = False,
     costs: Costs | None = None,
+    current: dict[str, tuple[str, int]] | None = None,
 ) -> Selection:
     r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
     (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
     :math:`\frac1M\sum_m F_{ii}(x_m)` of ``inputs`` that the variance pass computed (equal to
-    ``diagonal_fisher(model, inputs, estimator="exact")`` up to rounding).  Draws no labels (``generator`` is
-    never advanced).
+    ``diagonal_fisher(model, inputs, estimator="exact")`` up to rounding), whether the plan ``changed`` from
+    ``current``, and the predicted refresh costs of the plan and of exact everywhere.  Draws no labels
+    (``generator`` is never advanced).
 
     Example:
         >>> import torch
@@ -444,82 +745,17 @@ def run_selection(
         mom = moments_from_probe(
             probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"), with_fisher_sq=True
         )
-        units = _module_units(probe)
-        if costs is None:
+        units = [tuple(u) for u in _module_units(probe)]
+        if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
         out_unit = set(probe._module_params(probe.output_index)) if probe.output_index is not None else set()
-    costs_pp, shared = costs.per_param, costs.shared
-    # whole-refresh costs: a layer's Î₁ samples (or exact seeds) run a backward through every layer above it, and the
-    # forward pass and per-call overhead are paid once per refresh, so each layer is judged on the costs of the
-    # whole-model calls; only the output layer's passes are its own (its exact Fisher needs no seeds at all)
-    c1_all = sum(c for _, c in costs_pp.values())
-    cex_all = sum(c for n, (c, _) in costs_pp.items() if n not in out_unit)
-    out: dict[str, Choice] = {}
-    # one decision per layer (the parameters that share a backward pass: a module's weight and bias)
-    for unit in units:
-        unit = [n for n in unit if n in probe.params]
-        if not unit:
-            continue
-        numel = sum(mom.fisher[n].numel() for n in unit)
-        if numel == 0:
-            for n in unit:
-                out[n] = Choice("exact", 1, 0.0, 0.0, "empty parameter", 0.0, 0.0, 0.0)
-            continue
-
-        def mean(d, unit=unit, numel=numel):
-            return sum(float(d[n].sum()) for n in unit) / numel
-
-        f = mean(mom.fisher) / m
-        v1 = mean(mom.v1) / m**2
-        # per-input noise levels: A = mean_i Var_x F_i(x) (inputs), L = mean_i E_x v1(theta_i|x) (one label)
-        a_in = max(0.0, mean(mom.fisher_sq) / m - sum(float((mom.fisher[n] / m).pow(2).sum()) for n in unit) / numel)
-        l_lab = mean(mom.v1) / m
-        is_out = bool(out_unit) and set(unit) <= out_unit
-        v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
-        c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
-        c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
-        zero_res = hp is not None and all(n in hp.zero for n in unit)
-        if f <= 0:
-            ch = Choice("mc1", 1, 0.0, c_1, "zero Fisher on this batch: cheapest estimator", 0.0, 0.0, f)
-        else:
-            rse1 = math.sqrt(v1) / f
-            rse2 = math.sqrt(v2) / f if v2 == v2 else float("nan")
-            n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 else 1
-            # error per unit of time, input noise included: a refresh's error variance is (A + L/N)/M and a
-            # budget buys 1/(refresh cost) refreshes; Î₁ must beat exact's A * (exact refresh cost)
-            w_1 = c_1 if is_out else c1_all
-            w_ex = c_ex if is_out else cex_all
-            best_n, best_score = None, float("inf")
-            for n in range(n_need, max_samples + 1):
-                score = (a_in + l_lab / n) * (n * w_1 + shared)
-                if score < best_score:
-                    best_n, best_score = n, score
-            exact_score = a_in * (w_ex + shared)
-            if best_n is not None and best_score * (1.0 + COST_TIE) < exact_score:
-                rse = math.sqrt(phi * v1 / best_n) / f
-                reason = (
-                    f"Î₁ with N={best_n} meets target rse {target_rse:g} and is more accurate per second than "
-                    f"exact (label noise L/N = {l_lab / best_n / a_in:.2g} x input noise)"
-                )
-                ch = Choice("mc1", best_n, rse, best_n * c_1, reason, rse1, rse2, f)
-            else:
-                if zero_res:
-                    reason = "Î₂ = exact here (d²h/dθ² = 0: last layer or piecewise-linear path): zero variance"
-                elif n_need > max_samples:
-                    reason = f"Î₁ would need N={n_need} > max_samples={max_samples}"
-                elif a_in > 0:
-                    reason = (
-                        f"exact is more accurate per second: Î₁'s label noise (L/N = {l_lab / n_need / a_in:.2g} x "
-                        f"input noise at N={n_need}) outweighs its saving (a refresh "
-                        f"{(w_ex + shared) / max(n_need * w_1 + shared, 1e-300):.2g}x cheaper)"
-                    )
-                else:
-                    reason = "exact: no input noise measured on this batch to hide Î₁'s label noise"
-                ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, f)
-        for n in unit:
-            out[n] = ch
+    out, opts, cur = _decide(units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current)
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
     fisher = {n: (f / m).detach() for n, f in mom.fisher.items()}
-    return Selection(out, fisher, costs)
+    changed = cur is None or cur != opts
+    if current is not None and not changed:  # the same layers, options and unused parameters as before
+        changed = any((c.estimator, c.n_samples) != tuple(current.get(n, ("", 0))) for n, c in out.items())
+    exact_cost = costs.unit_refresh_cost([0] * len(opts))
+    return Selection(out, fisher, costs, changed, costs.unit_refresh_cost(opts), exact_cost)

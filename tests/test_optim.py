@@ -454,14 +454,43 @@ def test_auto_mode_report_and_log(caplog):
         train(net, opt, 5)
     rep = opt.fisher_report()
     assert list(rep) == [n for n, _ in net.named_parameters()]
-    assert (rep.refreshes, rep.selections) == (5, 3)  # selections at refreshes 1, 3, 5
+    # selections at refreshes 1 and 3; the plan held, so the interval doubled (2 -> 4): the next is at refresh 7
+    assert (rep.refreshes, rep.selections) == (5, 2)
     for name, row in rep.items():
         assert row["estimator"] in ("exact", "mc1", "mc2"), name
         assert row["n_samples"] >= 1 and row["rse"] >= 0 and row["cost"] > 0 and row["fisher_mean"] > 0
         assert isinstance(row["reason"], str) and row["reason"]
         assert row["rse"] <= 0.1  # the default target_rse
-    assert sum("estimator selection" in r.getMessage() for r in caplog.records) == 3
+    assert sum("estimator selection" in r.getMessage() for r in caplog.records) == 2
     assert "4.weight" in rep.table()
+    opt.close()
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed):
+    """A selection that keeps the plan in use doubles the interval to the next one (2, 4, 8, capped at 8x the
+    base); a changed plan resets it.  The plan in use is passed to ``run_selection`` as ``current``."""
+    from fisher_optim.optim import base
+
+    at, currents = [], []
+    real = base.run_selection
+
+    def spy(*args, **kwargs):
+        sel = real(*args, **kwargs)
+        at.append(opt._refreshes + 1)
+        currents.append(kwargs.get("current"))
+        sel.changed = changed or kwargs.get("current") is None
+        return sel
+
+    monkeypatch.setattr(base, "run_selection", spy)
+    net = make_mlp()
+    opt = FisherAdam(net, fisher_interval=1, variance_interval=2, cost_model="flops", seed=0)
+    train(net, opt, 40)
+    assert at == ([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39] if changed
+                  else [1, 3, 7, 15, 31])  # intervals 2, 4, 8, 16, 16 (= 8 x 2)
+    assert currents[0] is None and all(c == opt._plan for c in currents[1:])
+    sd = opt.state_dict()
+    assert sd["fisher_optim"]["counters"]["select_every"] == (2 if changed else 16)
     opt.close()
 
 
@@ -494,6 +523,7 @@ def _count_cost_measurements(monkeypatch) -> list:
 @pytest.mark.parametrize("cost_model", ["measured", "flops"])
 def test_auto_mode_reuses_selection_costs_until_the_shape_changes(monkeypatch, cost_model):
     monkeypatch.setattr(base_mod, "COST_REUSE", 3)
+    monkeypatch.setattr(base_mod, "next_select_interval", lambda interval, base, changed: base)  # no back-off
     calls = _count_cost_measurements(monkeypatch)
     net = make_mlp()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=1, cost_model=cost_model, seed=0)

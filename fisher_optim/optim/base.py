@@ -13,8 +13,10 @@ One ``step()``:
    Fisher state yet): :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
    fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
-   In auto mode, every ``variance_interval`` refreshes, :func:`fisher_optim.selection.run_selection` first
-   chooses a new plan on the same inputs; its variance pass computes the exact Fisher anyway, and that
+   In auto mode, :func:`fisher_optim.selection.run_selection` first chooses a new plan on the same inputs at the
+   first refresh, then after ``variance_interval`` refreshes; the plan in use is kept unless the new one beats it
+   by the tie margin, and each selection that keeps it doubles the interval to the next (at most
+   ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it); its variance pass computes the exact Fisher anyway, and that
    refresh uses it (the mean over the inputs, as ``estimate_plan``) instead of a second estimation pass: a
    selection's refresh is exact and draws no labels.  Under DDP only rank 0 selects (its choices are
    broadcast) and the other ranks compute their exact estimate with ``estimate_plan``.  The estimates are
@@ -59,7 +61,7 @@ from torch.optim import Optimizer
 
 from ..estimators import ESTIMATORS
 from ..likelihoods import Likelihood, get_likelihood
-from ..selection import Costs, estimate_plan, run_selection
+from ..selection import Costs, estimate_plan, next_select_interval, run_selection
 from ._functional import preconditioned_update, refresh_preconditioner
 
 __all__ = ["FisherOptimizer", "FisherReport"]
@@ -204,6 +206,7 @@ class FisherOptimizer(Optimizer):
         self._selections = 0
         self._since_refresh = 0
         self._since_select = 0
+        self._select_every = variance_interval  # grows while the plan holds (selection.next_select_interval)
         self._skipped = 0
         # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
         self._cost_cache: dict[tuple, list] = {}
@@ -267,6 +270,7 @@ class FisherOptimizer(Optimizer):
                 "selections": self._selections,
                 "since_refresh": self._since_refresh,
                 "since_select": self._since_select,
+                "select_every": self._select_every,
                 "skipped": self._skipped,
             },
             "estimator": self.estimator,
@@ -302,6 +306,7 @@ class FisherOptimizer(Optimizer):
         c = extra["counters"]
         self._steps, self._refreshes, self._selections = c["steps"], c["refreshes"], c["selections"]
         self._since_refresh, self._since_select, self._skipped = c["since_refresh"], c["since_select"], c["skipped"]
+        self._select_every = int(c.get("select_every", self.variance_interval))
 
     # -- subclass interface --------------------------------------------------------------------------
     def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
@@ -406,7 +411,7 @@ class FisherOptimizer(Optimizer):
         try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
             est = None
             if self.estimator == "auto":
-                if self._plan is None or self._since_select >= self.variance_interval or any(
+                if self._plan is None or self._since_select >= self._select_every or any(
                     n not in self._plan for n in names
                 ):
                     pending, est = self._select(x, names)
@@ -437,7 +442,7 @@ class FisherOptimizer(Optimizer):
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
-        choices, fisher = None, None
+        choices, fisher, changed = None, None, True
         if not distributed or dist.get_rank(self._pg) == 0:
             key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
             cached = self._cost_cache.get(key)
@@ -446,17 +451,18 @@ class FisherOptimizer(Optimizer):
             sel = run_selection(
                 self._net, x, likelihood=self._lik, generator=self._generator, target_rse=self.target_rse,
                 ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
-                costs=None if cached is None else cached[0],
+                costs=None if cached is None else cached[0], current=self._plan,
             )  # fmt: skip
             self._cache_costs(key, sel.costs, reused=cached is not None)
             choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
                        for n, c in sel.choices.items()}  # fmt: skip
+            changed = sel.changed
             fisher = sel.fisher
         if distributed:
-            box = [choices]
+            box = [(choices, changed) if fisher is not None else None]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
-            choices = box[0]
-        return choices, fisher
+            choices, changed = box[0]
+        return {"choices": choices, "changed": changed}, fisher
 
     def _cache_costs(self, key: tuple, costs: Costs, reused: bool) -> None:
         """Remember ``costs`` for ``key``, counting reuses (see the module docstring); keep the newest few."""
@@ -482,6 +488,10 @@ class FisherOptimizer(Optimizer):
 
     def _apply_refresh(self, estimates: dict[Tensor, Tensor], pending: dict | None) -> None:
         if pending is not None:
+            self._select_every = next_select_interval(
+                self._select_every, self.variance_interval, pending["changed"] or self._plan is None
+            )
+            pending = pending["choices"]
             self._choices = pending
             self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
             self._selections += 1
