@@ -57,6 +57,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -443,25 +444,27 @@ def _unit_stats(unit, mom, m: int, phi: float, target_rse: float) -> _UnitStats 
     numel = sum(mom.fisher[n].numel() for n in unit)
     if numel == 0:
         return None
+    f64 = torch.float64
     a_t, l_t = [], []
+    tot = [0.0, 0.0, 0.0, 0.0, 0.0]  # sum F, sum F^2 (of the batch mean), sum F(x)^2, sum v1, sum v2 over the layer
     for n in unit:
-        fm = mom.fisher[n].double() / m
-        norm2 = float(fm.pow(2).sum())
-        a_sum = max(0.0, float(mom.fisher_sq[n].double().sum()) / m - norm2)
-        l_sum = float(mom.v1[n].double().sum()) / m
+        fs = mom.fisher[n]
+        parts = [fs.sum(dtype=f64), (fs * fs).sum(dtype=f64), mom.fisher_sq[n].sum(dtype=f64), mom.v1[n].sum(dtype=f64)]
+        if mom.v2 is not None:
+            parts.append(mom.v2[n].sum(dtype=f64))
+        vals = torch.stack(parts).tolist()  # one host read per tensor
+        f_sum, norm2, fsq, l_sum = vals[0] / m, vals[1] / m**2, vals[2] / m, vals[3] / m
+        a_sum = max(0.0, fsq - norm2)
         a_t.append(a_sum / norm2 if norm2 > 0 else 0.0)
         l_t.append(l_sum / norm2 if norm2 > 0 else 0.0)
-
-    def mean(d):
-        return sum(float(d[n].double().sum()) for n in unit) / numel
-
-    f = mean(mom.fisher) / m
-    v1 = mean(mom.v1) / m**2
-    v2 = mean(mom.v2) / m**2 if mom.v2 is not None else float("nan")
-    a_mean = max(0.0, mean(mom.fisher_sq) / m - sum(float((mom.fisher[n].double() / m).pow(2).sum()) for n in unit)
-                 / numel)  # fmt: skip
+        for i, v in enumerate((f_sum, norm2, fsq, l_sum, vals[4] / m if len(vals) > 4 else 0.0)):
+            tot[i] += v
+    f = tot[0] / numel
+    v1 = tot[3] / numel / m
+    v2 = tot[4] / numel / m if mom.v2 is not None else float("nan")
+    a_mean = max(0.0, (tot[2] - tot[1]) / numel)
     n_need = max(1, math.ceil(phi * v1 / (target_rse * f) ** 2)) if v1 > 0 and f > 0 else 1
-    return _UnitStats(tuple(unit), a_t, l_t, n_need, f, v1, v2, a_mean, mean(mom.v1) / m)
+    return _UnitStats(tuple(unit), a_t, l_t, n_need, f, v1, v2, a_mean, tot[3] / numel)
 
 
 def plan_error_cost(stats: list[_UnitStats | None], costs: Costs, options: list[int]) -> tuple[float, float]:
@@ -480,64 +483,86 @@ def plan_error_cost(stats: list[_UnitStats | None], costs: Costs, options: list[
 
 
 def joint_plan(
-    stats: list[_UnitStats | None], costs: Costs, max_samples: int, sweeps: int = 20
+    stats: list[_UnitStats | None], costs: Costs, max_samples: int, max_steps: int | None = None
 ) -> tuple[list[int], float]:
     r"""The plan (per unit ``0`` = exact or ``N`` = Î₁ with ``N`` samples, ``N >= n_need``) minimising the predicted
     mean relative error at equal time, :math:`J = \mathrm{cost} \cdot (\sum_t \sqrt{a_t + l_t/N_t})^2`
     (:func:`plan_error_cost`), and its ``J``.
 
     The layers are coupled: every layer's refresh rate is set by the whole plan's cost, and a group's backward
-    is as deep as its deepest layer, so one exact layer deep down costs nearly a whole exact pass.  Coordinate
-    descent from all exact and from the four best of the structured starts (Î₁ with one sample count everywhere,
-    or everywhere but the seedless output layer, or above / below a split layer with exact on the other side), each
-    sweep trying every option of every layer and every common sample count of the Î₁ layers (all of
-    them, or those at the largest ``N``), until a sweep changes nothing.  Empty layers stay
-    exact (no cost, no error)."""
-    n_units = len(stats)
-    choices = [
-        [0] if st is None else [0, *range(st.n_need, max_samples + 1)] for st in stats
-    ]  # fmt: skip
+    is as deep as its deepest layer, so one exact layer deep down costs nearly a whole exact pass.  Steepest descent
+    from all exact and from the four best structured starts (Î₁ with one sample count everywhere, or everywhere but
+    the seedless output layer, or above / below a split layer with exact on the other side); a step is the best of
+    every single-layer change and every common sample count of the Î₁ layers (all of them, or those at the largest
+    ``N``), all candidate plans scored at once (numpy).  Empty layers stay exact (no cost, no error)."""
+    n_units, k = len(stats), max_samples
+    if n_units == 0:
+        return [], 0.0
+    table = np.full((n_units, k + 1), np.inf)  # sum_t sqrt(a_t + l_t/N) per layer and option (column 0: exact)
+    need = np.full(n_units, k + 1)
+    for u, st in enumerate(stats):
+        if st is None:
+            table[u, 0] = 0.0
+            continue
+        a, lab = np.asarray(st.a, dtype=float), np.asarray(st.l, dtype=float)
+        table[u, 0] = np.sqrt(a).sum()
+        if st.n_need <= k:
+            ns = np.arange(st.n_need, k + 1, dtype=float)
+            table[u, st.n_need :] = np.sqrt(a[None, :] + lab[None, :] / ns[:, None]).sum(1)
+            need[u] = st.n_need
+    uc = np.asarray(costs.unit_costs, dtype=float).reshape(n_units, 4)
+    rows_idx = np.arange(n_units)[None, :]
 
-    def score(opts):
-        err, cost = plan_error_cost(stats, costs, opts)
-        return cost * err * err
+    def score(plans: np.ndarray) -> np.ndarray:  # plans: (R, U) options -> J per plan (Costs.unit_refresh_cost)
+        ex = plans == 0
+        err = table[rows_idx, plans].sum(1)
+        cost = (
+            costs.shared
+            + np.where(ex, uc[:, 0], 0.0).max(1) + np.where(ex, uc[:, 1], 0.0).sum(1)
+            + plans.max(1) * np.where(ex, 0.0, uc[:, 2]).max(1) + (plans * uc[:, 3]).sum(1)
+        )  # fmt: skip
+        with np.errstate(invalid="ignore"):
+            j = cost * err * err
+        return np.where(np.isfinite(err), j, np.inf)
 
-    def moves(opts):
-        for i in range(n_units):  # one layer at a time
-            for o in choices[i]:
-                if o != opts[i]:
-                    yield opts[:i] + [o] + opts[i + 1 :]
-        # the Î₁ layers share one backward of N_max seeds: move their sample counts together
-        n_max = max(opts)
-        if n_max == 0:
-            return
-        for n in range(1, max_samples + 1):
-            yield [o if o == 0 else max(n, choices[i][1]) for i, o in enumerate(opts)]
-            yield [o if o != n_max else max(n, choices[i][1]) for i, o in enumerate(opts)]
+    def uniform(n: int, exact_mask: np.ndarray) -> np.ndarray:
+        return np.where(exact_mask | (need > k), 0, np.maximum(n, need))
 
-    def uniform(n, keep_exact=lambda i: False):
-        return [0 if keep_exact(i) or len(c) == 1 else max(n, c[1]) for i, c in enumerate(choices)]
+    def moves(opts: np.ndarray) -> np.ndarray:
+        single = np.repeat(opts[None, :], n_units * (k + 1), 0)
+        single[np.arange(n_units * (k + 1)), np.repeat(np.arange(n_units), k + 1)] = np.tile(np.arange(k + 1), n_units)
+        out = [single]
+        n_max = opts.max()
+        if n_max > 0:  # the Î₁ layers share one backward of N_max seeds: move their sample counts together
+            ns = np.arange(1, k + 1)[:, None]
+            out.append(np.where(opts[None, :] > 0, np.maximum(ns, need[None, :]), 0))
+            out.append(np.where(opts[None, :] == n_max, np.maximum(ns, need[None, :]), opts[None, :]))
+        return np.concatenate(out)
 
-    starts = [uniform(n) for n in range(1, max_samples + 1)]
-    starts += [uniform(n, lambda i: costs.unit_costs[i][0] == 0.0) for n in range(1, max_samples + 1)]
-    n0 = min(range(1, max_samples + 1), key=lambda n: score(uniform(n)))
-    for k in range(1, n_units):  # exact above layer k and Î₁ below, and the reverse
-        starts += [uniform(n0, lambda i, k=k: i >= k), uniform(n0, lambda i, k=k: i < k)]
-    starts = sorted(starts, key=score)[:4] + [[0] * n_units]
+    none = np.zeros(n_units, dtype=bool)
+    seedless = uc[:, 0] == 0.0
+    starts = [uniform(n, none) for n in range(1, k + 1)] + [uniform(n, seedless) for n in range(1, k + 1)]
+    n0 = 1 + int(np.argmin(score(np.stack(starts[:k]))))
+    split = np.arange(n_units)
+    for s in range(1, n_units):  # exact above layer s and Î₁ below, and the reverse
+        starts += [uniform(n0, split >= s), uniform(n0, split < s)]
+    starts = np.stack(starts)
+    order = np.argsort(score(starts), kind="stable")[:4]
     best, best_j = None, math.inf
-    for start in starts:
-        opts, j = list(start), score(start)
-        for _ in range(sweeps):
-            changed = False
-            for trial in moves(opts):
-                tj = score(trial)
-                if tj < j * (1 - 1e-12):
-                    opts, j, changed = trial, tj, True
-            if not changed:
+    steps = max_steps if max_steps is not None else 4 * n_units * (k + 1)
+    for start in [np.zeros(n_units, dtype=np.int64), *starts[order]]:
+        opts = start.astype(np.int64)
+        j = float(score(opts[None, :])[0])
+        for _ in range(steps):
+            cand = moves(opts)
+            js = score(cand)
+            i = int(np.argmin(js))
+            if not js[i] < j * (1 - 1e-12):
                 break
+            opts, j = cand[i], float(js[i])
         if j < best_j:
             best, best_j = opts, j
-    return best, best_j
+    return [int(o) for o in best], best_j
 
 
 def _decide(

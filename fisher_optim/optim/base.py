@@ -16,11 +16,11 @@ One ``step()``:
    In auto mode, :func:`fisher_optim.selection.run_selection` first chooses a new plan on the same inputs at the
    first refresh, then after ``variance_interval`` refreshes; the plan in use is kept unless the new one beats it
    by the tie margin, and each selection that keeps it doubles the interval to the next (at most
-   ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it); its variance pass computes the exact Fisher anyway, and that
-   refresh uses it (the mean over the inputs, as ``estimate_plan``) instead of a second estimation pass: a
-   selection's refresh is exact and draws no labels.  Under DDP only rank 0 selects (its choices are
-   broadcast) and the other ranks compute their exact estimate with ``estimate_plan``.  The estimates are
-   then averaged over ranks (one ``all_reduce``);
+   ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it).  The selection's variance pass
+   computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as ``estimate_plan``)
+   instead of a second estimation pass: a selection's refresh is exact and draws no labels.  Under DDP only rank 0
+   selects (its choices are broadcast) and the other ranks compute their exact estimate with ``estimate_plan``.
+   The estimates are then averaged over ranks (one ``all_reduce``);
 3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
    (``torch._foreach_norm``) per device and dtype and **one host synchronisation per step**
    (the same price as ``torch.amp.GradScaler``'s inf check).  On failure, ``nonfinite="skip"`` leaves every
