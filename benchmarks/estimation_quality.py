@@ -150,6 +150,8 @@ class Config:
     fractions: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)  # table budgets, as fractions of T
     chunk: int = 500  # inputs per call for the full-data references
     cost_batches: int = 15  # batches on which select's cost model is evaluated per checkpoint
+    sweep_m: tuple[int, ...] = (32, 128, 256)  # inputs per refresh of the cost-ratio sweep (last checkpoint)
+    sweep_rounds: int = 15  # timed calls per (M, estimator) in that sweep
     synthetic: bool = False  # seeded random pixels (and labels) instead of MNIST (smoke runs)
     seed: int = 0
     defaults: dict = field(default_factory=fisher_adam_defaults)
@@ -179,7 +181,7 @@ class Config:
             cfg = cls()
             if smoke:
                 cfg = replace(cfg, widths=(784, 16, 16, 10), checkpoints=(0, 1), n_train=256, k_exact=24, repeats=1,
-                              synthetic=True)  # fmt: skip
+                              synthetic=True, sweep_m=(8, 16), sweep_rounds=2)  # fmt: skip
             return cfg
         if problem == "autoencoder":
             cfg = cls(problem="autoencoder", widths=(784, 128, 32, 128, 784), activation="relu", likelihood="bernoulli",
@@ -187,7 +189,7 @@ class Config:
                       k_exact=100, repeats=2, chunk=32, cost_batches=7)  # fmt: skip
             if smoke:
                 cfg = replace(cfg, widths=(64, 16, 8, 16, 64), checkpoints=(0, 1), n_train=256, k_exact=12, repeats=1,
-                              chunk=64, cost_batches=3, synthetic=True)  # fmt: skip
+                              chunk=64, cost_batches=3, synthetic=True, sweep_m=(8, 16), sweep_rounds=2)  # fmt: skip
             return cfg
         raise ValueError(f"Invalid problem: {problem!r}. Must be one of {list(PROBLEMS)}")
 
@@ -357,7 +359,7 @@ def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> di
     the costs it measures (``fisher_optim.selection._costs``, the function ``run_selection`` calls when it has no
     cached costs: an exact, a one-sample and a four-sample pass over all layers; the forward pass and the per-call
     overhead are the shared part).  A
-    uniform plan's refresh costs the sum of its per-layer costs plus the shared part; medians over
+    plan's refresh costs ``Costs.refresh_cost`` (the mixed-plan model ``select`` uses); medians over
     ``cfg.cost_batches`` batches of the exact and one-sample refresh costs and of their ratio, and the ratio's
     range."""
     from fisher_optim.engine import Probe
@@ -370,11 +372,34 @@ def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> di
         xb = x[torch.randperm(len(x), generator=g)[: cfg.m]]
         with Probe(model, xb, get_likelihood(cfg.likelihood)) as probe:
             costs = _costs(probe, _module_units(probe), "measured", warm_exact=False)
-        ex.append(sum(c for c, _ in costs.per_param.values()) + costs.shared)
-        one.append(sum(c for _, c in costs.per_param.values()) + costs.shared)
+        names = [n for unit in costs.units for n in unit]
+        ex.append(costs.refresh_cost({n: ("exact", 1) for n in names}))
+        one.append(costs.refresh_cost({n: ("mc1", 1) for n in names}))
         ratio.append(ex[-1] / one[-1])
     return {"exact": statistics.median(ex), "mc1": statistics.median(one), "ratio": statistics.median(ratio),
             "ratio_min": min(ratio), "ratio_max": max(ratio)}  # fmt: skip
+
+
+def cost_vs_batch(model: nn.Module, x: Tensor, cfg: Config) -> list[dict]:
+    """Median CPU milliseconds of ``estimate_plan`` with exact, mc1 N=1 and mc1 N=4 everywhere for each number of
+    inputs per refresh in ``cfg.sweep_m`` (random inputs of the training set; ``cfg.sweep_rounds`` timed calls
+    after one untimed call): does the exact / Î₁ cost ratio depend on the refresh size?"""
+    g = torch.Generator().manual_seed(cfg.seed + 99)
+    names = [n for n, _ in model.named_parameters()]
+    out = []
+    for m in cfg.sweep_m:
+        xb = x[torch.randperm(len(x), generator=g)[:m]]
+        row = {"M": len(xb)}
+        for label, plan in (("exact", ("exact", 1)), ("mc1 N=1", ("mc1", 1)), ("mc1 N=4", ("mc1", 4))):
+            full = {n: plan for n in names}
+
+            def call(full=full, xb=xb):
+                estimate_plan(model, xb, likelihood=cfg.likelihood, plan=full, generator=g)
+
+            call()
+            row[label] = 1e3 * statistics.median(timed(call)[2] for _ in range(cfg.sweep_rounds))
+        out.append(row)
+    return out
 
 
 # -- one stream --------------------------------------------------------------------------------------------------
@@ -575,7 +600,10 @@ def _run(cfg: Config) -> dict:
                 + ", ".join(f"{s} {tr.refreshes}" for s, tr in st["traces"].items()))  # fmt: skip
         out.append({"epoch": ckpt, "train_acc": acc, "loss": losses.get(ckpt, math.nan), "ref": ref,
                     "cost_model": cost_model, "streams": streams})  # fmt: skip
-    return {"config": cfg, "checkpoints": out, "seconds": time.perf_counter() - t_start}
+    sweep = cost_vs_batch(frozen, x, cfg)  # the last checkpoint's weights
+    log("cost vs inputs per refresh: " + "; ".join(f"M={r['M']}: exact/mc1 N=1 {r['exact'] / r['mc1 N=1']:.2f}"
+                                                   for r in sweep))  # fmt: skip
+    return {"config": cfg, "checkpoints": out, "seconds": time.perf_counter() - t_start, "cost_vs_m": sweep}
 
 
 # -- summaries ---------------------------------------------------------------------------------------------------
@@ -912,6 +940,22 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
             f"({g3(ck['cost_model']['ratio_min'])}–{g3(ck['cost_model']['ratio_max'])}) vs "
             f"{g3(ratio_call[ck['epoch']])} |"
         )  # fmt: skip
+    sweep = res.get("cost_vs_m", [])
+    if sweep:
+        lines += [
+            "",
+            f"Does the cost ratio depend on the refresh size? Median CPU milliseconds of `estimate_plan` over "
+            f"{cfg.sweep_rounds} calls per cell, at the last checkpoint (epoch {res['checkpoints'][-1]['epoch']}), "
+            "for M random training inputs:",
+            "",
+            "| M | exact | mc1 N=1 | mc1 N=4 | exact / mc1 N=1 | exact / mc1 N=4 |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['M']} | {ms(r['exact'] / 1e3)} | {ms(r['mc1 N=1'] / 1e3)} | {ms(r['mc1 N=4'] / 1e3)} | "
+            f"{g3(r['exact'] / r['mc1 N=1'])} | {g3(r['exact'] / r['mc1 N=4'])} |"
+            for r in sweep
+        ]
     lines += [
         "",
         "## Error at equal estimation time (full-data reference)",

@@ -96,6 +96,9 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
     assert f"]({stem}.png)" in md
     assert "selection counted" not in md and "not counted" not in md  # one auto curve, selections included
     assert ("same-stream reference: label noise" in md) == (problem == "mlp")
+    sweep = res["cost_vs_m"]  # the refresh-size sweep of the cost ratio, one row per M, in the report
+    assert [r["M"] for r in sweep] == [8, 16] and all(r[k] > 0 for r in sweep for k in ("exact", "mc1 N=1"))
+    assert "Does the cost ratio depend on the refresh size?" in md
     assert (tmp_path / f"{stem}.png").read_bytes()[:8] == PNG
     assert torch.get_num_threads() >= 1  # restored (the run itself uses one thread)
     assert set(res["checkpoints"][0]["streams"][0]["traces"]) == set(cfg.curves)

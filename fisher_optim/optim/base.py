@@ -106,13 +106,19 @@ class FisherReport(dict):
     ``rse`` is the predicted relative standard error of the running estimate and ``cost`` the predicted
     cost of one refresh for that tensor, both from :func:`fisher_optim.selection.select` (``nan`` for a
     fixed estimator); ``fisher_mean`` is the mean entry of the bias-corrected running Fisher.  Attributes:
-    ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps).
+    ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps), and in
+    auto mode ``plan_cost`` / ``exact_cost`` (the last selection's predicted seconds of one refresh with its plan
+    and with exact everywhere, :meth:`fisher_optim.selection.Costs.refresh_cost`; ``nan`` before it) and
+    ``select_every`` (refreshes from one selection to the next, grown while the plan holds).
     """
 
     steps: int = 0
     refreshes: int = 0
     selections: int = 0
     skipped_steps: int = 0
+    plan_cost: float = math.nan
+    exact_cost: float = math.nan
+    select_every: int = 0
 
     def table(self) -> str:
         """The report as a fixed-width text table."""
@@ -127,6 +133,11 @@ class FisherReport(dict):
             f"steps {self.steps}, refreshes {self.refreshes}, selections {self.selections}, "
             f"skipped (non-finite) {self.skipped_steps}"
         )
+        if self.plan_cost == self.plan_cost:
+            lines.append(
+                f"last selection: a refresh with this plan is predicted at {self.plan_cost:.3g} s, with exact "
+                f"everywhere {self.exact_cost:.3g} s; next selection {self.select_every} refreshes after it"
+            )
         return "\n".join(lines)
 
 
@@ -207,6 +218,7 @@ class FisherOptimizer(Optimizer):
         self._since_refresh = 0
         self._since_select = 0
         self._select_every = variance_interval  # grows while the plan holds (selection.next_select_interval)
+        self._plan_costs = (math.nan, math.nan)  # the last selection's predicted refresh costs: plan, all exact
         self._skipped = 0
         # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
         self._cost_cache: dict[tuple, list] = {}
@@ -271,6 +283,7 @@ class FisherOptimizer(Optimizer):
                 "since_refresh": self._since_refresh,
                 "since_select": self._since_select,
                 "select_every": self._select_every,
+                "plan_costs": list(self._plan_costs),
                 "skipped": self._skipped,
             },
             "estimator": self.estimator,
@@ -307,6 +320,7 @@ class FisherOptimizer(Optimizer):
         self._steps, self._refreshes, self._selections = c["steps"], c["refreshes"], c["selections"]
         self._since_refresh, self._since_select, self._skipped = c["since_refresh"], c["since_select"], c["skipped"]
         self._select_every = int(c.get("select_every", self.variance_interval))
+        self._plan_costs = tuple(float(v) for v in c.get("plan_costs", (math.nan, math.nan)))
 
     # -- subclass interface --------------------------------------------------------------------------
     def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
@@ -442,7 +456,7 @@ class FisherOptimizer(Optimizer):
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
-        choices, fisher, changed = None, None, True
+        choices, fisher, changed, plan_costs = None, None, True, (math.nan, math.nan)
         if not distributed or dist.get_rank(self._pg) == 0:
             key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
             cached = self._cost_cache.get(key)
@@ -456,13 +470,13 @@ class FisherOptimizer(Optimizer):
             self._cache_costs(key, sel.costs, reused=cached is not None)
             choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
                        for n, c in sel.choices.items()}  # fmt: skip
-            changed = sel.changed
+            changed, plan_costs = sel.changed, (sel.plan_cost, sel.exact_cost)
             fisher = sel.fisher
         if distributed:
-            box = [(choices, changed) if fisher is not None else None]
+            box = [(choices, changed, plan_costs) if fisher is not None else None]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
-            choices, changed = box[0]
-        return {"choices": choices, "changed": changed}, fisher
+            choices, changed, plan_costs = box[0]
+        return {"choices": choices, "changed": changed, "plan_costs": plan_costs}, fisher
 
     def _cache_costs(self, key: tuple, costs: Costs, reused: bool) -> None:
         """Remember ``costs`` for ``key``, counting reuses (see the module docstring); keep the newest few."""
@@ -491,6 +505,7 @@ class FisherOptimizer(Optimizer):
             self._select_every = next_select_interval(
                 self._select_every, self.variance_interval, pending["changed"] or self._plan is None
             )
+            self._plan_costs = tuple(pending["plan_costs"])
             pending = pending["choices"]
             self._choices = pending
             self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
@@ -582,6 +597,9 @@ class FisherOptimizer(Optimizer):
         rep.steps, rep.refreshes, rep.selections, rep.skipped_steps = (
             self._steps, self._refreshes, self._selections, self._skipped,
         )  # fmt: skip
+        if self.estimator == "auto":
+            rep.plan_cost, rep.exact_cost = self._plan_costs
+            rep.select_every = self._select_every
         return rep
 
     def _group_of(self, p: Tensor) -> dict:
