@@ -707,6 +707,28 @@ def verdicts(rows: list[dict], cfg: Config) -> list[dict]:
     return out
 
 
+#: budgets from this fraction of T on count in the regret summary (below it auto's first selection dominates)
+REGRET_FROM = 0.1
+
+
+def regrets(rows: list[dict], cfg: Config) -> dict[str, dict[str, float]]:
+    """Per strategy, its error over the best fixed strategy's error in every (checkpoint, budget) cell (full-data
+    reference): the worst and the median over the cells with a budget of at least ``REGRET_FROM`` T, and the worst
+    over all cells.  A strategy that is the best fixed one in a cell scores 1 there; auto can score below 1."""
+    out = {}
+    for s in cfg.curves:
+        late, every = [], []
+        for r in rows:
+            for j, frac in enumerate(cfg.fractions):
+                best = min(float(r["table"][(f, "full")][j]) for f in cfg.fixed)
+                ratio = float(r["table"][(s, "full")][j]) / best
+                every.append(ratio)
+                if frac >= REGRET_FROM:
+                    late.append(ratio)
+        out[s] = {"worst": max(late), "median": statistics.median(late), "worst_all": max(every)}
+    return out
+
+
 # -- outputs -----------------------------------------------------------------------------------------------------
 def plot(res: dict, rows: list[dict], path: Path, command: str) -> None:
     import matplotlib
@@ -863,7 +885,9 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         f"CPU time: {wins_cpu}), its selection refreshes counted in its time. The best fixed choice was "
         + ", ".join(f"{b} in {n} cell{'s' if n > 1 else ''}" for b, n in bests.most_common())
         + f". Auto's error was {span([v['auto'] / v['best_err'] for v in vs])}× the best fixed error. Why: see "
-        "*Why* below.",
+        "*Why* below. Without knowing the best fixed choice in advance, the worst ratio to it from "
+        f"{REGRET_FROM:g} T on is " + ", ".join(f"{g3(v['worst'])}× for {s}" for s, v in regrets(rows, cfg).items())
+        + " (regret table below).",
         "",
         f"![error vs estimation time]({cfg.stem}.png)",
         "",
@@ -987,6 +1011,18 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
             f"({g3(v['auto'] / v['best_err'])}×) | {vc['best']} ({g3(vc['best_err'])}) | {g3(vc['auto'])} "
             f"({g3(vc['auto'] / vc['best_err'])}×) |"
         )
+    reg = regrets(rows, cfg)
+    lines += [
+        "",
+        "**Regret: how far from the best fixed choice is each strategy, when the best one is not known in advance?** "
+        "Its error over the best fixed strategy's error in the same cell (wall clock), over the "
+        f"{len(rows)} checkpoints × the budgets from {REGRET_FROM:g} T (before, auto's first selection, variances "
+        "and cost timings, takes most of the budget), and the worst over all budgets:",
+        "",
+        f"| strategy | worst (≥ {REGRET_FROM:g} T) | median (≥ {REGRET_FROM:g} T) | worst (all budgets) |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {s} | {g3(v['worst'])}× | {g3(v['median'])}× | {g3(v['worst_all'])}× |" for s, v in reg.items()]
     if cfg.stream_reference:
         lines += ["", "## Error at equal estimation time (same-stream reference: label noise and bias only)", ""]
         for r in rows:

@@ -99,6 +99,9 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
     sweep = res["cost_vs_m"]  # the refresh-size sweep of the cost ratio, one row per M, in the report
     assert [r["M"] for r in sweep] == [8, 16] and all(r[k] > 0 for r in sweep for k in ("exact", "mc1 N=1"))
     assert "Does the cost ratio depend on the refresh size?" in md
+    reg = eq.regrets(eq.summarise(res), cfg)  # a fixed strategy is never better than the best fixed one
+    assert set(reg) == set(cfg.curves) and all(reg[s]["worst"] >= reg[s]["median"] >= 1 - 1e-12 for s in cfg.fixed)
+    assert min(reg[s]["worst"] for s in cfg.fixed) >= 1 - 1e-12 and "**Regret:" in md
     assert (tmp_path / f"{stem}.png").read_bytes()[:8] == PNG
     assert torch.get_num_threads() >= 1  # restored (the run itself uses one thread)
     assert set(res["checkpoints"][0]["streams"][0]["traces"]) == set(cfg.curves)
