@@ -1,47 +1,43 @@
 r"""Per-layer choice of estimator and sample count from the closed-form variances, and mixed estimation.
 
-:func:`select` answers, for every layer (a module's weight and bias, which share one backward pass; any other
-parameter on its own): which estimator, with how many samples,
-keeps the relative standard error of the *running* estimate under ``target_rse`` at the lowest cost?
+:func:`select` chooses one *plan* for the whole model: for every layer (a module's weight and bias, which share one
+backward pass; any other parameter on its own) the exact Fisher or Î₁ with ``N`` samples.
 
-The running estimate is an exponential moving average with decay ``beta`` of refreshes, each an
-estimate on ``M`` inputs.  With per-refresh variance :math:`V_i = \sum_m \tilde v(\theta_i|x_m)/(M^2 N)`
-(:mod:`fisher_optim.variance`) and independent refreshes, the EMA's steady-state variance is
-:math:`\phi V_i` with :math:`\phi = (1-\beta)/(1+\beta)`.  The layer's relative standard error is
+**What a plan costs.**  A refresh runs one forward pass (and a per-call overhead), ``s``, then one seeded backward
+per group of layers: ``C`` seeds for the exact layers (none for an output ``nn.Linear``, whose exact Fisher is a
+closed form) and ``N_max`` sampled seeds for the Î₁ layers.  Each backward is as deep as the deepest layer of its
+group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So one exact layer deep in the network
+costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
 
-.. math::  \mathrm{rse} = \sqrt{\phi\,\overline{V}}\;/\;\overline{F}
-           \qquad(\text{means over the tensor's entries}),
+**What a plan buys.**  The running estimate is an exponential moving average with decay ``beta`` of refreshes on
+``M`` inputs.  Per tensor ``t``, a refresh's expected squared relative error is :math:`(a_t + l_t/N)/M` (spec §2.3 b),
+with :math:`a_t = \sum_i \mathrm{Var}_x F_i(x) / \sum_i F_i^2` (input noise) and
+:math:`l_t = \sum_i E_x \tilde v_1(\theta_i|x) / \sum_i F_i^2` (one-label noise of Î₁; 0 for exact), all from the
+moments of the current batch (:mod:`fisher_optim.variance`).  A time budget buys ``1 / cost`` refreshes, so before
+the EMA's plateau the mean relative error over tensors at equal time is proportional to
 
-so Î₁ needs :math:`N \ge \lceil \phi\,\overline{\tilde V_1} / (\mathrm{target}\cdot\overline F)^2 \rceil`
-samples.  Meeting the target is necessary, not sufficient: the running estimate also carries the noise of the
-inputs.  Per input, a refresh's error variance is :math:`(A + L/N)/M` with :math:`A = \overline{\mathrm{Var}_x F_i}`
-and :math:`L = \overline{E_x \tilde v_1}`, and a time budget buys :math:`1/(c + s)` refreshes (``s`` the forward
-pass and per-call overhead, paid once per refresh), so Î₁ with ``N`` samples is chosen only if
-:math:`(A + L/N)(N c_1 + s) < A (c_{exact} + s)`, with the best such ``N``.  The costs are those of whole-model
-calls: a layer's seeds run a backward through every layer above it and the other layers ride on the same
-backward, so :math:`c_{exact}` and :math:`c_1` are the costs of an exact and a one-sample pass over all the layers
-(the output layer excepted, whose exact Fisher needs no seeds: its own costs).  Judging a layer by its share of
-those passes instead (the previous rule) biased ``N`` low: the best ``N`` grows as :math:`\sqrt{L s / (A c_1)}`.
-Candidates and their costs:
+.. math::  \sqrt{\mathrm{cost}(\mathrm{plan})} \;\sum_t \sqrt{a_t + l_t/N_t},
 
-* ``exact``: ``C`` backward seeds (none for an output ``nn.Linear``), zero variance;
-* ``mc1``: ``N`` sampled seeds, cost ``N`` times the one-sample cost;
-* ``mc2``: costs the exact pass plus the Hessian residual (Î₂ = exact + residual here), so it never beats
-  ``exact`` where the residual is nonzero; where the residual vanishes (last layer, piecewise-linear
-  networks, spec §6a/§6g) Î₂ *is* the exact Fisher, which is what ``exact`` computes.
+which :func:`joint_plan` minimises (variance x cost, the classic efficiency of a Monte-Carlo estimator; the mean
+over tensors weighs each tensor's relative error equally, so compute goes where the estimate is worst).  Each Î₁
+layer must also keep the label noise of the running estimate under ``target_rse``: with per-refresh variance
+:math:`V_i = \sum_m \tilde v_1(\theta_i|x_m)/(M^2 N)`, the EMA's steady-state variance is :math:`\phi V_i`,
+:math:`\phi = (1-\beta)/(1+\beta)`, so ``N >= ceil(phi * mean V~1 / (target * mean F)^2)`` (layer means).
+A plan within ``COST_TIE`` (25 %, the timing noise) of exact everywhere gives way to it (zero variance), and the
+plan in use (``current=``) is kept unless the new optimum beats it by that margin (no flip-flopping on the noise of
+one batch).  ``mc2`` is never chosen: it costs the exact pass plus the Hessian residual (Î₂ = exact + residual),
+and where the residual vanishes (last layer, piecewise-linear networks, spec §6a/§6g) Î₂ *is* the exact Fisher.
 
-Costs within ``COST_TIE`` (25 %, the timing noise) of each other count as a tie, which goes to ``exact``
-(zero variance).  Two cost models give the per-layer costs :math:`(c_{exact}, c_1)` and the shared part ``s``:
+Two cost models give the per-layer backward and reduction costs and the shared part ``s`` (:class:`Costs`):
 
-* ``"flops"`` (deterministic, for bit-reproducible runs): a layer's pass costs ``seeds x (size of every layer
-  from the output down to it + its own size)`` (``C`` seeds for exact, one for Î₁; a ``torch.func``-route
-  parameter crosses the whole model), ``s`` is the parameter count;
+* ``"flops"`` (deterministic, for bit-reproducible runs): a seed's backward down to a layer crosses every later
+  layer (sizes summed; a ``torch.func``-route parameter crosses the whole model), its reduction costs the layer's
+  size; ``s`` is the parameter count;
 * ``"measured"``: whole-model timings on the current batch of the calls a refresh makes: one forward pass, one
   exact pass and a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
   separate the marginal cost of a sample from the per-call overhead, which joins the forward pass in ``s``; the
-  exact pass less that overhead and the per-sample cost are split over the layers in proportion to their
-  ``"flops"`` costs.  Timing each layer apart (the previous model) took 8 backward passes per layer, over
-  a minute on a ResNet-18; a backward pass through all layers costs about as much as one through the deepest.
+  ``"flops"`` model's per-layer costs are scaled so that it prices the exact and the one-sample plans at what was
+  measured, and mixed plans from there.
 
 Costs depend on the input shape and the layers, not on the parameter values: :func:`run_selection` returns them as
 :class:`Costs` and accepts them back (``costs=``) to skip the timing on a batch of the same shape and dtype, as
