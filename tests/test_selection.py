@@ -266,3 +266,28 @@ def test_next_select_interval():
     assert sel_mod.next_select_interval(50, 50, changed=False) == 100
     assert sel_mod.next_select_interval(400, 50, changed=False) == 400
     assert sel_mod.next_select_interval(400, 50, changed=True) == 50
+
+
+def test_unit_stats_match_direct_sums():
+    """Per tensor a_t = sum_i Var_x F_i / sum_i F_i^2 and l_t = sum_i E_x v1_i / sum_i F_i^2 (batch means), from
+    the fused sums, against a direct float64 computation from the moments."""
+    from fisher_optim.variance import moments_from_probe
+
+    net, x = sigmoid_mlp(), sigmoid_inputs(16)
+    m = x.shape[0]
+    with Probe(net, x, get_likelihood("categorical")) as probe:
+        mom = moments_from_probe(probe, with_v2=True, with_fisher_sq=True)
+        units = [tuple(u) for u in sel_mod._module_units(probe)]
+    sums = sel_mod._tensor_sums(mom, [n for u in units for n in u])
+    for unit in units:
+        numel = sum(mom.fisher[n].numel() for n in unit)
+        st = sel_mod._unit_stats(unit, sums, numel, m, 0.5, 0.1, True)
+        for n, a, l in zip(unit, st.a, st.l):
+            f = mom.fisher[n].double() / m
+            var = mom.fisher_sq[n].double() / m - f**2
+            assert a == pytest.approx(float(var.sum() / (f**2).sum()), rel=1e-9)
+            assert l == pytest.approx(float((mom.v1[n].double() / m).sum() / (f**2).sum()), rel=1e-9)
+        f_mean = sum(float(mom.fisher[n].double().sum()) for n in unit) / numel / m
+        v1 = sum(float(mom.v1[n].double().sum()) for n in unit) / numel / m**2
+        assert st.f == pytest.approx(f_mean, rel=1e-9) and st.v1 == pytest.approx(v1, rel=1e-9)
+        assert st.n_need == max(1, math.ceil(0.5 * v1 / (0.1 * f_mean) ** 2))
