@@ -195,6 +195,10 @@ def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
     x = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.7).double()
     ch = select(net, x, likelihood="bernoulli", cost_model="flops")
     assert (ch["4.weight"].estimator, ch["4.bias"].estimator) == ("exact", "exact")
+    sel = run_selection(net, x, likelihood="bernoulli", cost_model="flops")
+    assert sel.summary.startswith("plan: 1 of 3 layers exact, 2 Î₁ with N=")
+    assert "exact everywhere: refresh" in sel.summary
+    assert sel.plan_cost < sel.exact_cost
     for n in ("0.weight", "0.bias", "2.weight", "2.bias"):
         assert ch[n].estimator == "mc1" and ch[n].n_samples > 1, (n, ch[n])
 
@@ -260,6 +264,9 @@ def test_current_plan_is_kept_within_the_tie_margin():
     assert third.changed and plan_of(third.choices) == plan
     assert third.plan_cost == pytest.approx(first.costs.refresh_cost(plan))
     assert third.exact_cost == pytest.approx(first.costs.refresh_cost({n: ("exact", 1) for n in plan}))
+    # the summary compares the plan (exact everywhere here) with the best all-Î₁ plan, in flops units
+    assert third.summary.startswith("plan: 3 of 3 layers exact, predicted refresh ")
+    assert "(flops units)" in third.summary and "on every layer with seeds" in third.summary
 
 
 def test_next_select_interval():
