@@ -636,9 +636,15 @@ def _decide(
                 cur = None
         except KeyError:
             cur = None
+    kept = ""
     if cur is not None and all(o == 0 or (st is not None and o >= st.n_need) for o, st in zip(cur, feasible)):
         e, c = plan_error_cost(stats, costs, cur)
         if not j * (1.0 + COST_TIE) < c * e * e:  # hysteresis: the plan in use is within the margin, keep it
+            if cur != opts and c * e * e > 0:
+                kept = (
+                    f"kept the plan in use (the new optimum's predicted error at equal time is "
+                    f"{math.sqrt(j / (c * e * e)):.3g}x its, within the {COST_TIE:.0%} margin); "
+                )
             opts, j = cur, c * e * e
     plan_cost = costs.unit_refresh_cost(opts)
     costs_pp = costs.per_param
@@ -668,7 +674,7 @@ def _decide(
             reason = (
                 f"Î₁ with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
                 f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
-                f"{alt_cost / plan_cost:.2g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
+                f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
             )
             ch = Choice("mc1", n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f)
         else:
@@ -691,7 +697,7 @@ def _decide(
             ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, st.f)
         for n in unit:
             out[n] = ch
-    return out, opts, cur, _plan_summary(scorer, opts, costs, units, max_samples)
+    return out, opts, cur, kept + _plan_summary(scorer, opts, costs, units, max_samples)
 
 
 def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max_samples: int) -> str:

@@ -298,3 +298,17 @@ def test_unit_stats_match_direct_sums():
         v1 = sum(float(mom.v1[n].double().sum()) for n in unit) / numel / m**2
         assert st.f == pytest.approx(f_mean, rel=1e-9) and st.v1 == pytest.approx(v1, rel=1e-9)
         assert st.n_need == max(1, math.ceil(0.5 * v1 / (0.1 * f_mean) ** 2))
+
+
+def test_kept_plan_is_said_in_the_summary():
+    """A plan in use near the optimum (every Î₁ layer one sample more) is kept, and the summary says by how much the
+    new optimum would have won."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 64)).double()
+    x = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.7).double()
+    best = plan_of(run_selection(net, x, likelihood="bernoulli", cost_model="flops").choices)
+    near = {n: (e, k + 1 if e == "mc1" else k) for n, (e, k) in best.items()}
+    assert near != best
+    sel = run_selection(net, x, likelihood="bernoulli", cost_model="flops", current=near)
+    assert not sel.changed and plan_of(sel.choices) == near
+    assert sel.summary.startswith("kept the plan in use (the new optimum's predicted error at equal time is 0.")
