@@ -848,6 +848,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"Invalid optimizers: {sorted(set(chosen_o) - set(specs))}")
     out = args.out if args.out is not None or args.smoke else RESULTS
     threads_before = torch.get_num_threads()
+    code = git_version()  # at the start: the code that runs (the checkout may change while it runs)
     t0 = time.perf_counter()
     try:
         torch.set_num_threads(args.threads)
@@ -865,7 +866,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["machine"] = info
     res["elapsed_s"] = elapsed
     res["seeds"] = seeds
-    res["git"] = git_version()
+    res["git"] = code
     res["epochs_scale"] = args.epochs_scale
     res["finished"] = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     try:

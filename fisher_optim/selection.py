@@ -280,6 +280,8 @@ class Selection:
     #: predicted seconds of one refresh with the chosen plan and with exact everywhere (``Costs.refresh_cost``)
     plan_cost: float = float("nan")
     exact_cost: float = float("nan")
+    #: one line: the plan against exact everywhere and against the best plan with Î₁ on every layer that takes seeds
+    summary: str = ""
 
 
 #: a plan that holds doubles the interval between selections, up to this many times the base interval
@@ -605,7 +607,7 @@ def joint_plan(
 
 def _decide(
     units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None
-) -> tuple[dict[str, Choice], list[int], list[int] | None]:
+) -> tuple[dict[str, Choice], list[int], list[int] | None, str]:
     """Per-parameter :class:`Choice` of the joint plan (see :func:`joint_plan`), with the reasons, the plan's options
     and those of ``current`` (``None`` if not given or not a plan of exact/Î₁ over these layers).  ``current`` (a
     plan ``name -> (estimator, n)``) is kept when the new optimum does not beat it by the tie margin."""
@@ -634,9 +636,15 @@ def _decide(
                 cur = None
         except KeyError:
             cur = None
+    kept = ""
     if cur is not None and all(o == 0 or (st is not None and o >= st.n_need) for o, st in zip(cur, feasible)):
         e, c = plan_error_cost(stats, costs, cur)
         if not j * (1.0 + COST_TIE) < c * e * e:  # hysteresis: the plan in use is within the margin, keep it
+            if cur != opts and c * e * e > 0:
+                kept = (
+                    f"kept the plan in use (the new optimum's predicted error at equal time is "
+                    f"{math.sqrt(j / (c * e * e)):.3g}x its, within the {COST_TIE:.0%} margin); "
+                )
             opts, j = cur, c * e * e
     plan_cost = costs.unit_refresh_cost(opts)
     costs_pp = costs.per_param
@@ -666,7 +674,7 @@ def _decide(
             reason = (
                 f"Î₁ with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
                 f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
-                f"{alt_cost / plan_cost:.2g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
+                f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
             )
             ch = Choice("mc1", n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f)
         else:
@@ -689,7 +697,39 @@ def _decide(
             ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, st.f)
         for n in unit:
             out[n] = ch
-    return out, opts, cur
+    return out, opts, cur, kept + _plan_summary(scorer, opts, costs, units, max_samples)
+
+
+def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max_samples: int) -> str:
+    """The chosen plan against exact everywhere and against the best uniform Î₁ plan (exact on the seedless output
+    layer): predicted refresh cost and predicted error at equal time (``sqrt`` of the ratio of ``J``)."""
+    n_units = len(opts)
+    chosen = np.asarray(opts, dtype=np.int64)[None, :]
+    exact = np.zeros((1, n_units), dtype=np.int64)
+    seedless = scorer.uc[:, 0] == 0.0
+    uniform = np.stack([np.where(seedless | (scorer.need > max_samples), 0, np.maximum(n, scorer.need))
+                        for n in range(1, max_samples + 1)])  # fmt: skip
+    j, j_ex, j_u = scorer.score(chosen)[0], scorer.score(exact)[0], scorer.score(uniform)
+    best = int(np.argmin(j_u))
+    def fmt(cost: float) -> str:
+        return f"{1e3 * cost:.3g} ms" if costs.cost_model == "measured" else f"{cost:.3g} (flops units)"
+
+    n_exact = sum(o == 0 for o in opts)
+    ns = sorted({o for o in opts if o})
+    text = (
+        f"plan: {n_exact} of {n_units} layers exact"
+        + (f", {n_units - n_exact} Î₁ with N={'/'.join(map(str, ns))}" if ns else "")
+        + f", predicted refresh {fmt(costs.unit_refresh_cost(opts))}"
+    )
+    alts = []
+    for name, jj, plan in [("exact everywhere", j_ex, exact[0]),
+                           (f"Î₁ N={int(uniform[best].max())} on every layer with seeds", j_u[best], uniform[best])]:
+        if (plan == chosen[0]).all() or (name.startswith("Î₁") and not (plan != 0).any()) or not jj < math.inf:
+            continue
+        ratio = f"{math.sqrt(j / jj):.3g}x" if jj > 0 else "inf x"
+        alts.append(f"{name}: refresh {fmt(costs.unit_refresh_cost([int(o) for o in plan]))}, this plan's predicted "
+                    f"error at equal time {ratio} its")  # fmt: skip
+    return "; ".join([text, *alts])
 
 
 
@@ -815,7 +855,7 @@ def run_selection(
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
         out_unit = set(probe._module_params(probe.output_index)) if probe.output_index is not None else set()
-    out, opts, cur = _decide(units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current)
+    out, opts, cur, summary = _decide(units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current)
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
     fisher = {n: (f / m).detach() for n, f in mom.fisher.items()}
@@ -823,4 +863,4 @@ def run_selection(
     if current is not None and not changed:  # the same layers, options and unused parameters as before
         changed = any((c.estimator, c.n_samples) != tuple(current.get(n, ("", 0))) for n, c in out.items())
     exact_cost = costs.unit_refresh_cost([0] * len(opts))
-    return Selection(out, fisher, costs, changed, costs.unit_refresh_cost(opts), exact_cost)
+    return Selection(out, fisher, costs, changed, costs.unit_refresh_cost(opts), exact_cost, summary)

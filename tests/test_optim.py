@@ -462,7 +462,8 @@ def test_auto_mode_report_and_log(caplog):
         assert isinstance(row["reason"], str) and row["reason"]
         assert row["rse"] <= 0.1  # the default target_rse
     assert sum("estimator selection" in r.getMessage() for r in caplog.records) == 2
-    assert "4.weight" in rep.table() and "last selection" in rep.table()
+    assert "4.weight" in rep.table() and "last selection: plan: 3 of 3 layers exact" in rep.table()
+    assert rep.summary.startswith("plan: 3 of 3 layers exact") and rep.summary in rep.table()
     plan = {n: (r["estimator"], r["n_samples"]) for n, r in rep.items()}
     costs = next(iter(opt._cost_cache.values()))[0]
     assert rep.plan_cost == pytest.approx(costs.refresh_cost(plan)) and rep.select_every == 4

@@ -195,6 +195,10 @@ def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
     x = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.7).double()
     ch = select(net, x, likelihood="bernoulli", cost_model="flops")
     assert (ch["4.weight"].estimator, ch["4.bias"].estimator) == ("exact", "exact")
+    sel = run_selection(net, x, likelihood="bernoulli", cost_model="flops")
+    assert sel.summary.startswith("plan: 1 of 3 layers exact, 2 Î₁ with N=")
+    assert "exact everywhere: refresh" in sel.summary
+    assert sel.plan_cost < sel.exact_cost
     for n in ("0.weight", "0.bias", "2.weight", "2.bias"):
         assert ch[n].estimator == "mc1" and ch[n].n_samples > 1, (n, ch[n])
 
@@ -260,6 +264,9 @@ def test_current_plan_is_kept_within_the_tie_margin():
     assert third.changed and plan_of(third.choices) == plan
     assert third.plan_cost == pytest.approx(first.costs.refresh_cost(plan))
     assert third.exact_cost == pytest.approx(first.costs.refresh_cost({n: ("exact", 1) for n in plan}))
+    # the summary compares the plan (exact everywhere here) with the best all-Î₁ plan, in flops units
+    assert third.summary.startswith("plan: 3 of 3 layers exact, predicted refresh ")
+    assert "(flops units)" in third.summary and "on every layer with seeds" in third.summary
 
 
 def test_next_select_interval():
@@ -291,3 +298,17 @@ def test_unit_stats_match_direct_sums():
         v1 = sum(float(mom.v1[n].double().sum()) for n in unit) / numel / m**2
         assert st.f == pytest.approx(f_mean, rel=1e-9) and st.v1 == pytest.approx(v1, rel=1e-9)
         assert st.n_need == max(1, math.ceil(0.5 * v1 / (0.1 * f_mean) ** 2))
+
+
+def test_kept_plan_is_said_in_the_summary():
+    """A plan in use near the optimum (every Î₁ layer one sample more) is kept, and the summary says by how much the
+    new optimum would have won."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 64)).double()
+    x = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) > 0.7).double()
+    best = plan_of(run_selection(net, x, likelihood="bernoulli", cost_model="flops").choices)
+    near = {n: (e, k + 1 if e == "mc1" else k) for n, (e, k) in best.items()}
+    assert near != best
+    sel = run_selection(net, x, likelihood="bernoulli", cost_model="flops", current=near)
+    assert not sel.changed and plan_of(sel.choices) == near
+    assert sel.summary.startswith("kept the plan in use (the new optimum's predicted error at equal time is 0.")

@@ -109,7 +109,8 @@ class FisherReport(dict):
     ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps), and in
     auto mode ``plan_cost`` / ``exact_cost`` (the last selection's predicted seconds of one refresh with its plan
     and with exact everywhere, :meth:`fisher_optim.selection.Costs.refresh_cost`; ``nan`` before it) and
-    ``select_every`` (refreshes from one selection to the next, grown while the plan holds).
+    ``select_every`` (refreshes from one selection to the next, grown while the plan holds) and ``summary``
+    (:attr:`fisher_optim.selection.Selection.summary`: the plan against exact everywhere and all-Î₁).
     """
 
     steps: int = 0
@@ -119,6 +120,7 @@ class FisherReport(dict):
     plan_cost: float = math.nan
     exact_cost: float = math.nan
     select_every: int = 0
+    summary: str = ""
 
     def table(self) -> str:
         """The report as a fixed-width text table."""
@@ -134,10 +136,7 @@ class FisherReport(dict):
             f"skipped (non-finite) {self.skipped_steps}"
         )
         if self.plan_cost == self.plan_cost:
-            lines.append(
-                f"last selection: a refresh with this plan is predicted at {self.plan_cost:.3g} s, with exact "
-                f"everywhere {self.exact_cost:.3g} s; next selection {self.select_every} refreshes after it"
-            )
+            lines.append(f"last selection: {self.summary}; next selection {self.select_every} refreshes after it")
         return "\n".join(lines)
 
 
@@ -219,6 +218,7 @@ class FisherOptimizer(Optimizer):
         self._since_select = 0
         self._select_every = variance_interval  # grows while the plan holds (selection.next_select_interval)
         self._plan_costs = (math.nan, math.nan)  # the last selection's predicted refresh costs: plan, all exact
+        self._plan_summary = ""
         self._skipped = 0
         # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
         self._cost_cache: dict[tuple, list] = {}
@@ -284,6 +284,7 @@ class FisherOptimizer(Optimizer):
                 "since_select": self._since_select,
                 "select_every": self._select_every,
                 "plan_costs": list(self._plan_costs),
+                "plan_summary": self._plan_summary,
                 "skipped": self._skipped,
             },
             "estimator": self.estimator,
@@ -321,6 +322,7 @@ class FisherOptimizer(Optimizer):
         self._since_refresh, self._since_select, self._skipped = c["since_refresh"], c["since_select"], c["skipped"]
         self._select_every = int(c.get("select_every", self.variance_interval))
         self._plan_costs = tuple(float(v) for v in c.get("plan_costs", (math.nan, math.nan)))
+        self._plan_summary = str(c.get("plan_summary", ""))
 
     # -- subclass interface --------------------------------------------------------------------------
     def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
@@ -456,7 +458,7 @@ class FisherOptimizer(Optimizer):
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
-        choices, fisher, changed, plan_costs = None, None, True, (math.nan, math.nan)
+        choices, fisher, changed, plan_costs = None, None, True, (math.nan, math.nan, "")
         if not distributed or dist.get_rank(self._pg) == 0:
             key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
             cached = self._cost_cache.get(key)
@@ -470,7 +472,7 @@ class FisherOptimizer(Optimizer):
             self._cache_costs(key, sel.costs, reused=cached is not None)
             choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
                        for n, c in sel.choices.items()}  # fmt: skip
-            changed, plan_costs = sel.changed, (sel.plan_cost, sel.exact_cost)
+            changed, plan_costs = sel.changed, (sel.plan_cost, sel.exact_cost, sel.summary)
             fisher = sel.fisher
         if distributed:
             box = [(choices, changed, plan_costs) if fisher is not None else None]
@@ -505,7 +507,7 @@ class FisherOptimizer(Optimizer):
             self._select_every = next_select_interval(
                 self._select_every, self.variance_interval, pending["changed"] or self._plan is None
             )
-            self._plan_costs = tuple(pending["plan_costs"])
+            self._plan_costs, self._plan_summary = tuple(pending["plan_costs"][:2]), pending["plan_costs"][2]
             pending = pending["choices"]
             self._choices = pending
             self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
@@ -599,6 +601,7 @@ class FisherOptimizer(Optimizer):
         )  # fmt: skip
         if self.estimator == "auto":
             rep.plan_cost, rep.exact_cost = self._plan_costs
+            rep.summary = self._plan_summary
             rep.select_every = self._select_every
         return rep
 
