@@ -25,9 +25,10 @@ frozen weights so that only the estimation differs between strategies:
   for all); each has its own label generator.
 * **Strategies.**  ``estimate_plan`` (the call ``FisherAdam`` makes) with a uniform plan: exact, mc1 (Î₁) N=1 and
   N=4, mc2 (Î₂) N=1 (``mlp`` only), empirical (observed labels; the autoencoder's are its binary pixels; biased,
-  its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: at the first refresh,
-  then after ``variance_interval`` refreshes, doubled each time a selection keeps the plan in use (up to 8x; reset
-  when it changes: ``selection.next_select_interval``), the refresh is a *selection*: ``run_selection`` on the
+  its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: its first refresh is
+  exact (``estimate_plan``); at the second, then after ``variance_interval`` refreshes, doubled each time a
+  selection keeps the plan in use (up to 8x; reset when it changes: ``selection.next_select_interval``), the
+  refresh is a *selection*: ``run_selection`` on the
   current batch with ``FisherAdam``'s defaults (``target_rse``, ``ema_decay = betas[1]``, ``max_samples``,
   ``cost_model``), the plan in use as ``current=`` (kept unless beaten by the tie margin), and the optimizer's
   cost cache (costs measured at the first selection of a stream, passed back
@@ -455,9 +456,10 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
     on both clocks.  With ``cfg.stream_reference`` the exact Fisher of every batch is computed anyway: it is the
     same-stream reference.
 
-    Auto follows ``FisherAdam._estimate``/``_select``: a selection every ``variance_interval`` refreshes (the first
-    included), whose estimate is ``run_selection``'s ``fisher`` (timed: the ``run_selection`` call), with the costs
-    of the previous selection passed back unless they are new to this stream or were reused ``COST_REUSE`` times
+    Auto follows ``FisherAdam._estimate``/``_select``: an exact first refresh, then a selection at the second and
+    after every ``variance_interval`` refreshes (grown while the plan holds), whose estimate is
+    ``run_selection``'s ``fisher`` (timed: the ``run_selection`` call), with the costs of the previous selection
+    passed back unless they are new to this stream or were reused ``COST_REUSE`` times
     (``FisherAdam._cost_cache`` with its single key: every batch has the same shape); ``estimate_plan`` with the
     latest plan in between.
     """
@@ -521,7 +523,7 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
         for s in order[shift:] + order[:shift]:
             if not active(s):
                 continue
-            if s == AUTO and (auto_plan is None or since_select >= select_every):
+            if s == AUTO and traces[AUTO].refreshes > 0 and (auto_plan is None or since_select >= select_every):
                 # FisherAdam._select: cached costs unless new or reused COST_REUSE times already
                 cached = cost_cache if cost_cache is not None and cost_cache[1] < COST_REUSE else None
                 sel, w, c = timed(
@@ -539,7 +541,8 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
                 selections.append({n: ch.as_dict() for n, ch in sel.choices.items()})
                 since_select = 0
             else:
-                plan = auto_plan if s == AUTO else plans[s]
+                # FisherAdam._estimate: auto's first refresh is exact, its first selection is at the second
+                plan = (exact_plan if auto_plan is None else auto_plan) if s == AUTO else plans[s]
                 needs_targets = any(e == "empirical" for e, _ in plan.values())
                 est, w, c = timed(
                     lambda plan=plan, s=s, xb=xb, t=(yb if needs_targets else None): estimate_plan(
@@ -924,7 +927,8 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         "every fisher_interval-th shuffled batch), the same inputs for every strategy; the estimate is folded into "
         "a bias-corrected EMA exactly as FisherAdam does.",
         f"- Strategies: `estimate_plan` (the call FisherAdam makes) with a uniform plan: {fixed_list}; and auto, as "
-        f"FisherAdam runs it: at the first refresh, then after {d['variance_interval']} refreshes, doubled each time "
+        f"FisherAdam runs it: its first refresh is exact (`estimate_plan`); at the second, then after "
+        f"{d['variance_interval']} refreshes, doubled each time "
         "a selection keeps the plan in use (up to 8×, reset when it changes), the refresh is a "
         "selection, `run_selection` on the current batch with the defaults above and the plan in use as `current=`, "
         "whose `sel.fisher` (the exact "

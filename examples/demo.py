@@ -9,10 +9,10 @@ with its default hyperparameters.  The loop is the usual one; the only change is
     opt = FisherAdam(model, likelihood="categorical")     # instead of torch.optim.Adam(model.parameters())
 
 FisherAdam captures the inputs with a forward hook and refreshes its running diagonal Fisher every 10 steps on 32
-of them.  At the first refresh, then after 50 refreshes (doubled while the plan holds), it computes every layer's
-closed-form variances on the batch, measures what each estimator costs, and picks one plan for all layers (per
-layer exact, or Î₁ with N samples whose label noise keeps the running estimate under ``target_rse``) with the
-lowest predicted mean relative error at equal estimation time (``fisher_optim.selection``).
+of them.  Its first refresh is exact; at the second, then after 50 refreshes (doubled while the plan holds), it
+computes every layer's closed-form variances on the batch, measures what each estimator costs, and picks one plan
+for all layers (per layer exact, or Î₁ with N samples whose label noise keeps the running estimate under
+``target_rse``) with the lowest predicted mean relative error at equal estimation time (``fisher_optim.selection``).
 
 Prints the per-layer choices (estimator, n_samples, predicted rse, cost) and the test accuracies, and saves
 loss/accuracy curves to ``examples/demo.png`` (``--out`` to change).  About a minute on 2 CPU cores.

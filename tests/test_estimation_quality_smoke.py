@@ -128,16 +128,17 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
                 assert (np.stack(traces["exact"].err_stream) == 0).all()  # the exact strategy is the reference
                 for name in ("mc1 N=1", "mc1 N=4", "empirical"):
                     assert (np.stack(traces[name].err_stream) > 0).all(), name
-                # auto's first refresh is a selection: its estimate is the exact Fisher of that batch
-                assert traces[eq.AUTO].err_stream[0].max() < 1e-5
+                # auto's first refresh is exact (and its first selection's estimate the exact Fisher of that batch)
+                assert traces[eq.AUTO].err_stream[0].max() < 1e-5 and traces[eq.AUTO].err_stream[1].max() < 1e-5
             np.testing.assert_allclose(traces[eq.AUTO].err_full[0], traces["exact"].err_full[0], rtol=1e-4)
-            # auto selects on its first refresh and then every variance_interval refreshes
+            # auto's first refresh is exact, it selects at the second and then after variance_interval refreshes
             auto = traces[eq.AUTO]
             interval = cfg.defaults["variance_interval"]
+            assert auto.refreshes < interval + 1  # smoke budgets: one selection
             kinds = [k != eq.PLAN for k in auto.kind]
-            assert kinds == [j % interval == 0 for j in range(auto.refreshes)]
-            assert sum(kinds) == len(st["selections"]) == math.ceil(auto.refreshes / interval)
-            assert auto.kind[0] == eq.SEL_MEASURED  # the first selection of a stream measures its costs
+            assert kinds == [j == 1 for j in range(auto.refreshes)]
+            assert sum(kinds) == len(st["selections"]) == 1
+            assert auto.kind[1] == eq.SEL_MEASURED  # the first selection of a stream measures its costs
             for sel in st["selections"]:
                 assert {c["estimator"] for c in sel.values()} <= {"exact", "mc1", "mc2", "empirical"}
     for r in res["rows"]:
@@ -191,11 +192,15 @@ def test_auto_reuses_the_selection_as_its_refresh_and_caches_costs_like_fisher_a
             assert costs is sels[i - 1][1].costs and sel.costs is costs
     sel_kinds = [k for k in auto.kind if k != eq.PLAN]
     assert sel_kinds == [eq.SEL_MEASURED if c is None else eq.SEL_CACHED for c, _ in sels]
-    # the selection's exact Fisher is that refresh's estimate: auto's first refresh equals exact's on batch 0
-    batch0 = x[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))[: cfg.m]]  # the stream's first
-    exact0 = real_estimate(model, batch0, likelihood=cfg.likelihood, plan={n: ("exact", 1) for n in ref["names"]})
-    torch.testing.assert_close(sels[0][1].fisher, exact0, rtol=1e-5, atol=0)
-    assert auto.err_stream[0].max() < 1e-5
+    # auto's first refresh is exact, and the selection's exact Fisher is that refresh's estimate: its second refresh
+    # (the first selection) equals exact's on batch 1
+    gin = torch.Generator().manual_seed(3)
+    batch0 = x[torch.randperm(len(y), generator=gin)[: cfg.m]]  # the stream's first and second batches
+    batch1 = x[torch.randperm(len(y), generator=gin)[: cfg.m]]
+    exact1 = real_estimate(model, batch1, likelihood=cfg.likelihood, plan={n: ("exact", 1) for n in ref["names"]})
+    torch.testing.assert_close(sels[0][1].fisher, exact1, rtol=1e-5, atol=0)
+    assert auto.kind[0] == eq.PLAN and auto.err_stream[0].max() < 1e-5 and auto.err_stream[1].max() < 1e-5
+    assert batch0.shape == batch1.shape
 
 
 def test_autoencoder_data_are_binary_pixels_and_their_own_targets():

@@ -491,8 +491,8 @@ def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed)
     net = make_mlp()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=2, cost_model="flops", seed=0)
     train(net, opt, 40)
-    assert at == ([1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35, 37, 39] if changed
-                  else [1, 3, 7, 15, 31])  # intervals 2, 4, 8, 16, 16 (= 8 x 2)
+    # the first refresh is exact; selections from the second: intervals 2, 4, 8, 16, 16 (= 8 x 2), or 2 throughout
+    assert at == (list(range(2, 41, 2)) if changed else [2, 4, 8, 16, 32])
     assert currents[0] is None and all(c == opt._plan for c in currents[1:])
     sd = opt.state_dict()
     assert sd["fisher_optim"]["counters"]["select_every"] == (2 if changed else 16)
@@ -532,15 +532,15 @@ def test_auto_mode_reuses_selection_costs_until_the_shape_changes(monkeypatch, c
     calls = _count_cost_measurements(monkeypatch)
     net = make_mlp()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=1, cost_model=cost_model, seed=0)
-    train(net, opt, 4)  # 4 selections on batches of 8: measure once, reuse 3 times
+    train(net, opt, 5)  # an exact refresh, then 4 selections on batches of 8: measure once, reuse 3 times
     assert opt.fisher_report().selections == 4 and calls == [(8, 5)]
     train(net, opt, 1)  # COST_REUSE reuses done: measure again
     assert calls == [(8, 5)] * 2
-    x, y = batch(5, n=6)  # a new input shape: measure
+    x, y = batch(6, n=6)  # a new input shape: measure
     nn.functional.cross_entropy(net(x), y).backward()
     opt.step()
     opt.zero_grad()
-    train(net, opt, 1, start=6)  # back to 8 inputs: the cached costs again
+    train(net, opt, 1, start=7)  # back to 8 inputs: the cached costs again
     assert calls == [(8, 5), (8, 5), (6, 5)] and opt.fisher_report().selections == 7
     assert "_cost_cache" not in str(opt.state_dict())  # timings belong to the machine, not to the checkpoint
     opt.close()
@@ -548,33 +548,40 @@ def test_auto_mode_reuses_selection_costs_until_the_shape_changes(monkeypatch, c
 
 @pytest.mark.parametrize("params", ["all", "subset"])
 def test_refresh_at_a_selection_is_the_selections_exact_fisher(monkeypatch, params):
-    """The selection's variance pass gives the refresh (no second estimation pass, no label draw); the
-    refreshes between selections follow the plan with ``estimate_plan``."""
+    """The first refresh is exact (``estimate_plan``, no label draw); the second is the first selection, whose
+    variance pass gives the refresh (no second estimation pass, no label draw); the refreshes between selections
+    follow the plan with ``estimate_plan``."""
     net = make_mlp()
-    x, y = batch(0)
     chosen = None if params == "all" else [net[0].weight, net[0].bias, net[4].weight]
     opt = FisherAdam(net, params=chosen, fisher_batch=5, betas=(0.9, 0.5), variance_interval=2, fisher_interval=1,
                      cost_model="flops", seed=0)  # fmt: skip
-    expected = diagonal_fisher(net, x[:5], likelihood="categorical", estimator="exact")
+    optimized = [n for n, p in net.named_parameters() if chosen is None or any(p is q for q in chosen)]
     plans, real = [], base_mod.estimate_plan
     monkeypatch.setattr(base_mod, "estimate_plan", lambda *a, **k: plans.append(k["plan"]) or real(*a, **k))
     gen_state = opt._generator.get_state()
-    nn.functional.cross_entropy(net(x), y).backward()
-    opt.step()
-    opt.zero_grad()
-    assert plans == [] and torch.equal(opt._generator.get_state(), gen_state)
-    optimized = [n for n, p in net.named_parameters() if chosen is None or any(p is q for q in chosen)]
+    expected = diagonal_fisher(net, batch(0)[0][:5], likelihood="categorical", estimator="exact")
+    train(net, opt, 1)  # the first refresh: exact, by estimate_plan
+    assert plans == [{n: ("exact", 1) for n in optimized}] and opt.fisher_report().selections == 0
+    before = {}
     for n, p in net.named_parameters():
         if n not in optimized:
             assert p not in opt.state
             continue
-        ema = opt.state[p]["fisher_ema"]
-        torch.testing.assert_close(ema / 0.5, expected[n], rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")
-    train(net, opt, 1, start=1)  # not a selection: the plan
-    assert len(plans) == 1 and sorted(plans[0]) == sorted(optimized)
-    assert plans[0] == {n: (r["estimator"], r["n_samples"]) for n, r in opt.fisher_report().items()}
-    train(net, opt, 1, start=2)  # a selection again
-    assert len(plans) == 1 and opt.fisher_report().selections == 2
+        before[n] = opt.state[p]["fisher_ema"].clone()
+        torch.testing.assert_close(before[n] / 0.5, expected[n], rtol=1e-12, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")
+    expected = diagonal_fisher(net, batch(1)[0][:5], likelihood="categorical", estimator="exact")
+    train(net, opt, 1, start=1)  # the first selection: its exact Fisher is the refresh
+    assert len(plans) == 1 and opt.fisher_report().selections == 1
+    assert torch.equal(opt._generator.get_state(), gen_state)  # no label drawn so far
+    for n, p in net.named_parameters():
+        if n in optimized:
+            torch.testing.assert_close(opt.state[p]["fisher_ema"], 0.5 * before[n] + 0.5 * expected[n], rtol=1e-12,
+                                       atol=1e-15, msg=lambda m, n=n: f"{n}: {m}")  # fmt: skip
+    train(net, opt, 1, start=2)  # not a selection: the plan
+    assert len(plans) == 2 and sorted(plans[1]) == sorted(optimized)
+    assert plans[1] == {n: (r["estimator"], r["n_samples"]) for n, r in opt.fisher_report().items()}
+    train(net, opt, 1, start=3)  # a selection again
+    assert len(plans) == 2 and opt.fisher_report().selections == 2
     opt.close()
 
 
@@ -590,7 +597,7 @@ def test_auto_mode_with_a_layer_unused_by_the_forward():
 
     net = Net()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=2, cost_model="flops")
-    train(net, opt, 3)
+    train(net, opt, 4)  # refresh 1 exact, selections at refreshes 2 and 4
     rep = opt.fisher_report()
     assert rep.selections == 2 and rep["unused.weight"]["reason"].startswith("unused")
     assert rep["unused.weight"]["fisher_mean"] == 0.0 and rep["body.0.weight"]["fisher_mean"] > 0

@@ -13,14 +13,14 @@ One ``step()``:
    Fisher state yet): :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
    fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
-   In auto mode, :func:`fisher_optim.selection.run_selection` first chooses a new plan on the same inputs at the
-   first refresh, then after ``variance_interval`` refreshes; the plan in use is kept unless the new one beats it
-   by the tie margin, and each selection that keeps it doubles the interval to the next (at most
-   ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it).  The selection's variance pass
-   computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as ``estimate_plan``)
-   instead of a second estimation pass: a selection's refresh is exact and draws no labels.  Under DDP only rank 0
-   selects (its choices are broadcast) and the other ranks compute their exact estimate with ``estimate_plan``.
-   The estimates are then averaged over ranks (one ``all_reduce``);
+   In auto mode the first refresh is exact; at the second, :func:`fisher_optim.selection.run_selection` first
+   chooses a plan on the same inputs, and again after ``variance_interval`` refreshes; the plan in use is kept
+   unless the new one beats it by the tie margin, and each selection that keeps it doubles the interval to the
+   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it).  The selection's
+   variance pass computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as
+   ``estimate_plan``) instead of a second estimation pass: a selection's refresh is exact and draws no labels.
+   Under DDP only rank 0 selects (its choices are broadcast) and the other ranks compute their exact estimate
+   with ``estimate_plan``.  The estimates are then averaged over ranks (one ``all_reduce``);
 3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
    (``torch._foreach_norm``) per device and dtype and **one host synchronisation per step**
    (the same price as ``torch.amp.GradScaler``'s inf check).  On failure, ``nonfinite="skip"`` leaves every
@@ -426,7 +426,11 @@ class FisherOptimizer(Optimizer):
         self._capture.enabled = False
         try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
             est = None
-            if self.estimator == "auto":
+            if self.estimator == "auto" and self._plan is None and self._refreshes == 0:
+                # the first refresh is exact: an estimate at once, and the selection at the next refresh times a
+                # warm exact pass (a first call is up to several times slower)
+                plan = {n: ("exact", 1) for n in names}
+            elif self.estimator == "auto":
                 if self._plan is None or self._since_select >= self._select_every or any(
                     n not in self._plan for n in names
                 ):

@@ -78,8 +78,9 @@ class FisherAdam(FisherOptimizer):
         fisher_interval: steps between Fisher refreshes (default 10).
         fisher_batch: number of captured inputs the estimation uses (default 32; ``None``: all).
         target_rse: auto mode's bound on the relative standard error of the running estimate.
-        variance_interval: auto mode re-selects after this many refreshes (default 50), doubled after each
-            selection that keeps the plan in use (up to 8x; reset when the plan changes).  A selection's refresh
+        variance_interval: auto mode's first refresh is exact and its first selection at the second; it re-selects
+            after this many refreshes (default 50), doubled after each selection that keeps the plan in use (up to
+            8x; reset when the plan changes).  A selection's refresh
             reuses the exact Fisher of its variance pass, and its measured costs are cached per input shape
             (:mod:`fisher_optim.optim.base`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU) a selection
             and its refresh cost about 2.7 exact refreshes with cached costs and 5 when it measures them, 3 % of
