@@ -83,8 +83,8 @@ class FisherAdam(FisherOptimizer):
             8x; reset when the plan changes).  A selection's refresh
             reuses the exact Fisher of its variance pass, and its measured costs are cached per input shape
             (:mod:`fisher_optim.optim.base`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU) a selection
-            and its refresh cost about 2.7 exact refreshes with cached costs and 5 when it measures them, 3 % of
-            auto's estimation time over 400 refreshes (``benchmarks/results/estimation_quality.md``, "Cost per
+            and its refresh cost about 2.5-2.7 exact refreshes with cached costs and 4-6 when it measures them,
+            3 % of auto's estimation time over 400 refreshes (``benchmarks/results/estimation_quality.md``, "Cost per
             refresh").
         max_samples: auto mode's largest Î₁ sample count.
         cost_model: auto mode's cost model, ``"measured"`` (time the passes) or ``"flops"`` (deterministic,
