@@ -528,7 +528,8 @@ class _PlanScorer:
     def score(self, plans: np.ndarray) -> np.ndarray:
         uc, ex = self.uc, plans == 0  # costs are >= 0, so masking by a product keeps the maxima
         err = self.table[self.rows, plans].sum(1)
-        cost = self.shared + (ex * uc[:, 0]).max(1) + ex @ uc[:, 1] + plans.max(1) * (~ex * uc[:, 2]).max(1)
+        cost = (self.shared + (ex * uc[:, 0]).max(1, initial=0.0) + ex @ uc[:, 1]
+                + plans.max(1, initial=0) * (~ex * uc[:, 2]).max(1, initial=0.0))  # fmt: skip
         cost += plans @ uc[:, 3]
         with np.errstate(invalid="ignore"):
             return np.where(err < np.inf, cost * err * err, np.inf)  # inf where an option is infeasible
@@ -704,6 +705,8 @@ def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max
     """The chosen plan against exact everywhere and against the best uniform Î₁ plan (exact on the seedless output
     layer): predicted refresh cost and predicted error at equal time (``sqrt`` of the ratio of ``J``)."""
     n_units = len(opts)
+    if n_units == 0:
+        return "plan: 0 of 0 layers exact (no parameter used by the forward pass)"
     chosen = np.asarray(opts, dtype=np.int64)[None, :]
     exact = np.zeros((1, n_units), dtype=np.int64)
     seedless = scorer.uc[:, 0] == 0.0
@@ -711,6 +714,7 @@ def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max
                         for n in range(1, max_samples + 1)])  # fmt: skip
     j, j_ex, j_u = scorer.score(chosen)[0], scorer.score(exact)[0], scorer.score(uniform)
     best = int(np.argmin(j_u))
+
     def fmt(cost: float) -> str:
         return f"{1e3 * cost:.3g} ms" if costs.cost_model == "measured" else f"{cost:.3g} (flops units)"
 
@@ -730,8 +734,6 @@ def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max
         alts.append(f"{name}: refresh {fmt(costs.unit_refresh_cost([int(o) for o in plan]))}, this plan's predicted "
                     f"error at equal time {ratio} its")  # fmt: skip
     return "; ".join([text, *alts])
-
-
 
 
 def _check_select_args(target_rse, ema_decay, max_samples, cost_model) -> int:

@@ -90,6 +90,15 @@ def test_selection_fisher_is_the_exact_fisher(case, likelihood):
         assert sel.choices["unused.weight"].reason.startswith("unused") and not sel.fisher["unused.weight"].any()
 
 
+def test_selection_of_unused_parameters_only():
+    """Every selected parameter unused by the forward pass: no layer to plan, zero Fisher, exact."""
+    net = WithUnused()
+    sel = run_selection(net, inputs((6, 3)), likelihood="categorical", cost_model="flops",
+                        names=["unused.weight", "unused.bias"])  # fmt: skip
+    assert plan_of(sel.choices) == {"unused.weight": ("exact", 1), "unused.bias": ("exact", 1)}
+    assert not sel.fisher["unused.weight"].any() and sel.summary.startswith("plan: 0 of 0 layers exact")
+
+
 def test_selection_respects_names():
     net, x = mlp("sigmoid", widths=(3, 5, 4, 3)), inputs((7, 3))
     names = ["2.weight", "4.bias"]
