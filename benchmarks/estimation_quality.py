@@ -533,8 +533,7 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
                     )
                 )
                 # FisherAdam._apply_refresh: the interval doubles while the plan holds, resets when it changes
-                select_every = next_select_interval(select_every, d["variance_interval"],
-                                                    sel.changed or auto_plan is None)  # fmt: skip
+                select_every = next_select_interval(select_every, d["variance_interval"], sel.changed)
                 cost_cache = [sel.costs, cached[1] + 1 if cached is not None else 0]  # FisherAdam._cache_costs
                 est, kind = sel.fisher, (SEL_MEASURED if cached is None else SEL_CACHED)
                 auto_plan = {n: (ch.estimator, ch.n_samples) for n, ch in sel.choices.items()}

@@ -361,21 +361,14 @@ def _measured_costs(
 
 
 def _flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
-    """Deterministic cost model: seeds x (backward work from the output down to the layer + reduction)."""
-    c = probe.h.shape[1]
-    sizes = []
-    for names in units:
-        sizes.append(sum(probe.params[n].numel() for n in names))
+    """Deterministic per-parameter costs ``(c_exact, c_one_sample)`` (for reports and the measured model's split): the
+    layer's exact or one-sample pass on its own, ``b + r`` of :func:`_unit_flops`, shared by size within the layer."""
     out = {}
-    # fast modules are in forward order; the backward to layer l crosses every later layer
-    for i, names in enumerate(units):
-        depth = sum(sizes[i:]) if i < len(probe.fast) else sum(sizes)
-        cost1 = float(depth + sizes[i])
-        # the output layer's exact Fisher takes no seeds (Probe.exact_output_layer): one pass of its own size
-        c_exact = float(sizes[i]) if i == probe.output_index else c * cost1
+    for names, (b_ex, r_ex, b_1, r_1) in zip(units, _unit_flops(probe, units)):
+        size = sum(probe.params[n].numel() for n in names)
         for n in names:
-            share = probe.params[n].numel() / max(1, sizes[i])
-            out[n] = (c_exact * share, cost1 * share)
+            share = probe.params[n].numel() / max(1, size)
+            out[n] = ((b_ex + r_ex) * share, (b_1 + r_1) * share)
     return out
 
 
@@ -487,24 +480,13 @@ def _unit_stats(unit, sums: dict, numel: int, m: int, phi: float, target_rse: fl
     return _UnitStats(tuple(unit), a_t, l_t, n_need, f, v1, v2, a_mean, tot[3] / numel)
 
 
-def plan_error_cost(stats: list[_UnitStats | None], costs: Costs, options: list[int]) -> tuple[float, float]:
-    r"""``(sum over tensors of sqrt(a_t + l_t/N_t), refresh cost)`` of a plan (per unit: ``0`` exact, ``N`` Î₁).
-
-    Before the running estimate's plateau, a time budget ``T`` buys ``T / cost`` refreshes, so the expected
-    relative error of tensor ``t`` is about :math:`\sqrt{\mathrm{cost}\,(a_t + l_t/N_t)/(M T)}`: the mean over
-    tensors at equal time is proportional to ``sqrt(cost) * (the first number)``."""
-    err = 0.0
-    for st, opt in zip(stats, options):
-        if st is None:
-            continue
-        for a, l in zip(st.a, st.l):
-            err += math.sqrt(a + (l / opt if opt else 0.0))
-    return err, costs.unit_refresh_cost(options)
-
-
 class _PlanScorer:
-    """Vectorised :func:`plan_error_cost`: ``score(plans)`` is ``J = cost * (sum_t sqrt(a_t + l_t/N_t))^2`` of every
-    row of ``plans`` (``(R, U)`` options: ``0`` exact, ``N`` Î₁; ``inf`` where an option is infeasible)."""
+    r"""``score(plans)`` is ``J = cost * (sum_t sqrt(a_t + l_t/N_t))^2`` of every row of ``plans`` (``(R, U)``
+    options: ``0`` exact, ``N`` Î₁; ``inf`` where an option is infeasible), ``cost`` as :meth:`Costs.refresh_cost`.
+
+    Before the running estimate's plateau a time budget ``T`` buys ``T / cost`` refreshes, so tensor ``t``'s expected
+    relative error is about :math:`\sqrt{\mathrm{cost}\,(a_t + l_t/N_t)/(M T)}`: the mean over tensors at equal time
+    is proportional to ``sqrt(J)``."""
 
     def __init__(self, stats: list[_UnitStats | None], costs: Costs, max_samples: int):
         n_units, k = len(stats), max_samples
@@ -548,7 +530,7 @@ def joint_plan(
 ) -> tuple[list[int], float]:
     r"""The plan (per unit ``0`` = exact or ``N`` = Î₁ with ``N`` samples, ``N >= n_need``) minimising the predicted
     mean relative error at equal time, :math:`J = \mathrm{cost} \cdot (\sum_t \sqrt{a_t + l_t/N_t})^2`
-    (:func:`plan_error_cost`), and its ``J``.
+    (:class:`_PlanScorer`), and its ``J``.
 
     The layers are coupled: every layer's refresh rate is set by the whole plan's cost, and a group's backward
     is as deep as its deepest layer, so one exact layer deep down costs nearly a whole exact pass.  Steepest descent
@@ -618,15 +600,14 @@ def _decide(
                     mom.v2 is not None)
         for u in units
     ]  # fmt: skip
-    feasible = [None if st is None else st for st in stats]
+    feasible = list(stats)  # a layer whose label noise misses target_rse at max_samples can only be exact
     for i, st in enumerate(feasible):
         if st is not None and st.n_need > max_samples:
             feasible[i] = _UnitStats(st.names, st.a, st.l, max_samples + 1, st.f, st.v1, st.v2, st.a_mean, st.l_mean)
     scorer = _PlanScorer(feasible, costs, max_samples)
     opts, j = joint_plan(feasible, costs, max_samples, scorer=scorer)
     all_exact = [0] * len(units)
-    err_ex, cost_ex = plan_error_cost(stats, costs, all_exact)
-    j_ex = cost_ex * err_ex * err_ex
+    j_ex = float(scorer.score(np.zeros((1, len(units)), dtype=np.int64))[0]) if units else 0.0
     if not j * (1.0 + COST_TIE) < j_ex:  # within the timing noise of exact: take the zero-variance estimator
         opts, j = all_exact, j_ex
     cur = None
@@ -639,14 +620,14 @@ def _decide(
             cur = None
     kept = ""
     if cur is not None and all(o == 0 or (st is not None and o >= st.n_need) for o, st in zip(cur, feasible)):
-        e, c = plan_error_cost(stats, costs, cur)
-        if not j * (1.0 + COST_TIE) < c * e * e:  # hysteresis: the plan in use is within the margin, keep it
-            if cur != opts and c * e * e > 0:
+        j_cur = float(scorer.score(np.asarray(cur, dtype=np.int64)[None, :])[0]) if units else 0.0
+        if not j * (1.0 + COST_TIE) < j_cur:  # hysteresis: the plan in use is within the margin, keep it
+            if cur != opts and j_cur > 0:
                 kept = (
                     f"kept the plan in use (the new optimum's predicted error at equal time is "
-                    f"{math.sqrt(j / (c * e * e)):.3g}x its, within the {COST_TIE:.0%} margin); "
+                    f"{math.sqrt(j / j_cur):.3g}x its, within the {COST_TIE:.0%} margin); "
                 )
-            opts, j = cur, c * e * e
+            opts, j = cur, j_cur
     plan_cost = costs.unit_refresh_cost(opts)
     costs_pp = costs.per_param
     out: dict[str, Choice] = {}

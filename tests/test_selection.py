@@ -212,6 +212,13 @@ def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
         assert ch[n].estimator == "mc1" and ch[n].n_samples > 1, (n, ch[n])
 
 
+def plan_error_cost(stats, costs, options):
+    """Scalar reference of the selection's score: (sum_t sqrt(a_t + l_t/N_t), Costs.unit_refresh_cost)."""
+    err = sum(math.sqrt(a + (l / o if o else 0.0)) for st, o in zip(stats, options) if st is not None
+              for a, l in zip(st.a, st.l))  # fmt: skip
+    return err, costs.unit_refresh_cost(options)
+
+
 def _stats(a, l, n_need=1):
     return sel_mod._UnitStats(("w",), [a], [l], n_need, 1.0, 0.0, 0.0, a, l)
 
@@ -236,10 +243,10 @@ def test_joint_plan_is_the_brute_force_optimum(seed):
     opts, j = sel_mod.joint_plan(stats, costs, max_n)
     best = math.inf
     for combo in itertools.product(*[[0, *range(st.n_need, max_n + 1)] for st in stats]):
-        e, cost = sel_mod.plan_error_cost(stats, costs, list(combo))
+        e, cost = plan_error_cost(stats, costs, list(combo))
         best = min(best, cost * e * e)
     assert best <= j <= best * 1.01
-    e, cost = sel_mod.plan_error_cost(stats, costs, opts)
+    e, cost = plan_error_cost(stats, costs, opts)
     assert cost * e * e == pytest.approx(j, rel=1e-12)
     assert all(o == 0 or o >= st.n_need for o, st in zip(opts, stats))
 

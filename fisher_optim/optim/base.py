@@ -462,7 +462,7 @@ class FisherOptimizer(Optimizer):
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
-        choices, fisher, changed, plan_costs = None, None, True, (math.nan, math.nan, "")
+        info, fisher = None, None
         if not distributed or dist.get_rank(self._pg) == 0:
             key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
             cached = self._cost_cache.get(key)
@@ -474,15 +474,18 @@ class FisherOptimizer(Optimizer):
                 costs=None if cached is None else cached[0], current=self._plan,
             )  # fmt: skip
             self._cache_costs(key, sel.costs, reused=cached is not None)
-            choices = {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
-                       for n, c in sel.choices.items()}  # fmt: skip
-            changed, plan_costs = sel.changed, (sel.plan_cost, sel.exact_cost, sel.summary)
+            info = {
+                "choices": {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
+                            for n, c in sel.choices.items()},
+                "changed": sel.changed, "plan_cost": sel.plan_cost, "exact_cost": sel.exact_cost,
+                "summary": sel.summary,
+            }  # fmt: skip
             fisher = sel.fisher
         if distributed:
-            box = [(choices, changed, plan_costs) if fisher is not None else None]
+            box = [info]
             dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
-            choices, changed, plan_costs = box[0]
-        return {"choices": choices, "changed": changed, "plan_costs": plan_costs}, fisher
+            info = box[0]
+        return info, fisher
 
     def _cache_costs(self, key: tuple, costs: Costs, reused: bool) -> None:
         """Remember ``costs`` for ``key``, counting reuses (see the module docstring); keep the newest few."""
@@ -508,10 +511,8 @@ class FisherOptimizer(Optimizer):
 
     def _apply_refresh(self, estimates: dict[Tensor, Tensor], pending: dict | None) -> None:
         if pending is not None:
-            self._select_every = next_select_interval(
-                self._select_every, self.variance_interval, pending["changed"] or self._plan is None
-            )
-            self._plan_costs, self._plan_summary = tuple(pending["plan_costs"][:2]), pending["plan_costs"][2]
+            self._select_every = next_select_interval(self._select_every, self.variance_interval, pending["changed"])
+            self._plan_costs, self._plan_summary = (pending["plan_cost"], pending["exact_cost"]), pending["summary"]
             pending = pending["choices"]
             self._choices = pending
             self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
