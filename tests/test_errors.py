@@ -95,7 +95,7 @@ ROWS = [
     # outputs and inputs
     ({"model": three_d_output()}, ValueError, r"categorical: model output must have shape \(batch, classes\)"),
     ({"inputs": inputs((0, 3))}, ValueError, r"non-empty batch"),
-    ({"inputs": [[0.0, 1.0, 2.0]]}, TypeError, r"inputs must be a Tensor"),
+    ({"inputs": [[0.0, 1.0, 2.0]]}, TypeError, r"inputs must contain a tensor"),
 ]
 
 
