@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+from .batch import OutputSpec
 from .engine import Probe, reduce_records
 from .estimators import check_estimator, check_n_samples
 from .hessian import residual_records
@@ -59,9 +60,10 @@ def _sqnorm_reducer(lik: Likelihood, h: Tensor, weight: Tensor, power: int):
 
 def variance_bounds(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     estimator: str,
     n_samples: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -81,7 +83,7 @@ def variance_bounds(
     lik = get_likelihood(likelihood)
     check_estimator(estimator, ("mc1", "mc2"))
     n_samples = check_n_samples(n_samples)
-    with Probe(model, inputs, lik) as probe:
+    with Probe(model, inputs, lik, output=output) as probe:
         h = probe.h.detach()
         m = h.shape[0]
         if estimator == "mc1":

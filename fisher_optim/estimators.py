@@ -22,10 +22,12 @@ BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.gra
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 from torch import Tensor, nn
 
+from .batch import OutputSpec
 from .engine import Probe, reduce_records, trainable_parameters
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
@@ -146,7 +148,7 @@ def empirical_from_probe(probe: Probe, targets) -> dict[str, Tensor]:
 
 def diagonal_fisher(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
     estimator: str,
@@ -154,6 +156,7 @@ def diagonal_fisher(
     targets: Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    output: OutputSpec = None,
 ) -> dict[str, Tensor]:
     r"""Diagonal Fisher information of ``model`` at ``inputs``, one tensor per trainable parameter.
 
@@ -161,7 +164,9 @@ def diagonal_fisher(
         model: any ``nn.Module`` whose output rows are the natural parameters of ``likelihood``.
             ``nn.Linear``/``nn.Conv2d`` take fast per-layer rules; every other module with parameters
             takes an exact ``torch.func`` route.
-        inputs: ``(M, ...)`` batch of inputs.
+        inputs: the model's inputs for ``M`` examples: a Tensor ``(M, ...)`` (``model(x)``), a tuple
+            (``model(*inputs)``) or a dict (``model(**inputs)``).  Tensors whose leading dimension is ``M`` (that of
+            the first tensor) are sliced together; other arguments are passed whole to every call.
         likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"``, ``"poisson"`` or a
             :class:`~fisher_optim.likelihoods.Likelihood`.
         estimator: ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂) or ``"empirical"`` (needs ``targets``).
@@ -170,6 +175,9 @@ def diagonal_fisher(
             shape).
         generator: ``torch.Generator`` for the label draws (one ``likelihood.sample(h, n_samples)`` call).
         reduction: ``"mean"`` (default) over the ``M`` inputs or ``"sum"``.
+        output: picks the natural parameters out of the model's output: ``None`` (the output itself, the first
+            element of a tuple/list, or the ``"logits"`` entry/attribute of a dict or output object), a key, an
+            index or a callable.
 
     Returns:
         ``{name: tensor}`` keyed like ``model.named_parameters()`` (parameters that require grad), each
@@ -198,7 +206,7 @@ def diagonal_fisher(
         raise ValueError(f"targets are only used by estimator 'empirical', not {estimator!r}")
     if estimator == "mc2":
         hessian_plan(model, trainable_parameters(model))  # unsupported modules fail before any work
-    with Probe(model, inputs, lik) as probe:
+    with Probe(model, inputs, lik, output=output) as probe:
         if estimator == "exact":
             out = exact_from_probe(probe)
         elif estimator == "mc1":
@@ -208,6 +216,14 @@ def diagonal_fisher(
         else:
             out = empirical_from_probe(probe, targets)
         m = probe.h.shape[0]
+        depends = [n for n in probe.params if n not in probe.unused]
     if reduction == "mean":
         out = {n: v / m for n, v in out.items()}
+    if depends and estimator != "mc2" and all(not bool(out[n].any()) for n in depends):
+        warnings.warn(
+            f"diagonal_fisher: the {estimator} Fisher is exactly zero for every parameter the output depends on "
+            f"({len(depends)} tensors): is likelihood={lik.name!r} the model's output distribution?",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return {n: v.detach() for n, v in out.items()}

@@ -161,6 +161,11 @@ class Categorical(Likelihood):
             raise ValueError(
                 f"categorical: model output must have shape (batch, classes), got {tuple(h.shape)}"
             )
+        if h.shape[1] < 2:
+            raise ValueError(
+                f"categorical: the model output has {h.shape[1]} class; a softmax over one class is constant and its "
+                "Fisher is zero. A regression output takes likelihood='gaussian'; a binary one 'bernoulli'"
+            )
         return h
 
     def check_targets(self, h: Tensor, y: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .batch import OutputSpec
 from .engine import Probe, reduce_records
 from .estimators import (
     _identity_sum,
@@ -167,9 +168,10 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
 
 def estimate_plan(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     plan: dict[str, tuple[str, int]],
     generator: torch.Generator | None = None,
     targets: Tensor | None = None,
@@ -189,7 +191,7 @@ def estimate_plan(
         ['0.bias', '0.weight', '2.weight']
     """
     lik = get_likelihood(likelihood)
-    with Probe(model, inputs, lik, names=list(plan)) as probe:
+    with Probe(model, inputs, lik, names=list(plan), output=output) as probe:
         out = plan_from_probe(probe, plan, generator=generator, targets=targets)
         m = probe.h.shape[0]
     return {n: (v / m).detach() for n, v in out.items()}
@@ -730,9 +732,10 @@ def _check_select_args(target_rse, ema_decay, max_samples, cost_model) -> int:
 
 def select(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     generator: torch.Generator | None = None,
     target_rse: float = 0.1,
     ema_decay: float = 0.9,
@@ -771,16 +774,18 @@ def select(
         True
     """
     return run_selection(
-        model, inputs, likelihood=likelihood, generator=generator, target_rse=target_rse, ema_decay=ema_decay,
-        max_samples=max_samples, names=names, cost_model=cost_model, with_v2=with_v2, costs=costs, current=current,
+        model, inputs, likelihood=likelihood, output=output, generator=generator, target_rse=target_rse,
+        ema_decay=ema_decay, max_samples=max_samples, names=names, cost_model=cost_model, with_v2=with_v2,
+        costs=costs, current=current,
     ).choices  # fmt: skip
 
 
 def run_selection(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     generator: torch.Generator | None = None,
     target_rse: float = 0.1,
     ema_decay: float = 0.9,
@@ -817,11 +822,12 @@ def run_selection(
     max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
     lik = get_likelihood(likelihood)
     phi = (1.0 - ema_decay) / (1.0 + ema_decay)
-    with Probe(model, inputs, lik, names=names) as probe:
-        if costs is not None and not costs.matches(inputs, probe.params, cost_model):
+    with Probe(model, inputs, lik, names=names, output=output) as probe:
+        x = probe.inputs
+        if costs is not None and not costs.matches(x, probe.params, cost_model):
             raise ValueError(
                 f"costs were measured for {costs.cost_model!r} costs, inputs {costs.input_shape} {costs.input_dtype} "
-                f"and {len(costs.names)} parameters, not {cost_model!r}, {tuple(inputs.shape)} {inputs.dtype} and "
+                f"and {len(costs.names)} parameters, not {cost_model!r}, {tuple(x.shape)} {x.dtype} and "
                 f"{len(probe.params)} parameters: pass costs=None to measure them"
             )
         m = probe.h.shape[0]

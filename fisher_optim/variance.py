@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .batch import OutputSpec
 from .engine import Probe
 from .estimators import check_estimator, check_n_samples, check_reduction
 from .hessian import plan as hessian_plan
@@ -169,9 +170,10 @@ def moments_from_probe(
 
 def fisher_moments(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     with_v2: bool = True,
     with_fisher_sq: bool = False,
 ) -> FisherMoments:
@@ -180,15 +182,16 @@ def fisher_moments(
     ``with_fisher_sq`` adds :math:`\sum_m F_i(x_m)^2` (the input-randomness term of :func:`joint_variance`).
     """
     lik = get_likelihood(likelihood)
-    with Probe(model, inputs, lik) as probe:
+    with Probe(model, inputs, lik, output=output) as probe:
         return moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq)
 
 
 def fisher_variance(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     estimator: str,
     n_samples: int = 1,
     reduction: str = "mean",
@@ -213,7 +216,7 @@ def fisher_variance(
     check_estimator(estimator)
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
-    with Probe(model, inputs, lik) as probe:
+    with Probe(model, inputs, lik, output=output) as probe:
         m = probe.h.shape[0]
         if estimator in ("exact", "empirical"):
             return {n: torch.zeros_like(p, dtype=probe.h.dtype).detach() for n, p in probe.params.items()}
@@ -251,9 +254,10 @@ def layer_summary(fisher: dict[str, Tensor], variance: dict[str, Tensor]) -> dic
 
 def joint_variance(
     model: nn.Module,
-    inputs: Tensor,
+    inputs,
     *,
     likelihood: str | Likelihood,
+    output: OutputSpec = None,
     estimator: str,
     n_samples: int = 1,
 ) -> dict[str, dict[str, Tensor]]:
@@ -271,7 +275,7 @@ def joint_variance(
     lik = get_likelihood(likelihood)
     check_estimator(estimator, ("mc1", "mc2"))
     n_samples = check_n_samples(n_samples)
-    with Probe(model, inputs, lik) as probe:
+    with Probe(model, inputs, lik, output=output) as probe:
         mom = moments_from_probe(
             probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
         )
