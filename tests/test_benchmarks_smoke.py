@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("backpack")
 pytest.importorskip("mlxtend")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("matplotlib")
 
 from benchmarks import estimation_quality as eq  # noqa: E402

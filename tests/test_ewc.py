@@ -437,6 +437,7 @@ def test_eval_mode_fisher_with_dropout_is_deterministic():
 
 
 # -- the benchmark cannot rot ----------------------------------------------------------------------------
+@pytest.mark.bench
 def test_benchmark_smoke(tmp_path):
     pytest.importorskip("mlxtend")
     from benchmarks import ewc as bench
@@ -455,6 +456,7 @@ def test_benchmark_smoke(tmp_path):
             assert r.shape == (2, 2) and ((r >= 0) & (r <= 1)).all()
 
 
+@pytest.mark.bench
 def test_benchmark_metrics():
     import numpy as np
 

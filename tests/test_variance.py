@@ -708,6 +708,7 @@ def test_state_untouched():
 
 # =========================================================================================================
 # benchmark smoke run (STYLE.md §7: benchmarks run inside the test suite so they cannot rot)
+@pytest.mark.bench
 def test_variance_cost_benchmark_smoke(tmp_path):
     from benchmarks import variance_cost as bench
 
@@ -730,6 +731,7 @@ def test_variance_cost_benchmark_smoke(tmp_path):
     assert md.count("Where the time goes") == len(results)
 
 
+@pytest.mark.bench
 def test_variance_cost_benchmark_invalid_arguments():
     from benchmarks import variance_cost as bench
 
