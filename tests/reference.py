@@ -93,3 +93,51 @@ def closed_form_variances(lik, h, J, U, n_samples):
     v1 = lik.moment4(h, J.transpose(0, 1)).sum(0) / (n_samples * m * m)
     v2 = lik.fisher_quad(h, U.transpose(0, 1)).sum(0) / (n_samples * m * m)
     return v1, v2
+
+
+# -- output-space Fisher matrices by hand (numpy, no fisher_optim code) -----------------------------------
+def output_fisher_numpy(name: str, h, sigma: float = 1.0):
+    """``I(h) = Cov(t)`` per input, ``(B, C, C)`` numpy float64, written from each family's mean parameter.
+
+    categorical: ``diag(p) - p pᵀ`` with ``p = softmax(h)`` (docs/fisher-math.md §5.3); bernoulli:
+    ``diag(p(1-p))`` with ``p = sigmoid(h)`` (§5.4); gaussian: ``I / sigma²`` (§5.5); poisson: ``diag(exp h)`` (§5.6).
+    """
+    import numpy as np
+
+    h = np.asarray(h, dtype=np.float64)
+    if name == "categorical":
+        z = np.exp(h - h.max(-1, keepdims=True))
+        p = z / z.sum(-1, keepdims=True)
+        return np.einsum("bc,cd->bcd", p, np.eye(h.shape[-1])) - p[:, :, None] * p[:, None, :]
+    if name == "bernoulli":
+        d = 1.0 / (1.0 + np.exp(-h))
+        d = d * (1.0 - d)
+    elif name == "gaussian":
+        d = np.full_like(h, 1.0 / sigma**2)
+    elif name == "poisson":
+        d = np.exp(h)
+    else:
+        raise ValueError(name)
+    return np.einsum("bc,cd->bcd", d, np.eye(h.shape[-1]))
+
+
+def output_fisher_eigenvalues_numpy(name: str, h, sigma: float = 1.0):
+    """``(lambda_max, lambda_min)`` of :func:`output_fisher_numpy` by ``numpy.linalg.eigvalsh``.
+
+    For categorical outputs ``I 1 = 0`` always, so ``lambda_min`` is taken on the complement of ``1``: the
+    eigenvalues of ``Qᵀ I Q`` with ``Q`` an orthonormal basis of ``1``-perp (Helmert-style, built by hand).
+    """
+    import numpy as np
+
+    I = output_fisher_numpy(name, h, sigma)
+    ev = np.linalg.eigvalsh(I)
+    if name != "categorical":
+        return ev[:, -1], ev[:, 0]
+    c = I.shape[-1]
+    Q = np.zeros((c, c - 1))
+    for k in range(1, c):  # k-th Helmert column: (1, ..., 1, -k, 0, ...) / sqrt(k (k + 1))
+        Q[:k, k - 1] = 1.0
+        Q[k, k - 1] = -float(k)
+        Q[:, k - 1] /= np.sqrt(k * (k + 1))
+    restricted = np.linalg.eigvalsh(np.einsum("ca,mcd,de->mae", Q, I, Q))
+    return ev[:, -1], restricted[:, 0]

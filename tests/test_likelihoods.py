@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import DTYPE, LIKELIHOOD_NAMES, gen, make_likelihood
+from reference import output_fisher_eigenvalues_numpy
 from torch.func import hessian, jacrev, jvp
 
 from fisher_optim.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
@@ -237,13 +238,24 @@ def test_lambda_max_moment4_is_the_pair_matrix_eigenvalue(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_fisher_eigenvalues(name):
+    """lambda_max / lambda_min of I(h) against numpy.linalg.eigvalsh of the matrix built by hand from the family's
+    mean parameter (softmax probabilities, sigmoid, exp, 1/sigma²), not from ``lik.fisher``."""
     lik = lik_of(name)
     h = outputs(19, scale=1.5)
-    ev = torch.linalg.eigvalsh(lik.fisher(h))
-    torch.testing.assert_close(lik.lambda_max_fisher(h), ev[:, -1], rtol=1e-12, atol=1e-15)
+    family = "gaussian" if name.startswith("gaussian") else name
+    lam_max, lam_min = output_fisher_eigenvalues_numpy(family, h.numpy(), sigma=getattr(lik, "sigma", 1.0))
+    torch.testing.assert_close(lik.lambda_max_fisher(h), torch.from_numpy(lam_max), rtol=1e-12, atol=1e-15)
     # categorical: I 1 = 0 always, so the smallest eigenvalue is taken on the complement of 1
-    expected_min = ev[:, 1] if name == "categorical" else ev[:, 0]
-    torch.testing.assert_close(lik.lambda_min_fisher(h), expected_min, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(lik.lambda_min_fisher(h), torch.from_numpy(lam_min), rtol=1e-10, atol=1e-15)
+
+
+def test_categorical_fisher_eigenvalues_two_classes_closed_form():
+    """C = 2: I = p₁p₂ [[1, -1], [-1, 1]], eigenvalues 0 and 2 p₁ p₂; on 1-perp only 2 p₁ p₂ remains."""
+    h = 3.0 * torch.randn(20, 2, generator=gen(23), dtype=DTYPE)
+    p1 = 1.0 / (1.0 + torch.exp(h[:, 1] - h[:, 0]))  # softmax of two logits, written out
+    expected = 2 * p1 * (1 - p1)
+    torch.testing.assert_close(Categorical().lambda_max_fisher(h), expected, rtol=1e-12, atol=1e-16)
+    torch.testing.assert_close(Categorical().lambda_min_fisher(h), expected, rtol=1e-10, atol=1e-16)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
