@@ -53,8 +53,8 @@ def per_input_derivatives(model, x, lik, hessians=True):
 
 
 # -- estimator formulas from the brute-force J (M x C x P) and U (M x C x P) ---------------------------
-# Every function returns a flat (P,) vector, the MEAN over the M inputs (spec §2.3a); use split() to map it
-# to parameter names.  Labels y have the likelihood's sample() layout (N, M, ...).
+# Every function returns a flat (P,) vector, the MEAN over the M inputs (docs/fisher-math.md §2.3a); use split() to
+# map it to parameter names.  Labels y have the likelihood's sample() layout (N, M, ...).
 
 
 def exact_diag(lik, h, J):
@@ -84,7 +84,7 @@ def empirical_diag(lik, h, J, y):
 
 
 def closed_form_variances(lik, h, J, U, n_samples):
-    """Var over label draws of Î₁ and Î₂ (averaged over the M inputs), spec §2.3a, §3.2, §5.
+    """Var over label draws of Î₁ and Î₂ (averaged over the M inputs), docs/fisher-math.md §2.3a, §3.2, §5.
 
     N V₁(x_m) = M(v,v,v,v) = lik.moment4 along v = J_m[:, i];  N V₂(x_m) = u^T I(h_m) u with u = U_m[:, i];
     Var(mean over inputs) = (1/M^2) sum_m V(x_m).

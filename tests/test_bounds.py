@@ -1,4 +1,4 @@
-"""Variance bounds (spec §4; §10 items 10 and 12): they hold, they are the documented quantities, and the
+"""Variance bounds (docs/fisher-math.md §4; §10 items 10 and 12): they hold, they are the documented quantities, and the
 eigenvalue routes agree with dense references.
 
 * per-parameter and trace bounds ``lower <= V <= upper`` for the four likelihoods, Î₁ and Î₂, on a tiny MLP
@@ -38,7 +38,7 @@ def moment4_matrix(lik, h: torch.Tensor) -> torch.Tensor:
 
 
 def assert_between(lower, value, upper, what=""):
-    """``lower <= value <= upper`` with slack 1e-12 * max(|upper|, tiny) (spec §10 item 10)."""
+    """``lower <= value <= upper`` with slack 1e-12 * max(|upper|, tiny) (docs/fisher-math.md §10 item 10)."""
     slack = 1e-12 * max(float(torch.as_tensor(upper).abs().max()), TINY)
     lower, value, upper = (torch.as_tensor(t) for t in (lower, value, upper))
     assert bool((lower <= value + slack).all()), f"{what}: lower bound violated by {float((lower - value).max())}"
@@ -87,8 +87,8 @@ def test_bounds_hold_and_match_dense_eigenvalues(model_name, lik_name, estimator
     torch.testing.assert_close(flat(upper), expected_up / (n_samples * m * m), rtol=1e-8, atol=0)
     torch.testing.assert_close(flat(lower), expected_lo / (n_samples * m * m), rtol=1e-8, atol=0)
     # the lower bound is informative for Î₂ and for Gaussian/Poisson Î₁; for categorical Î₁ there is no useful
-    # eigenvalue lower bound (spec §4.2) and the library returns 0; Bernoulli Î₁ can be 0 legitimately (a unit
-    # at p = 1/2 has Var(s_a²) = 0)
+    # eigenvalue lower bound (docs/fisher-math.md §4.2) and the library returns 0; Bernoulli Î₁ can be 0 legitimately
+    # (a unit at p = 1/2 has Var(s_a²) = 0)
     if estimator == "mc2":  # zero on the last layer only (u = 0 there)
         assert bool((flat(lower) > 0).any())
     elif lik_name in ("gaussian", "poisson"):
@@ -162,7 +162,8 @@ def test_tensor_lambda_min_is_a_valid_lower_bound(lik_name):
 
 @pytest.mark.parametrize("model_name", ["mlp-sigmoid", "cnn-sigmoid"])
 def test_gaussian_bounds_are_tight(model_name):
-    """Gaussian(sigma): lower == V == upper, V₁ = 2||v||⁴/(N sigma⁴), V₂ = ||u||²/(N sigma²) (spec §4.4)."""
+    """Gaussian(sigma): lower == V == upper, V₁ = 2||v||⁴/(N sigma⁴), V₂ = ||u||²/(N sigma²)
+    (docs/fisher-math.md §4.4)."""
     lik = Gaussian(sigma=0.7)
     model, x = tiny_case(model_name, 1)
     names, h, J, U = per_input_derivatives(model, x, lik)
@@ -212,7 +213,7 @@ def full_derivatives(model, x):
 
 
 def covariance_norms(lik, h, J, H, n_samples):
-    """``||Cov(Î₁)||_F`` and ``||Cov(Î₂)||_F`` of the full P⁴ tensors (spec §3.1) by Gram identities:
+    """``||Cov(Î₁)||_F`` and ``||Cov(Î₂)||_F`` of the full P⁴ tensors (docs/fisher-math.md §3.1) by Gram identities:
 
     ``||Cov₁||² = sum M_abcd M_a'b'c'd' G_aa' G_bb' G_cc' G_dd'`` with ``G = J Jᵀ`` and
     ``||Cov₂||² = tr(I Q I Q)`` with ``Q_ab = <H_a, H_b>_F`` — no P⁴ tensor, and no library formula

@@ -719,7 +719,7 @@ def test_defaults_train_digits_at_least_as_well_as_adam(kind, seed):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the optimizer-step benchmark in smoke mode, so it cannot rot (STYLE.md §7; examples: test_examples_smoke.py)
+# the optimizer-step benchmark in smoke mode, so it cannot rot (docs/design.md §7; examples: test_examples_smoke.py)
 
 
 @pytest.mark.bench

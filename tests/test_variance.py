@@ -1,11 +1,12 @@
-"""Closed-form variances of the diagonal estimators (spec §2.3, §3, §5, §8; §10 items 1, 2, 3, 5, 7, 11, 12).
+"""Closed-form variances of the diagonal estimators
+(docs/fisher-math.md §2.3, §3, §5, §8; §10 items 1, 2, 3, 5, 7, 11, 12).
 
 What is checked against what (every expected value is computed here from first principles):
 
 * ``fisher_variance`` against the exact variance over ALL label draws (enumeration of every joint label tuple
   of every input, weighted by its probability), the estimators evaluated from the brute-force ``J``/``U`` of
   ``tests/reference.py``: rtol 1e-10, per parameter, M = 1 and 3 inputs, N = 1 and 2 labels (item 1);
-* the same against the "generic hook" of spec §3.2, ``N V₁ = D⁴F[v⁴] + 2 (D²F[v²])²`` and
+* the same against the "generic hook" of docs/fisher-math.md §3.2, ``N V₁ = D⁴F[v⁴] + 2 (D²F[v²])²`` and
   ``N V₂ = D²F[u²]``, with the log-partition ``F`` differentiated by autograd, for all four likelihoods and
   the Linear / Conv2d / unfold / ``torch.func`` routes (item 7);
 * against repeated ``diagonal_fisher`` calls: sample mean within ``z sqrt(V/R)`` and sample variance within
@@ -88,7 +89,7 @@ def assert_flat_close(actual: dict, expected: torch.Tensor, rtol: float = 1e-10,
 
 # -- log-partition functions and independent moment tables ---------------------------------------------
 def log_partition(lik):
-    """``F(h)`` for one output row ``h`` (``C``) in the coordinates the library uses (spec §5)."""
+    """``F(h)`` for one output row ``h`` (``C``) in the coordinates the library uses (docs/fisher-math.md §5)."""
     if isinstance(lik, Categorical):
         return lambda h: torch.logsumexp(h, -1)
     if isinstance(lik, Bernoulli):
@@ -448,7 +449,7 @@ def test_fourth_moment_equals_cumulants_plus_pairings(lik_name, classes):
 @pytest.mark.parametrize("lik_name", LIKELIHOOD_NAMES)
 def test_moment_contractions(lik_name):
     """For directions v, u: Var((vᵀs)²) = kappa(v⁴) + 2 F² = d⁴/ds⁴ F(h+sv) + 2(d²/ds² F(h+sv))² = moment4;
-    Var(uᵀt) = d²/ds² F(h+su) = fisher_quad (spec §3.2)."""
+    Var(uᵀt) = d²/ds² F(h+su) = fisher_quad (docs/fisher-math.md §3.2)."""
     lik = make_likelihood(lik_name)
     c, b = (2 if lik_name == "poisson" else 3), 4  # Poisson: keep the count table small
     h = random_rows(lik_name, b, c, seed=11)
@@ -477,7 +478,7 @@ def test_moment_contractions(lik_name):
 
 
 ONE_D = {
-    # name: (I, kappa4, K, K - I²) as functions of the mean parameter (spec §5.1, P21 Table 1)
+    # name: (I, kappa4, K, K - I²) as functions of the mean parameter (docs/fisher-math.md §5.1, P21 Table 1)
     "bernoulli": (
         lambda p: p * (1 - p),
         lambda p: p * (1 - p) * (6 * p**2 - 6 * p + 1),
@@ -523,7 +524,7 @@ def test_one_dimensional_rows(lik_name):
 
 
 def test_categorical_two_classes_is_the_bernoulli_row():
-    """C = 2 softmax: N V₁ = p(1-p)(1-2p)² (v₁ - v₂)⁴ with p = p₁ (spec §5.3)."""
+    """C = 2 softmax: N V₁ = p(1-p)(1-2p)² (v₁ - v₂)⁴ with p = p₁ (docs/fisher-math.md §5.3)."""
     h = torch.randn(5, 2, generator=gen(4), dtype=DTYPE)
     v = torch.randn(2, 5, generator=gen(5), dtype=DTYPE)
     p = torch.softmax(h, -1)[:, 0]
@@ -586,10 +587,10 @@ def test_joint_variance_equals_enumeration(model_name, batch, estimator):
 
 
 # =========================================================================================================
-# item 12 / spec §8: the empirical Fisher (data labels from q)
+# item 12 / docs/fisher-math.md §8: the empirical Fisher (data labels from q)
 def test_empirical_fisher_mean_and_bias_by_enumeration():
     """Targets from the model: EF (and the empirical Hessian) are unbiased.  From q != p: the bias is
-    vᵀ(Σ_q + δδᵀ - I)v for Ĩ₁ and -uᵀδ for Ĩ₂, with the per-pair variances of spec §8."""
+    vᵀ(Σ_q + δδᵀ - I)v for Ĩ₁ and -uᵀδ for Ĩ₂, with the per-pair variances of docs/fisher-math.md §8."""
     model, x = tiny_case("mlp-sigmoid", 2)
     lik = Categorical()
     names, h, J, U = per_input_derivatives(model, x, lik)
@@ -707,7 +708,7 @@ def test_state_untouched():
 
 
 # =========================================================================================================
-# benchmark smoke run (STYLE.md §7: benchmarks run inside the test suite so they cannot rot)
+# benchmark smoke run (docs/design.md §7: benchmarks run inside the test suite so they cannot rot)
 @pytest.mark.bench
 def test_variance_cost_benchmark_smoke(tmp_path):
     from benchmarks import variance_cost as bench
