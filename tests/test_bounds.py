@@ -19,8 +19,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DTYPE, LIKELIHOOD_NAMES, forced, gen, inputs, make_likelihood, mlp
-from reference import exact_diag, output_fisher_eigenvalues_numpy, per_input_derivatives
-from test_variance import central_moments, enumerate_draws, estimators_per_draw, flat, random_rows, tiny_case
+from reference import (
+    central_moments,
+    enumerate_draws,
+    estimators_per_draw,
+    exact_diag,
+    flat,
+    output_fisher_eigenvalues_numpy,
+    per_input_derivatives,
+)
+from test_variance import random_rows, tiny_case
 from torch.func import functional_call, hessian, jacrev
 
 from fisher_optim import diagonal_fisher, fisher_variance, frobenius_bounds, trace_bounds, variance_bounds

@@ -28,9 +28,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE, LIKELIHOOD_NAMES, gen, init_, inputs, make_likelihood, mlp, reference_case
-from reference import exact_diag, per_input_derivatives, sample_scores
+from reference import (
+    central_moments,
+    derivative_tensors,
+    enumerate_draws,
+    estimators_per_draw,
+    exact_moments,
+    flat,
+    label_space,
+    log_partition,
+    outcome_table,
+    per_input_derivatives,
+)
 from torch import nn
-from torch.func import hessian
 
 from fisher_optim import diagonal_fisher, fisher_moments, fisher_variance, joint_variance, layer_summary
 from fisher_optim.bounds import moment4_operator
@@ -76,91 +86,11 @@ def tiny_case(name: str, batch: int, classes: int = 3, seed: int = 1):
     return factory(classes), inputs((batch, *shape), seed=seed)
 
 
-def flat(d: dict) -> torch.Tensor:
-    return torch.cat([v.reshape(-1) for v in d.values()])
-
-
 def assert_flat_close(actual: dict, expected: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0):
     """``actual`` (a per-parameter dict) equals the flat vector ``expected`` entry-wise."""
     a = flat(actual)
     assert a.shape == expected.shape
     torch.testing.assert_close(a, expected, rtol=rtol, atol=atol)
-
-
-# -- log-partition functions and independent moment tables ---------------------------------------------
-def log_partition(lik):
-    """``F(h)`` for one output row ``h`` (``C``) in the coordinates the library uses (docs/fisher-math.md §5)."""
-    if isinstance(lik, Categorical):
-        return lambda h: torch.logsumexp(h, -1)
-    if isinstance(lik, Bernoulli):
-        return lambda h: nn.functional.softplus(h).sum()
-    if isinstance(lik, Poisson):
-        return lambda h: torch.exp(h).sum()
-    if isinstance(lik, Gaussian):  # y ~ N(h, sigma^2): t = y / sigma^2, F = ||h||^2 / (2 sigma^2)
-        return lambda h: (h * h).sum() / (2 * lik.sigma**2)
-    raise TypeError(lik)
-
-
-def derivative_tensors(lik, h: torch.Tensor):
-    """``(I, kappa)`` = 2nd and 4th derivative tensors of ``F`` at one row ``h`` (autograd, C^2 and C^4)."""
-    F = log_partition(lik)
-    return hessian(F)(h), hessian(hessian(F))(h)
-
-
-def outcome_table(lik, h: torch.Tensor):
-    """All outcomes of one draw at output row ``h`` (``C``): ``(probabilities (L,), t(y) (L, C))``.
-
-    Categorical and Bernoulli: every label; Poisson: every count vector up to ``lambda + 12 sqrt(lambda) + 30``
-    per unit (truncated series; the tail is below 1e-25); Gaussian: a Gauss-Hermite product rule (exact for
-    the polynomial moments up to degree 9).  Probabilities come from ``exp(-lik.nll)``.
-    """
-    c = h.shape[0]
-    if isinstance(lik, Categorical):
-        ys = torch.arange(c)
-        probs = torch.exp(-lik.nll(h.expand(c, c), ys))
-        return probs, lik.sufficient(ys, h)
-    if isinstance(lik, (Bernoulli, Poisson)):
-        if isinstance(lik, Bernoulli):
-            grids = [range(2)] * c
-        else:
-            grids = [range(int(lam + 12 * lam**0.5 + 30)) for lam in torch.exp(h).tolist()]
-        ys = torch.tensor(list(itertools.product(*grids)), dtype=DTYPE)
-        assert len(ys) <= 300_000, "outcome table too large: use smaller rates"
-        logp = -lik.nll(h.expand(len(ys), c), ys)
-        if isinstance(lik, Poisson):
-            logp = logp - torch.lgamma(ys + 1).sum(-1)
-        return torch.exp(logp), ys
-    if isinstance(lik, Gaussian):
-        z, w = np.polynomial.hermite_e.hermegauss(5)
-        z, w = torch.tensor(z, dtype=DTYPE), torch.tensor(w / math.sqrt(2 * math.pi), dtype=DTYPE)
-        zs = torch.tensor(list(itertools.product(range(len(z)), repeat=c)))
-        ys = h + lik.sigma * z[zs]
-        return w[zs].prod(-1), ys / lik.sigma**2
-    raise TypeError(lik)
-
-
-def central_moments(lik, h: torch.Tensor):
-    """``(eta, I, K)`` of ``t(y)`` at one row ``h``, from :func:`outcome_table` (no formula of the library).
-
-    Poisson with several units: the units are independent by definition (the NLL is a sum over units), so
-    ``K`` is assembled from the 1-D tables: ``E[s_a s_b s_c s_d]`` is ``m4_a`` when all four indices are equal,
-    ``m2_a m2_c`` for two distinct pairs, and 0 otherwise (keeps the tables small at large rates).
-    """
-    c = h.shape[0]
-    if isinstance(lik, Poisson) and c > 1:
-        units = [central_moments(lik, h[a : a + 1]) for a in range(c)]
-        eta = torch.cat([u[0] for u in units])
-        m2 = torch.stack([u[1].reshape(()) for u in units])
-        m4 = torch.stack([u[2].reshape(()) for u in units])
-        I = torch.diag(m2)
-        K = torch.einsum("ab,cd->abcd", I, I) + torch.einsum("ac,bd->abcd", I, I) + torch.einsum("ad,bc->abcd", I, I)
-        idx = torch.arange(c)
-        K[idx, idx, idx, idx] = m4
-        return eta, I, K
-    probs, t = outcome_table(lik, h)
-    eta = probs @ t
-    s = t - eta
-    return eta, torch.einsum("y,ya,yb->ab", probs, s, s), torch.einsum("y,ya,yb,yc,yd->abcd", probs, s, s, s, s)
 
 
 def random_rows(lik_name: str, b: int, c: int, seed: int) -> torch.Tensor:
@@ -171,40 +101,6 @@ def random_rows(lik_name: str, b: int, c: int, seed: int) -> torch.Tensor:
 
 # =========================================================================================================
 # item 1: exact enumeration over all label tuples
-def label_space(lik, c: int) -> torch.Tensor:
-    """Every label of one draw at one input: class indices (categorical) or {0,1}^C vectors (Bernoulli)."""
-    if isinstance(lik, Categorical):
-        return torch.arange(c)
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=c)), dtype=DTYPE)
-
-
-def enumerate_draws(lik, h: torch.Tensor, n_samples: int):
-    """Every joint draw of ``N`` labels at each of the ``M`` inputs: ``(labels (T, N, M, ...), prob (T,))``."""
-    m, c = h.shape
-    space = label_space(lik, c)
-    L = space.shape[0]
-    # log-probability of label l at input m, from the likelihood's own nll (no constants for these two)
-    logq = torch.stack([-lik.nll(h, space[l].expand(m, *space.shape[1:])) for l in range(L)], 1)  # (M, L)
-    idx = torch.tensor(list(itertools.product(range(L), repeat=n_samples * m))).reshape(-1, n_samples, m)
-    logp = logq[torch.arange(m), idx].sum((1, 2))
-    return space[idx], torch.exp(logp)
-
-
-def estimators_per_draw(lik, h, J, U, labels):
-    """Î₁ and Î₂ (flat, mean over inputs) for every draw ``labels`` (T, N, M, ...): two ``(T, P)`` tensors."""
-    t, n, m = labels.shape[:3]
-    scores = sample_scores(lik, h, J, labels.reshape(t * n, *labels.shape[2:]))  # (T*N, M, P)
-    i1 = scores.pow(2).reshape(t, n, m, -1).mean((1, 2))
-    gbar = lik.grad(h, labels).mean(1)  # (T, M, C) = eta - tbar
-    i2 = exact_diag(lik, h, J) + torch.einsum("tma,map->tp", gbar, U) / m
-    return i1, i2
-
-
-def exact_moments(values: torch.Tensor, probs: torch.Tensor):
-    mean = probs @ values
-    return mean, probs @ (values - mean) ** 2
-
-
 ENUMERATION_CASES = [
     ("mlp-sigmoid", "categorical", 2),
     ("mlp-sigmoid", "categorical", 3),
