@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-lib lint bench venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check fisher_optim tests benchmarks examples
 	$(BIN)/python -m pytest -q
+
+# the library tier alone: everything but the benchmark and example smoke runs (marker `bench`)
+test-lib: $(STAMP)
+	$(BIN)/ruff check fisher_optim tests
+	$(BIN)/python -m pytest -q -m "not bench"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/estimators.py

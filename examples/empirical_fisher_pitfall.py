@@ -1,5 +1,5 @@
 r"""The empirical Fisher is not the Fisher: Kunstner, Balles & Hennig (2019), "Limitations of the Empirical
-Fisher Approximation for Natural Gradient Descent", Fig. 1, reproduced.
+Fisher Approximation for Natural Gradient Descent", Fig. 1, re-drawn on data of the same kind.
 
 Problem: linear least squares, :math:`y = \theta_1 x + \theta_2 + \varepsilon`, :math:`\varepsilon \sim
 \mathcal N(0, \sigma^2)`, i.e. a Gaussian likelihood with mean :math:`h = \theta^\top \phi(x)`,
@@ -17,9 +17,13 @@ Problem: linear least squares, :math:`y = \theta_1 x + \theta_2 + \varepsilon`, 
   :math:`-(\tilde F + \lambda I)^{-1} \nabla L` are distorted and badly scaled.
 
 The figure has four panels, as in the paper: the data with the fitted line, then the vector fields (arrows:
-direction; colour: log10 of the step length) and a few trajectories from the same starting points for gradient
+direction; colour: log10 of the step length) and the paths from the same four starting points for gradient
 descent, natural-gradient descent and EF-preconditioned descent (damping :math:`\lambda = 10^{-8}` as in the
-paper).
+paper).  The paths are the continuous flows :math:`\dot\theta = d(\theta)` of each direction field, integrated
+(RK4, see :func:`flow`) until they are within ``1e-4`` of the minimum, as the paper's paths are followed to
+convergence: a fixed small number of steps would stop the EF paths before they loop past the minimum and turn
+back, which is the figure's point.  The data are drawn here (``x ~ N(2, 1)``, ``y = 2x - 1 + N(0, 1)``, 200
+points), not the paper's, so the picture shows the same effect, not the same curves.
 
 Why the full 2x2 matrices are computed here directly, and not with :func:`fisher_optim.diagonal_fisher`:
 the point of the figure is the off-diagonal term.  :math:`F_{12} = \overline{x}/\sigma^2 \ne 0` couples slope
@@ -31,8 +35,8 @@ Gaussian likelihood, so the two definitions (mean over examples, per-example squ
 
 Usage::
 
-    python examples/empirical_fisher_pitfall.py                      # writes examples/empirical_fisher_pitfall.png
-    python examples/empirical_fisher_pitfall.py --out benchmarks/results/empirical_fisher_pitfall.png
+    python examples/empirical_fisher_pitfall.py            # writes benchmarks/results/empirical_fisher_pitfall.png
+    python examples/empirical_fisher_pitfall.py --out ef.png  # anywhere else
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from fisher_optim import diagonal_fisher  # noqa: E402
 from fisher_optim.likelihoods import Gaussian  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent / "benchmarks" / "results" / "empirical_fisher_pitfall.png"  # the README's file
 DTYPE = torch.float64
 SIGMA = 1.0
 DAMPING = 1e-8
@@ -116,18 +121,46 @@ def check_against_library(x, y, theta):
     return F, EF
 
 
-def trajectory(start, phi, y, kind: str, lr: float, steps: int):
-    pts = [start]
-    theta = start.clone()
-    for _ in range(steps):
-        theta = theta + lr * directions(theta, phi, y)[kind]
-        pts.append(theta)
-    return torch.stack(pts)
+def flow(starts, phi, y, kind: str, theta_star, tol: float = 1e-4, max_steps: int = 20_000):
+    """Integrate the flow d theta/dt = direction(theta) from each row of ``starts`` until it converges.
+
+    Classical Runge-Kutta (RK4) with a step that adapts per path: each step moves at most ``min(0.05, 0.1 d)``
+    in parameter space (``d``: the current distance to ``theta*``) and lasts at most 0.2 time units (the
+    stability limit of gradient descent's stiffest direction, 2.8 / lambda_max(F), is above 0.47 here).  A path
+    stops once it is within ``tol`` of ``theta*``.  Returns one ``(steps + 1, 2)`` path per start and a flag
+    per path saying whether it converged within ``max_steps``.
+    """
+    paths, converged = [], []
+    for start in starts:
+        theta, pts = start.clone(), [start]
+        f = lambda t: directions(t, phi, y)[kind]  # noqa: E731
+        for _ in range(max_steps):
+            d = float(torch.linalg.norm(theta - theta_star))
+            if d < tol:
+                break
+            k1 = f(theta)
+            dt = min(0.2, min(0.05, 0.1 * d) / max(float(torch.linalg.norm(k1)), 1e-300))
+            k2 = f(theta + 0.5 * dt * k1)
+            k3 = f(theta + 0.5 * dt * k2)
+            k4 = f(theta + dt * k3)
+            theta = theta + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            pts.append(theta)
+        paths.append(torch.stack(pts))
+        converged.append(float(torch.linalg.norm(theta - theta_star)) < tol)
+    return paths, converged
+
+
+def overshoot(path, theta_star):
+    """How far a path goes past the minimum: the largest distance it travels beyond ``theta*`` along its
+    starting direction, relative to its starting distance (0 for a path that never passes the minimum)."""
+    d0 = path[0] - theta_star
+    along = (path - theta_star) @ d0 / float(torch.linalg.norm(d0)) ** 2
+    return max(0.0, -float(along.min()))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=HERE / "empirical_fisher_pitfall.png")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     x, y = make_data()
@@ -141,18 +174,29 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"at theta*: |EF - F|/|F| = {float(torch.linalg.norm(ef_star - F) / torch.linalg.norm(F)):.3f} "
           "(the EF matches F only near the minimum of a well-specified model, up to sampling noise)")  # fmt: skip
 
-    # grid of parameters around the minimum (an even size: the minimum itself, where the gradient is 0, is not on it)
-    n = 20
-    span = torch.linspace(-3.0, 3.0, n, dtype=DTYPE)
-    t1, t2 = torch.meshgrid(theta_star[0] + span, theta_star[1] + 2 * span, indexing="ij")
+    # the paths first: the field's window is the box around all of them (the EF loops reach past the start box)
+    starts = theta_star + torch.tensor([[2.5, -5.0], [-2.5, 5.0], [2.5, 5.0], [-2.0, -5.5]], dtype=DTYPE)
+    kinds = ("gradient descent", "natural gradient (Fisher)", "empirical Fisher")
+    trajs, conv = {}, {}
+    for k in kinds:
+        trajs[k], conv[k] = flow(starts, phi, y, k, theta_star)
+    pts = torch.cat([tr for v in trajs.values() for tr in v])
+    lo, hi = pts.min(0).values, pts.max(0).values
+    lo, hi = lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo)
+    # grid of parameters (an even size: the minimum itself, where the gradient is 0, is not on it in general)
+    n = 22
+    t1, t2 = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), n, dtype=DTYPE),
+                            torch.linspace(float(lo[1]), float(hi[1]), n, dtype=DTYPE), indexing="ij")  # fmt: skip
     grid = torch.stack([t1.reshape(-1), t2.reshape(-1)], 1)
     fields = directions(grid, phi, y)
-    starts = theta_star + torch.tensor([[2.5, -5.0], [-2.5, 5.0], [2.5, 5.0], [-2.0, -5.5]], dtype=DTYPE)
-    lrs = {"gradient descent": 0.1, "natural gradient (Fisher)": 0.1, "empirical Fisher": 0.1}
-    trajs = {k: [trajectory(s, phi, y, k, lrs[k], 30) for s in starts] for k in fields}
     dist = {k: [float(torch.linalg.norm(tr[-1] - theta_star)) for tr in v] for k, v in trajs.items()}
-    for k, d in dist.items():
-        print(f"{k:28s} lr {lrs[k]}: distance to theta* after 30 steps: " + ", ".join(f"{v:.3f}" for v in d))
+    over = {k: [overshoot(tr, theta_star) for tr in v] for k, v in trajs.items()}
+    path_len = {k: [float(torch.linalg.norm(tr.diff(dim=0), dim=1).sum() / torch.linalg.norm(tr[0] - theta_star))
+                  for tr in v] for k, v in trajs.items()}  # fmt: skip
+    for k in fields:
+        print(f"{k:26s} converged {sum(conv[k])}/{len(starts)} in {[len(t) - 1 for t in trajs[k]]} RK4 steps; "
+              f"path length / start distance {', '.join(f'{v:.2f}' for v in path_len[k])}; "
+              f"overshoot past theta* {', '.join(f'{v:.2f}' for v in over[k])}")  # fmt: skip
 
     import matplotlib
 
@@ -177,19 +221,20 @@ def main(argv: list[str] | None = None) -> dict:
             ax.plot(tr[:, 0], tr[:, 1], color="tab:red", lw=1.2)
             ax.plot(tr[0, 0], tr[0, 1], "o", color="tab:red", ms=3)
         ax.plot(*theta_star, "k*", ms=10)
-        ax.set(title=f"{name} (lr {lrs[name]}, 30 steps)", xlabel="θ₁ (slope)", ylabel="θ₂ (intercept)")
+        ax.set(title=f"{name} (flow, run to convergence)", xlabel="θ₁ (slope)", ylabel="θ₂ (intercept)")
         ax.set_xlim(float(t1.min()), float(t1.max()))
         ax.set_ylim(float(t2.min()), float(t2.max()))
     command = shlex.join(["python", "examples/empirical_fisher_pitfall.py", *argv])
-    fig.text(0.01, 0.01, f"made by: {command}   (Kunstner et al. 2019, Fig. 1; full 2x2 matrices, damping 1e-8)",
-             fontsize=7, color="gray")  # fmt: skip
+    note = "Kunstner et al. 2019, Fig. 1, re-drawn; full 2x2 matrices, damping 1e-8; flows run to 1e-4 of θ*"
+    fig.text(0.01, 0.01, f"made by: {command}   ({note})", fontsize=7, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
     print(f"saved {args.out}")
     assert all(math.isfinite(v) for d in dist.values() for v in d)
-    return {"theta_star": theta_star, "distances": dist, "fisher": F, "empirical_fisher": EF}
+    return {"theta_star": theta_star, "distances": dist, "converged": conv, "overshoot": over,
+            "path_length": path_len, "paths": trajs, "fisher": F, "empirical_fisher": EF}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
-"""Brute-force float64 references built with torch.func (obviously right, slow)."""
+"""Float64 references shared by the tests, obviously right and slow: brute force with torch.func, exact
+enumeration over labels and outcomes, and matrices built by hand in numpy.  None calls the estimators under test."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import torch
+from torch import nn
 from torch.func import functional_call, hessian, jacrev
+
+from fisher_optim.likelihoods import Bernoulli, Categorical, Gaussian, Poisson
+
+DTYPE = torch.float64
 
 
 def flat_params(model):
@@ -53,8 +63,8 @@ def per_input_derivatives(model, x, lik, hessians=True):
 
 
 # -- estimator formulas from the brute-force J (M x C x P) and U (M x C x P) ---------------------------
-# Every function returns a flat (P,) vector, the MEAN over the M inputs (spec §2.3a); use split() to map it
-# to parameter names.  Labels y have the likelihood's sample() layout (N, M, ...).
+# Every function returns a flat (P,) vector, the MEAN over the M inputs (docs/fisher-math.md §2.3a); use split() to
+# map it to parameter names.  Labels y have the likelihood's sample() layout (N, M, ...).
 
 
 def exact_diag(lik, h, J):
@@ -84,7 +94,7 @@ def empirical_diag(lik, h, J, y):
 
 
 def closed_form_variances(lik, h, J, U, n_samples):
-    """Var over label draws of Î₁ and Î₂ (averaged over the M inputs), spec §2.3a, §3.2, §5.
+    """Var over label draws of Î₁ and Î₂ (averaged over the M inputs), docs/fisher-math.md §2.3a, §3.2, §5.
 
     N V₁(x_m) = M(v,v,v,v) = lik.moment4 along v = J_m[:, i];  N V₂(x_m) = u^T I(h_m) u with u = U_m[:, i];
     Var(mean over inputs) = (1/M^2) sum_m V(x_m).
@@ -132,3 +142,165 @@ def frozen_batch_statistics_copy(model, *args, **kwargs):
         mods[n].running_mean = mean.clone()
         mods[n].running_var = var.clone()
     return ref.eval()
+
+# -- output-space Fisher matrices by hand (numpy, no fisher_optim code) -----------------------------------
+def output_fisher_numpy(name: str, h, sigma: float = 1.0):
+    """``I(h) = Cov(t)`` per input, ``(B, C, C)`` numpy float64, written from each family's mean parameter.
+
+    categorical: ``diag(p) - p pᵀ`` with ``p = softmax(h)`` (docs/fisher-math.md §5.3); bernoulli:
+    ``diag(p(1-p))`` with ``p = sigmoid(h)`` (§5.4); gaussian: ``I / sigma²`` (§5.5); poisson: ``diag(exp h)`` (§5.6).
+    """
+    import numpy as np
+
+    h = np.asarray(h, dtype=np.float64)
+    if name == "categorical":
+        z = np.exp(h - h.max(-1, keepdims=True))
+        p = z / z.sum(-1, keepdims=True)
+        return np.einsum("bc,cd->bcd", p, np.eye(h.shape[-1])) - p[:, :, None] * p[:, None, :]
+    if name == "bernoulli":
+        d = 1.0 / (1.0 + np.exp(-h))
+        d = d * (1.0 - d)
+    elif name == "gaussian":
+        d = np.full_like(h, 1.0 / sigma**2)
+    elif name == "poisson":
+        d = np.exp(h)
+    else:
+        raise ValueError(name)
+    return np.einsum("bc,cd->bcd", d, np.eye(h.shape[-1]))
+
+
+def output_fisher_eigenvalues_numpy(name: str, h, sigma: float = 1.0):
+    """``(lambda_max, lambda_min)`` of :func:`output_fisher_numpy` by ``numpy.linalg.eigvalsh``.
+
+    For categorical outputs ``I 1 = 0`` always, so ``lambda_min`` is taken on the complement of ``1``: the
+    eigenvalues of ``Qᵀ I Q`` with ``Q`` an orthonormal basis of ``1``-perp (Helmert-style, built by hand).
+    """
+    import numpy as np
+
+    I = output_fisher_numpy(name, h, sigma)
+    ev = np.linalg.eigvalsh(I)
+    if name != "categorical":
+        return ev[:, -1], ev[:, 0]
+    c = I.shape[-1]
+    Q = np.zeros((c, c - 1))
+    for k in range(1, c):  # k-th Helmert column: (1, ..., 1, -k, 0, ...) / sqrt(k (k + 1))
+        Q[:k, k - 1] = 1.0
+        Q[k, k - 1] = -float(k)
+        Q[:, k - 1] /= np.sqrt(k * (k + 1))
+    restricted = np.linalg.eigvalsh(np.einsum("ca,mcd,de->mae", Q, I, Q))
+    return ev[:, -1], restricted[:, 0]
+
+
+# -- flat vectors, log-partitions, outcome tables and label enumeration (moved from test_variance.py) ---------
+def flat(d: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+# -- log-partition functions and independent moment tables ---------------------------------------------
+def log_partition(lik):
+    """``F(h)`` for one output row ``h`` (``C``) in the coordinates the library uses (docs/fisher-math.md §5)."""
+    if isinstance(lik, Categorical):
+        return lambda h: torch.logsumexp(h, -1)
+    if isinstance(lik, Bernoulli):
+        return lambda h: nn.functional.softplus(h).sum()
+    if isinstance(lik, Poisson):
+        return lambda h: torch.exp(h).sum()
+    if isinstance(lik, Gaussian):  # y ~ N(h, sigma^2): t = y / sigma^2, F = ||h||^2 / (2 sigma^2)
+        return lambda h: (h * h).sum() / (2 * lik.sigma**2)
+    raise TypeError(lik)
+
+
+def derivative_tensors(lik, h: torch.Tensor):
+    """``(I, kappa)`` = 2nd and 4th derivative tensors of ``F`` at one row ``h`` (autograd, C^2 and C^4)."""
+    F = log_partition(lik)
+    return hessian(F)(h), hessian(hessian(F))(h)
+
+
+def outcome_table(lik, h: torch.Tensor):
+    """All outcomes of one draw at output row ``h`` (``C``): ``(probabilities (L,), t(y) (L, C))``.
+
+    Categorical and Bernoulli: every label; Poisson: every count vector up to ``lambda + 12 sqrt(lambda) + 30``
+    per unit (truncated series; the tail is below 1e-25); Gaussian: a Gauss-Hermite product rule (exact for
+    the polynomial moments up to degree 9).  Probabilities come from ``exp(-lik.nll)``.
+    """
+    c = h.shape[0]
+    if isinstance(lik, Categorical):
+        ys = torch.arange(c)
+        probs = torch.exp(-lik.nll(h.expand(c, c), ys))
+        return probs, lik.sufficient(ys, h)
+    if isinstance(lik, (Bernoulli, Poisson)):
+        if isinstance(lik, Bernoulli):
+            grids = [range(2)] * c
+        else:
+            grids = [range(int(lam + 12 * lam**0.5 + 30)) for lam in torch.exp(h).tolist()]
+        ys = torch.tensor(list(itertools.product(*grids)), dtype=DTYPE)
+        assert len(ys) <= 300_000, "outcome table too large: use smaller rates"
+        logp = -lik.nll(h.expand(len(ys), c), ys)
+        if isinstance(lik, Poisson):
+            logp = logp - torch.lgamma(ys + 1).sum(-1)
+        return torch.exp(logp), ys
+    if isinstance(lik, Gaussian):
+        z, w = np.polynomial.hermite_e.hermegauss(5)
+        z, w = torch.tensor(z, dtype=DTYPE), torch.tensor(w / math.sqrt(2 * math.pi), dtype=DTYPE)
+        zs = torch.tensor(list(itertools.product(range(len(z)), repeat=c)))
+        ys = h + lik.sigma * z[zs]
+        return w[zs].prod(-1), ys / lik.sigma**2
+    raise TypeError(lik)
+
+
+def central_moments(lik, h: torch.Tensor):
+    """``(eta, I, K)`` of ``t(y)`` at one row ``h``, from :func:`outcome_table` (no formula of the library).
+
+    Poisson with several units: the units are independent by definition (the NLL is a sum over units), so
+    ``K`` is assembled from the 1-D tables: ``E[s_a s_b s_c s_d]`` is ``m4_a`` when all four indices are equal,
+    ``m2_a m2_c`` for two distinct pairs, and 0 otherwise (keeps the tables small at large rates).
+    """
+    c = h.shape[0]
+    if isinstance(lik, Poisson) and c > 1:
+        units = [central_moments(lik, h[a : a + 1]) for a in range(c)]
+        eta = torch.cat([u[0] for u in units])
+        m2 = torch.stack([u[1].reshape(()) for u in units])
+        m4 = torch.stack([u[2].reshape(()) for u in units])
+        I = torch.diag(m2)
+        K = torch.einsum("ab,cd->abcd", I, I) + torch.einsum("ac,bd->abcd", I, I) + torch.einsum("ad,bc->abcd", I, I)
+        idx = torch.arange(c)
+        K[idx, idx, idx, idx] = m4
+        return eta, I, K
+    probs, t = outcome_table(lik, h)
+    eta = probs @ t
+    s = t - eta
+    return eta, torch.einsum("y,ya,yb->ab", probs, s, s), torch.einsum("y,ya,yb,yc,yd->abcd", probs, s, s, s, s)
+
+
+def label_space(lik, c: int) -> torch.Tensor:
+    """Every label of one draw at one input: class indices (categorical) or {0,1}^C vectors (Bernoulli)."""
+    if isinstance(lik, Categorical):
+        return torch.arange(c)
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=c)), dtype=DTYPE)
+
+
+def enumerate_draws(lik, h: torch.Tensor, n_samples: int):
+    """Every joint draw of ``N`` labels at each of the ``M`` inputs: ``(labels (T, N, M, ...), prob (T,))``."""
+    m, c = h.shape
+    space = label_space(lik, c)
+    L = space.shape[0]
+    # log-probability of label l at input m, from the likelihood's own nll (no constants for these two)
+    logq = torch.stack([-lik.nll(h, space[l].expand(m, *space.shape[1:])) for l in range(L)], 1)  # (M, L)
+    idx = torch.tensor(list(itertools.product(range(L), repeat=n_samples * m))).reshape(-1, n_samples, m)
+    logp = logq[torch.arange(m), idx].sum((1, 2))
+    return space[idx], torch.exp(logp)
+
+
+def estimators_per_draw(lik, h, J, U, labels):
+    """Î₁ and Î₂ (flat, mean over inputs) for every draw ``labels`` (T, N, M, ...): two ``(T, P)`` tensors."""
+    t, n, m = labels.shape[:3]
+    scores = sample_scores(lik, h, J, labels.reshape(t * n, *labels.shape[2:]))  # (T*N, M, P)
+    i1 = scores.pow(2).reshape(t, n, m, -1).mean((1, 2))
+    gbar = lik.grad(h, labels).mean(1)  # (T, M, C) = eta - tbar
+    i2 = exact_diag(lik, h, J) + torch.einsum("tma,map->tp", gbar, U) / m
+    return i1, i2
+
+
+def exact_moments(values: torch.Tensor, probs: torch.Tensor):
+    mean = probs @ values
+    return mean, probs @ (values - mean) ** 2

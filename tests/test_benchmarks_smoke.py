@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts, so they cannot rot (STYLE.md §7).
+"""Smoke tests of the benchmark scripts, so they cannot rot (docs/design.md §7).
 
 Estimators part: ``benchmarks/estimators.py --smoke`` runs every model at tiny sizes for one round, including
 its float64 agreement check against BackPACK and torch.func, and writes its report only when asked.
@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("backpack")
 pytest.importorskip("mlxtend")
 

@@ -1,4 +1,4 @@
-"""Bad inputs to diagonal_fisher: one table of (kwargs, error type, message regex) rows (STYLE.md §4).
+"""Bad inputs to diagonal_fisher: one table of (kwargs, error type, message regex) rows (docs/design.md §4).
 
 Each row overrides the keyword arguments of a valid call on a small categorical/regression MLP; ``model`` and
 ``inputs`` may be overridden too.  Argument validation follows torch.optim: ``ValueError("Invalid <name>: ...")``.

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("matplotlib")
 
 from benchmarks import estimation_quality as eq  # noqa: E402
@@ -86,7 +87,14 @@ def test_predicted_error_matches_enumeration_over_subsets_and_labels():
 
 @pytest.mark.parametrize("problem", eq.PROBLEMS)
 def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
-    res = eq.main(["--smoke", "--problem", problem, "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a count the run does not use itself (it runs on one thread)
+    try:
+        res = eq.main(["--smoke", "--problem", problem, "--out", str(tmp_path)])
+        restored = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert restored == threads + 1  # the caller's thread count is restored
     cfg = res["config"]
     stem = "estimation_quality" if problem == "mlp" else f"estimation_quality_{problem}"
     assert cfg.stem == stem
@@ -103,7 +111,6 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
     assert set(reg) == set(cfg.curves) and all(reg[s]["worst"] >= reg[s]["median"] >= 1 - 1e-12 for s in cfg.fixed)
     assert min(reg[s]["worst"] for s in cfg.fixed) >= 1 - 1e-12 and "**Regret:" in md
     assert (tmp_path / f"{stem}.png").read_bytes()[:8] == PNG
-    assert torch.get_num_threads() >= 1  # restored (the run itself uses one thread)
     assert set(res["checkpoints"][0]["streams"][0]["traces"]) == set(cfg.curves)
     if problem != "mlp":  # ReLU networks: Î₂ = exact; the same-stream reference would cost an exact pass per refresh
         assert "mc2 N=1" not in cfg.curves and not cfg.stream_reference

@@ -1,4 +1,5 @@
-"""diagonal_fisher against brute-force float64 references (spec §2, §3, §6, §7, §10 items 1, 2, 4, 6, 8, 9).
+"""diagonal_fisher against brute-force float64 references
+(docs/fisher-math.md §2, §3, §6, §7, §10 items 1, 2, 4, 6, 8, 9).
 
 Every expected value comes from ``tests/reference.py``: ``J = dh/dtheta`` and ``U = diag d^2 h/dtheta^2`` per
 input by ``torch.func`` (jacrev/hessian), and the estimator formulas written directly on them.  Sampled labels
@@ -131,7 +132,7 @@ def test_sample_called_once_with_detached_batch_output():
         assert lik.calls == [((4, 3), 2, False)]
 
 
-# -- 2. spec §10 item 1: exact enumeration over all label tuples ----------------------------------------
+# -- 2. docs/fisher-math.md §10 item 1: exact enumeration over all label tuples ----------------------------------------
 @pytest.mark.parametrize("n_samples", [1, 2])
 @pytest.mark.parametrize("classes", [2, 3, 4])
 def test_enumeration_mean_and_variance(classes, n_samples):
@@ -176,7 +177,7 @@ def test_enumeration_mean_and_variance(classes, n_samples):
             assert_params_close(weighted, exact)
 
 
-# -- 3. spec §10 item 4: zero-variance identities -----------------------------------------------------
+# -- 3. docs/fisher-math.md §10 item 4: zero-variance identities -----------------------------------------------------
 def last_layer_names(model):
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     ids = {id(p) for p in last.parameters()}
@@ -257,11 +258,12 @@ def test_mc2_exact_for_glm(lik, out_features):
         assert_params_close(out, exact, rtol=1e-12)
 
 
-# -- 4. spec §10 item 8: the diagonal-only Hessian propagation is wrong ---------------------------------
+# -- 4. docs/fisher-math.md §10 item 8: the diagonal-only Hessian propagation is wrong ---------------------------------
 def recursions(model, x):
     """Per-input diagonal output Hessians of every Linear weight of a sigmoid MLP, by two recursions.
 
-    ``full``: H_l = D_l W_{l+1}^T H_{l+1} W_{l+1} D_l + diag(sigma''(z_l) * (B_{l+1} W_{l+1})[a])  (spec §7.1).
+    ``full``: H_l = D_l W_{l+1}^T H_{l+1} W_{l+1} D_l + diag(sigma''(z_l) * (B_{l+1} W_{l+1})[a])
+    (docs/fisher-math.md §7.1).
     ``diag_only``: the same with diag(W^T H W) replaced by (W*W)^T diag(H) — the tempting, wrong shortcut.
     Returns ``{name: (C, *shape)}`` for each.
     """
@@ -332,7 +334,7 @@ def test_diagonal_only_hessian_propagation_fails():
     assert not torch.allclose(out["0.weight"], wrong["0.weight"], rtol=1e-3, atol=0)
 
 
-# -- 5. spec §10 item 9: per-sample squares, not the squared batch gradient ----------------------------
+# -- 5. docs/fisher-math.md §10 item 9: per-sample squares, not the squared batch gradient ----------------------------
 def test_per_sample_square_trick():
     model = mlp("tanh", widths=(3, 5, 4), seed=9)
     x = inputs((4, 3), seed=9)
@@ -368,7 +370,7 @@ def test_per_sample_square_trick():
             assert rel > 0.1, n
 
 
-# -- 6. Monte-Carlo unbiasedness with the closed-form error bar (spec §10 items 2, 3) -------------------
+# -- 6. Monte-Carlo unbiasedness with the closed-form error bar (docs/fisher-math.md §10 items 2, 3) -------------------
 def monte_carlo(lik_name, estimator, reps, n_samples, seed=0):
     model = mlp("sigmoid", widths=(2, 3, 3), seed=17)
     x = inputs((2, 2), seed=17)
@@ -419,7 +421,8 @@ def test_unbiased_monte_carlo(lik_name, estimator):
 @pytest.mark.parametrize("estimator", ["mc1", "mc2"])
 @pytest.mark.parametrize("lik_name", LIKELIHOOD_NAMES)
 def test_unbiased_and_variance_monte_carlo_heavy(lik_name, estimator):
-    """R = 20000 calls with N = 2: mean within 5 sigma, and |s^2 - V| <= 5 sqrt((m4 - s^4)/R) (spec §10.3)."""
+    """R = 20000 calls with N = 2: mean within 5 sigma, and |s^2 - V| <= 5 sqrt((m4 - s^4)/R)
+    (docs/fisher-math.md §10, item 3)."""
     F, V, draws = monte_carlo(lik_name, estimator, reps=20000, n_samples=2, seed=1)
     zero = check_unbiased(F, V, draws)
     d = draws[:, ~zero]

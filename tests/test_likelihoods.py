@@ -1,4 +1,5 @@
-"""Likelihood pieces against autograd of the log-partition and exact enumeration (spec §1, §3, §5, §7.2, §10.6-7).
+"""Likelihood pieces against autograd of the log-partition and exact enumeration
+(docs/fisher-math.md §1, §3, §5, §7.2, §10 items 6-7).
 
 Each family is written here once more, independently, by its log-partition ``A(h)`` and sufficient statistic
 ``t(y)``: the mean is ``grad A``, the Fisher ``hess A``, the fourth cumulant along ``v`` the fourth directional
@@ -14,6 +15,7 @@ import math
 import pytest
 import torch
 from conftest import DTYPE, LIKELIHOOD_NAMES, gen, make_likelihood
+from reference import output_fisher_eigenvalues_numpy
 from torch.func import hessian, jacrev, jvp
 
 from fisher_optim.likelihoods import LIKELIHOODS, Bernoulli, Categorical, Gaussian, Poisson, get_likelihood
@@ -98,7 +100,7 @@ def test_fisher_factor_squares_to_fisher(name):
 
 
 def test_categorical_factor_is_backpack_factor():
-    """S = diag(sqrt p) - p sqrt(p)^T (spec §7.2), not symmetric, and S S^T = diag(p) - p p^T."""
+    """S = diag(sqrt p) - p sqrt(p)^T (docs/fisher-math.md §7.2), not symmetric, and S S^T = diag(p) - p p^T."""
     h = outputs(4, scale=2.0)
     p = torch.softmax(h, -1)
     S = Categorical().fisher_factor(h)
@@ -156,7 +158,8 @@ def test_fisher_quad(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_moment4_is_fourth_cumulant_plus_twice_fisher_squared(name):
-    """moment4 = kappa(v,v,v,v) + 2 (v^T I v)^2 with kappa the 4th directional derivative of A (spec §3.2)."""
+    """moment4 = kappa(v,v,v,v) + 2 (v^T I v)^2 with kappa the 4th directional derivative of A
+    (docs/fisher-math.md §3.2)."""
     lik = lik_of(name)
     h, v = outputs(12, scale=1.5), directions(13)
     got = lik.moment4(h, v)
@@ -169,7 +172,8 @@ def test_moment4_is_fourth_cumulant_plus_twice_fisher_squared(name):
 
 @pytest.mark.parametrize("name", ["categorical", "bernoulli", "poisson"])
 def test_moments_by_enumeration(name):
-    """Over all outcomes: E[t] = eta, Cov(t) = I, and Var((v^T(t-eta))^2) = moment4 (spec §3.2, §10.1)."""
+    """Over all outcomes: E[t] = eta, Cov(t) = I, and Var((v^T(t-eta))^2) = moment4
+    (docs/fisher-math.md §3.2, §10 item 1)."""
     lik = make_likelihood(name)
     c = 2 if name == "poisson" else C  # truncated Poisson series: 60^2 outcomes
     h = outputs(14, scale=1.0)[:, :c]
@@ -221,7 +225,8 @@ def test_bernoulli_at_half_has_zero_fourth_moment_in_one_dimension():
 # -- eigenvalues used by the bounds ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["categorical", "bernoulli"])
 def test_lambda_max_moment4_is_the_pair_matrix_eigenvalue(name):
-    """lambda_max of M = Cov(s_a s_b, s_c s_d) as a C^2 x C^2 matrix, built by enumeration (spec §4.2)."""
+    """lambda_max of M = Cov(s_a s_b, s_c s_d) as a C^2 x C^2 matrix, built by enumeration
+    (docs/fisher-math.md §4.2)."""
     lik = make_likelihood(name)
     h = outputs(18, scale=1.5)
     got = lik.lambda_max_moment4(h)
@@ -237,13 +242,24 @@ def test_lambda_max_moment4_is_the_pair_matrix_eigenvalue(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_fisher_eigenvalues(name):
+    """lambda_max / lambda_min of I(h) against numpy.linalg.eigvalsh of the matrix built by hand from the family's
+    mean parameter (softmax probabilities, sigmoid, exp, 1/sigma²), not from ``lik.fisher``."""
     lik = lik_of(name)
     h = outputs(19, scale=1.5)
-    ev = torch.linalg.eigvalsh(lik.fisher(h))
-    torch.testing.assert_close(lik.lambda_max_fisher(h), ev[:, -1], rtol=1e-12, atol=1e-15)
+    family = "gaussian" if name.startswith("gaussian") else name
+    lam_max, lam_min = output_fisher_eigenvalues_numpy(family, h.numpy(), sigma=getattr(lik, "sigma", 1.0))
+    torch.testing.assert_close(lik.lambda_max_fisher(h), torch.from_numpy(lam_max), rtol=1e-12, atol=1e-15)
     # categorical: I 1 = 0 always, so the smallest eigenvalue is taken on the complement of 1
-    expected_min = ev[:, 1] if name == "categorical" else ev[:, 0]
-    torch.testing.assert_close(lik.lambda_min_fisher(h), expected_min, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(lik.lambda_min_fisher(h), torch.from_numpy(lam_min), rtol=1e-10, atol=1e-15)
+
+
+def test_categorical_fisher_eigenvalues_two_classes_closed_form():
+    """C = 2: I = p₁p₂ [[1, -1], [-1, 1]], eigenvalues 0 and 2 p₁ p₂; on 1-perp only 2 p₁ p₂ remains."""
+    h = 3.0 * torch.randn(20, 2, generator=gen(23), dtype=DTYPE)
+    p1 = 1.0 / (1.0 + torch.exp(h[:, 1] - h[:, 0]))  # softmax of two logits, written out
+    expected = 2 * p1 * (1 - p1)
+    torch.testing.assert_close(Categorical().lambda_max_fisher(h), expected, rtol=1e-12, atol=1e-16)
+    torch.testing.assert_close(Categorical().lambda_min_fisher(h), expected, rtol=1e-10, atol=1e-16)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------

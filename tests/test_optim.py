@@ -719,20 +719,10 @@ def test_defaults_train_digits_at_least_as_well_as_adam(kind, seed):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# benchmark and examples in smoke mode, so they cannot rot (STYLE.md §7)
+# the optimizer-step benchmark in smoke mode, so it cannot rot (docs/design.md §7; examples: test_examples_smoke.py)
 
 
-def _load_example(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.bench
 def test_optim_step_benchmark_smoke(tmp_path):
     pytest.importorskip("mlxtend")
     from benchmarks import optim_step
@@ -751,27 +741,9 @@ def test_optim_step_benchmark_smoke(tmp_path):
 
 @pytest.mark.parametrize("argv, msg", [(["--smoke", "--rounds", "0"], "Invalid rounds: 0"),
                                        (["--smoke", "--threads", "0"], "Invalid threads: 0")])  # fmt: skip
+@pytest.mark.bench
 def test_optim_step_benchmark_invalid_arguments(argv, msg):
     from benchmarks import optim_step
 
     with pytest.raises(ValueError, match=msg):
         optim_step.main(argv)
-
-
-def test_empirical_fisher_pitfall_example(tmp_path):
-    out = _load_example("empirical_fisher_pitfall").main(["--out", str(tmp_path / "ef.png")])
-    assert (tmp_path / "ef.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    d = out["distances"]
-    # natural gradient (= Newton here) goes straight to the minimum; the empirical Fisher's steps do not
-    assert max(d["natural gradient (Fisher)"]) < min(d["gradient descent"])
-    assert max(d["natural gradient (Fisher)"]) * 10 < min(d["empirical Fisher"])
-
-
-def test_demo_example_smoke(tmp_path, capsys):
-    pytest.importorskip("mlxtend")
-    results = _load_example("demo").main(["--epochs", "1", "--out", str(tmp_path / "demo.png")])
-    assert set(results) == {"Adam", "FisherAdam"}
-    assert all(h["test_acc"][-1] > 0.3 for h in results.values())
-    text = capsys.readouterr().out
-    assert "| FisherAdam |" in text and "estimator" in text and "0.weight" in text
-    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

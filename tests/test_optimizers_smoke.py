@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
 pytest.importorskip("mnist1d")

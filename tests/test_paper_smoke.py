@@ -1,4 +1,4 @@
-"""Smoke tests of the paper reproductions (``benchmarks/paper``), so the scripts cannot rot (STYLE.md §7).
+"""Smoke tests of the paper reproductions (``benchmarks/paper``), so the scripts cannot rot (docs/design.md §7).
 
 Both scripts run in ``--smoke`` mode into a temporary folder; the tests check what the outputs must satisfy
 whatever the numbers are (Î₂ exact on the last layer, bounds around the closed form, files written with their
@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
 pytest.importorskip("mlxtend")
 
 from benchmarks.paper import fig1_moments, mnist_variance  # noqa: E402
@@ -30,7 +31,8 @@ def test_fig1_smoke_writes_png_and_checks_pass(tmp_path):
     assert (tmp_path / "paper_fig1.png").read_bytes()[:8] == PNG
     assert [r["name"] for r in results] == ["Bernoulli", "Normal (σ = 1)", "Poisson"]
     by_name = {r["name"]: r for r in results}
-    # spec §5.1 rows, independently of the likelihood code: K - I^2 = p(1-p)(1-2p)^2, 2, lambda + 2 lambda^2
+    # docs/fisher-math.md §5.1 rows, independently of the likelihood code:
+    # K - I^2 = p(1-p)(1-2p)^2, 2, lambda + 2 lambda^2
     bern = by_name["Bernoulli"]
     p = bern["mu"]
     torch.testing.assert_close(bern["curves"]["K_minus_var2"], p * (1 - p) * (1 - 2 * p) ** 2, rtol=1e-10, atol=1e-15)
@@ -81,7 +83,7 @@ def test_mnist_smoke_rows(mnist_run):
     }
     for r in rows:
         assert r["fisher"] > 0 and r["v1"] > 0 and r["v1_measured"] > 0 and r["v1_measured_se"] > 0
-        assert r["v1_lower"] == 0.0  # categorical: no eigenvalue lower bound for Î₁ (spec §4.2)
+        assert r["v1_lower"] == 0.0  # categorical: no eigenvalue lower bound for Î₁ (docs/fisher-math.md §4.2)
         assert r["v1"] <= r["v1_upper"] * (1 + 1e-12)
         assert r["v2_lower"] <= r["v2"] * (1 + 1e-12) and r["v2"] <= r["v2_upper"] * (1 + 1e-12)
         if r["layer"] == 4:  # Î₂ exact on the last layer: zero variance, closed form and measured, bounds too

@@ -63,15 +63,17 @@ CASES = {
 
 
 def test_flops_choices_unchanged():
-    """The flops model's plan and reported costs on a small sigmoid MLP, pinned.  Changed on purpose twice: the output
-    layer's exact cost is its own size (no seeds: ``Probe.exact_output_layer``), and every other layer is judged on
-    the whole-model costs (which made layer 0 exact here: its Î₁ label noise does not pay for the saving)."""
-    ch = select(sigmoid_mlp(), sigmoid_inputs(), likelihood="categorical", cost_model="flops")
-    expected = {
-        "0.weight": ("exact", 1, 2256.0), "0.bias": ("exact", 1, 2256.0),
-        "2.weight": ("exact", 1, 2448.0), "2.bias": ("exact", 1, 2448.0),
-        "4.weight": ("exact", 1, 68.0), "4.bias": ("exact", 1, 68.0),
-    }  # fmt: skip
+    """The flops model's plan and reported costs on a small sigmoid MLP.  The costs come from the documented formula,
+    written out here from the layer sizes (not pinned): an exact layer costs ``C`` seeds whose backward crosses it
+    and every later layer, plus ``C`` reductions of its own size; the output layer needs no seeds, only its own
+    reduction.  The plan (exact everywhere) is pinned: a change to it must be deliberate."""
+    net = sigmoid_mlp()
+    ch = select(net, sigmoid_inputs(), likelihood="categorical", cost_model="flops")
+    sizes = [net[i].weight.numel() + net[i].bias.numel() for i in (0, 2, 4)]  # 112, 272, 68
+    n_out = net[4].out_features
+    exact_cost = [n_out * sum(sizes[i:]) + n_out * sizes[i] for i in range(2)] + [sizes[2]]
+    expected = {f"{k}.{p}": ("exact", 1, float(cost)) for k, cost in zip((0, 2, 4), exact_cost)
+                for p in ("weight", "bias")}  # fmt: skip
     assert {n: (c.estimator, c.n_samples, c.cost) for n, c in ch.items()} == expected
 
 

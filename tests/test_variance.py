@@ -1,11 +1,12 @@
-"""Closed-form variances of the diagonal estimators (spec §2.3, §3, §5, §8; §10 items 1, 2, 3, 5, 7, 11, 12).
+"""Closed-form variances of the diagonal estimators
+(docs/fisher-math.md §2.3, §3, §5, §8; §10 items 1, 2, 3, 5, 7, 11, 12).
 
 What is checked against what (every expected value is computed here from first principles):
 
 * ``fisher_variance`` against the exact variance over ALL label draws (enumeration of every joint label tuple
   of every input, weighted by its probability), the estimators evaluated from the brute-force ``J``/``U`` of
   ``tests/reference.py``: rtol 1e-10, per parameter, M = 1 and 3 inputs, N = 1 and 2 labels (item 1);
-* the same against the "generic hook" of spec §3.2, ``N V₁ = D⁴F[v⁴] + 2 (D²F[v²])²`` and
+* the same against the "generic hook" of docs/fisher-math.md §3.2, ``N V₁ = D⁴F[v⁴] + 2 (D²F[v²])²`` and
   ``N V₂ = D²F[u²]``, with the log-partition ``F`` differentiated by autograd, for all four likelihoods and
   the Linear / Conv2d / unfold / ``torch.func`` routes (item 7);
 * against repeated ``diagonal_fisher`` calls: sample mean within ``z sqrt(V/R)`` and sample variance within
@@ -27,9 +28,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPE, LIKELIHOOD_NAMES, gen, init_, inputs, make_likelihood, mlp, reference_case
-from reference import exact_diag, per_input_derivatives, sample_scores
+from reference import (
+    central_moments,
+    derivative_tensors,
+    enumerate_draws,
+    estimators_per_draw,
+    exact_moments,
+    flat,
+    label_space,
+    log_partition,
+    outcome_table,
+    per_input_derivatives,
+)
 from torch import nn
-from torch.func import hessian
 
 from fisher_optim import diagonal_fisher, fisher_moments, fisher_variance, joint_variance, layer_summary
 from fisher_optim.bounds import moment4_operator
@@ -75,91 +86,11 @@ def tiny_case(name: str, batch: int, classes: int = 3, seed: int = 1):
     return factory(classes), inputs((batch, *shape), seed=seed)
 
 
-def flat(d: dict) -> torch.Tensor:
-    return torch.cat([v.reshape(-1) for v in d.values()])
-
-
 def assert_flat_close(actual: dict, expected: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0):
     """``actual`` (a per-parameter dict) equals the flat vector ``expected`` entry-wise."""
     a = flat(actual)
     assert a.shape == expected.shape
     torch.testing.assert_close(a, expected, rtol=rtol, atol=atol)
-
-
-# -- log-partition functions and independent moment tables ---------------------------------------------
-def log_partition(lik):
-    """``F(h)`` for one output row ``h`` (``C``) in the coordinates the library uses (spec §5)."""
-    if isinstance(lik, Categorical):
-        return lambda h: torch.logsumexp(h, -1)
-    if isinstance(lik, Bernoulli):
-        return lambda h: nn.functional.softplus(h).sum()
-    if isinstance(lik, Poisson):
-        return lambda h: torch.exp(h).sum()
-    if isinstance(lik, Gaussian):  # y ~ N(h, sigma^2): t = y / sigma^2, F = ||h||^2 / (2 sigma^2)
-        return lambda h: (h * h).sum() / (2 * lik.sigma**2)
-    raise TypeError(lik)
-
-
-def derivative_tensors(lik, h: torch.Tensor):
-    """``(I, kappa)`` = 2nd and 4th derivative tensors of ``F`` at one row ``h`` (autograd, C^2 and C^4)."""
-    F = log_partition(lik)
-    return hessian(F)(h), hessian(hessian(F))(h)
-
-
-def outcome_table(lik, h: torch.Tensor):
-    """All outcomes of one draw at output row ``h`` (``C``): ``(probabilities (L,), t(y) (L, C))``.
-
-    Categorical and Bernoulli: every label; Poisson: every count vector up to ``lambda + 12 sqrt(lambda) + 30``
-    per unit (truncated series; the tail is below 1e-25); Gaussian: a Gauss-Hermite product rule (exact for
-    the polynomial moments up to degree 9).  Probabilities come from ``exp(-lik.nll)``.
-    """
-    c = h.shape[0]
-    if isinstance(lik, Categorical):
-        ys = torch.arange(c)
-        probs = torch.exp(-lik.nll(h.expand(c, c), ys))
-        return probs, lik.sufficient(ys, h)
-    if isinstance(lik, (Bernoulli, Poisson)):
-        if isinstance(lik, Bernoulli):
-            grids = [range(2)] * c
-        else:
-            grids = [range(int(lam + 12 * lam**0.5 + 30)) for lam in torch.exp(h).tolist()]
-        ys = torch.tensor(list(itertools.product(*grids)), dtype=DTYPE)
-        assert len(ys) <= 300_000, "outcome table too large: use smaller rates"
-        logp = -lik.nll(h.expand(len(ys), c), ys)
-        if isinstance(lik, Poisson):
-            logp = logp - torch.lgamma(ys + 1).sum(-1)
-        return torch.exp(logp), ys
-    if isinstance(lik, Gaussian):
-        z, w = np.polynomial.hermite_e.hermegauss(5)
-        z, w = torch.tensor(z, dtype=DTYPE), torch.tensor(w / math.sqrt(2 * math.pi), dtype=DTYPE)
-        zs = torch.tensor(list(itertools.product(range(len(z)), repeat=c)))
-        ys = h + lik.sigma * z[zs]
-        return w[zs].prod(-1), ys / lik.sigma**2
-    raise TypeError(lik)
-
-
-def central_moments(lik, h: torch.Tensor):
-    """``(eta, I, K)`` of ``t(y)`` at one row ``h``, from :func:`outcome_table` (no formula of the library).
-
-    Poisson with several units: the units are independent by definition (the NLL is a sum over units), so
-    ``K`` is assembled from the 1-D tables: ``E[s_a s_b s_c s_d]`` is ``m4_a`` when all four indices are equal,
-    ``m2_a m2_c`` for two distinct pairs, and 0 otherwise (keeps the tables small at large rates).
-    """
-    c = h.shape[0]
-    if isinstance(lik, Poisson) and c > 1:
-        units = [central_moments(lik, h[a : a + 1]) for a in range(c)]
-        eta = torch.cat([u[0] for u in units])
-        m2 = torch.stack([u[1].reshape(()) for u in units])
-        m4 = torch.stack([u[2].reshape(()) for u in units])
-        I = torch.diag(m2)
-        K = torch.einsum("ab,cd->abcd", I, I) + torch.einsum("ac,bd->abcd", I, I) + torch.einsum("ad,bc->abcd", I, I)
-        idx = torch.arange(c)
-        K[idx, idx, idx, idx] = m4
-        return eta, I, K
-    probs, t = outcome_table(lik, h)
-    eta = probs @ t
-    s = t - eta
-    return eta, torch.einsum("y,ya,yb->ab", probs, s, s), torch.einsum("y,ya,yb,yc,yd->abcd", probs, s, s, s, s)
 
 
 def random_rows(lik_name: str, b: int, c: int, seed: int) -> torch.Tensor:
@@ -170,40 +101,6 @@ def random_rows(lik_name: str, b: int, c: int, seed: int) -> torch.Tensor:
 
 # =========================================================================================================
 # item 1: exact enumeration over all label tuples
-def label_space(lik, c: int) -> torch.Tensor:
-    """Every label of one draw at one input: class indices (categorical) or {0,1}^C vectors (Bernoulli)."""
-    if isinstance(lik, Categorical):
-        return torch.arange(c)
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=c)), dtype=DTYPE)
-
-
-def enumerate_draws(lik, h: torch.Tensor, n_samples: int):
-    """Every joint draw of ``N`` labels at each of the ``M`` inputs: ``(labels (T, N, M, ...), prob (T,))``."""
-    m, c = h.shape
-    space = label_space(lik, c)
-    L = space.shape[0]
-    # log-probability of label l at input m, from the likelihood's own nll (no constants for these two)
-    logq = torch.stack([-lik.nll(h, space[l].expand(m, *space.shape[1:])) for l in range(L)], 1)  # (M, L)
-    idx = torch.tensor(list(itertools.product(range(L), repeat=n_samples * m))).reshape(-1, n_samples, m)
-    logp = logq[torch.arange(m), idx].sum((1, 2))
-    return space[idx], torch.exp(logp)
-
-
-def estimators_per_draw(lik, h, J, U, labels):
-    """Î₁ and Î₂ (flat, mean over inputs) for every draw ``labels`` (T, N, M, ...): two ``(T, P)`` tensors."""
-    t, n, m = labels.shape[:3]
-    scores = sample_scores(lik, h, J, labels.reshape(t * n, *labels.shape[2:]))  # (T*N, M, P)
-    i1 = scores.pow(2).reshape(t, n, m, -1).mean((1, 2))
-    gbar = lik.grad(h, labels).mean(1)  # (T, M, C) = eta - tbar
-    i2 = exact_diag(lik, h, J) + torch.einsum("tma,map->tp", gbar, U) / m
-    return i1, i2
-
-
-def exact_moments(values: torch.Tensor, probs: torch.Tensor):
-    mean = probs @ values
-    return mean, probs @ (values - mean) ** 2
-
-
 ENUMERATION_CASES = [
     ("mlp-sigmoid", "categorical", 2),
     ("mlp-sigmoid", "categorical", 3),
@@ -448,7 +345,7 @@ def test_fourth_moment_equals_cumulants_plus_pairings(lik_name, classes):
 @pytest.mark.parametrize("lik_name", LIKELIHOOD_NAMES)
 def test_moment_contractions(lik_name):
     """For directions v, u: Var((vᵀs)²) = kappa(v⁴) + 2 F² = d⁴/ds⁴ F(h+sv) + 2(d²/ds² F(h+sv))² = moment4;
-    Var(uᵀt) = d²/ds² F(h+su) = fisher_quad (spec §3.2)."""
+    Var(uᵀt) = d²/ds² F(h+su) = fisher_quad (docs/fisher-math.md §3.2)."""
     lik = make_likelihood(lik_name)
     c, b = (2 if lik_name == "poisson" else 3), 4  # Poisson: keep the count table small
     h = random_rows(lik_name, b, c, seed=11)
@@ -477,7 +374,7 @@ def test_moment_contractions(lik_name):
 
 
 ONE_D = {
-    # name: (I, kappa4, K, K - I²) as functions of the mean parameter (spec §5.1, P21 Table 1)
+    # name: (I, kappa4, K, K - I²) as functions of the mean parameter (docs/fisher-math.md §5.1, P21 Table 1)
     "bernoulli": (
         lambda p: p * (1 - p),
         lambda p: p * (1 - p) * (6 * p**2 - 6 * p + 1),
@@ -523,7 +420,7 @@ def test_one_dimensional_rows(lik_name):
 
 
 def test_categorical_two_classes_is_the_bernoulli_row():
-    """C = 2 softmax: N V₁ = p(1-p)(1-2p)² (v₁ - v₂)⁴ with p = p₁ (spec §5.3)."""
+    """C = 2 softmax: N V₁ = p(1-p)(1-2p)² (v₁ - v₂)⁴ with p = p₁ (docs/fisher-math.md §5.3)."""
     h = torch.randn(5, 2, generator=gen(4), dtype=DTYPE)
     v = torch.randn(2, 5, generator=gen(5), dtype=DTYPE)
     p = torch.softmax(h, -1)[:, 0]
@@ -586,10 +483,10 @@ def test_joint_variance_equals_enumeration(model_name, batch, estimator):
 
 
 # =========================================================================================================
-# item 12 / spec §8: the empirical Fisher (data labels from q)
+# item 12 / docs/fisher-math.md §8: the empirical Fisher (data labels from q)
 def test_empirical_fisher_mean_and_bias_by_enumeration():
     """Targets from the model: EF (and the empirical Hessian) are unbiased.  From q != p: the bias is
-    vᵀ(Σ_q + δδᵀ - I)v for Ĩ₁ and -uᵀδ for Ĩ₂, with the per-pair variances of spec §8."""
+    vᵀ(Σ_q + δδᵀ - I)v for Ĩ₁ and -uᵀδ for Ĩ₂, with the per-pair variances of docs/fisher-math.md §8."""
     model, x = tiny_case("mlp-sigmoid", 2)
     lik = Categorical()
     names, h, J, U = per_input_derivatives(model, x, lik)
@@ -707,7 +604,8 @@ def test_state_untouched():
 
 
 # =========================================================================================================
-# benchmark smoke run (STYLE.md §7: benchmarks run inside the test suite so they cannot rot)
+# benchmark smoke run (docs/design.md §7: benchmarks run inside the test suite so they cannot rot)
+@pytest.mark.bench
 def test_variance_cost_benchmark_smoke(tmp_path):
     from benchmarks import variance_cost as bench
 
@@ -730,6 +628,7 @@ def test_variance_cost_benchmark_smoke(tmp_path):
     assert md.count("Where the time goes") == len(results)
 
 
+@pytest.mark.bench
 def test_variance_cost_benchmark_invalid_arguments():
     from benchmarks import variance_cost as bench
 

