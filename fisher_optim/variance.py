@@ -338,19 +338,26 @@ def joint_variance(
     .. math::  \mathrm{Var} = \frac1M\Big[\underbrace{\mathrm{Var}_x F_i(x)}_{\text{input}}
                + \frac1N \underbrace{E_x \tilde v(\theta_i|x)}_{\text{output}}\Big],
 
-    with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is the population
-    variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
+    (``hutchinson``: :math:`\tilde v = 2(F_i^2 - \sum_a A_{ia}^4)`; the batch estimators are not sums over inputs
+    and have no such split), with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is
+    the population variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
     Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).
     """
     lik = get_likelihood(likelihood)
-    check_estimator(estimator, ("mc1", "mc2"))
+    check_estimator(estimator, ("mc1", "mc2", "hutchinson"))
     n_samples = check_n_samples(n_samples)
     with Probe(model, inputs, lik) as probe:
-        mom = moments_from_probe(
-            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
-        )
-    m = mom.m
-    v = mom.v1 if estimator == "mc1" else mom.v2
-    inp = {n: (mom.fisher_sq[n] / m - (mom.fisher[n] / m) ** 2) / m for n in mom.fisher}
-    out = {n: v[n] / m / n_samples / m for n in mom.fisher}
+        m = probe.h.shape[0]
+        if estimator == "hutchinson":
+            fm = factor_moments(probe)
+            fisher, fisher_sq = fm["fisher"], fm["fisher_sq"]
+            v = {n: 2 * (fisher_sq[n] - fm["a4"][n]).clamp_min(0) for n in fisher}
+        else:
+            mom = moments_from_probe(
+                probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
+            )
+            fisher, fisher_sq = mom.fisher, mom.fisher_sq
+            v = mom.v1 if estimator == "mc1" else mom.v2
+    inp = {n: (fisher_sq[n] / m - (fisher[n] / m) ** 2) / m for n in fisher}
+    out = {n: v[n] / m / n_samples / m for n in fisher}
     return {"input": inp, "output": out, "total": {n: inp[n] + out[n] for n in inp}}
