@@ -271,6 +271,11 @@ def fisher_variance(
         >>> V2 = fisher_variance(net, x, likelihood="categorical", estimator="mc2")
         >>> bool(V2["2.weight"].abs().max() == 0)  # Î₂ is exact on the last layer
         True
+        >>> from fisher_optim import diagonal_fisher
+        >>> F = diagonal_fisher(net, x, likelihood="categorical", estimator="exact")
+        >>> Vh = fisher_variance(net, x, likelihood="categorical", estimator="hutchinson")
+        >>> all(bool((Vh[n] <= 2 * F[n] ** 2 * 1.001).all()) for n in F)  # relative std <= sqrt(2)
+        True
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator)
