@@ -45,15 +45,12 @@ from .likelihoods import Likelihood, get_likelihood
 __all__ = [
     "diagonal_fisher",
     "ESTIMATORS",
-    "BATCH_ESTIMATORS",
     "check_estimator",
     "check_n_samples",
     "sum_of_squares",
 ]
 
 ESTIMATORS = ("exact", "mc1", "mc2", "empirical", "hutchinson", "hutchinson_batch", "gnb")
-#: estimators that square one gradient of the whole batch (their estimate is not a sum of per-input terms)
-BATCH_ESTIMATORS = ("hutchinson_batch", "gnb")
 
 
 def check_estimator(estimator: str, allowed=ESTIMATORS) -> str:
@@ -187,7 +184,8 @@ def batch_squares(probe: Probe, seeds: Tensor, counts: dict[str, int] | None = N
     One ordinary ``torch.autograd.grad`` of the probe's output per seed ``k`` (``seeds``: ``(K, B, C)``), straight
     to the parameters: no hooks, no per-sample gradients, no per-layer rule, so any module autograd differentiates
     works.  ``counts`` (default: every parameter of the probe with ``N = K``) gives each parameter its ``N_i <= K``.
-    Unused parameters get zeros.
+    Unused parameters get zeros.  The forward ran in the probe's eval mode: on CUDA, cuDNN's RNN backward refuses
+    eval mode (a PyTorch restriction, not checked here on a GPU); CPU RNNs are fine.
     """
     params = probe.params
     if counts is None:
