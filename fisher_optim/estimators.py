@@ -23,7 +23,9 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
   per-sample gradients, no per-layer rule): the *square of a batch gradient*, divided by ``M``;
 * ``gnb`` (Sophia's Gauss-Newton-Bartlett estimate, Liu et al. 2023): the same construction with one sampled
   label per input, :math:`\frac1N\sum_k \frac1M \big(\sum_m \partial_i \ell_{m,k}\big)^2
-  = M \cdot (\text{mean over the batch of the sampled-label gradient})^2` — a named baseline.
+  = M \cdot (\text{mean over the batch of the sampled-label gradient})^2` — a named baseline: unbiased, but
+  with Î₁'s unbounded fourth moments (rare classes of a confident softmax) *and* the cross terms between inputs
+  of a batch square, so its variance exceeds both Î₁'s and ``hutchinson_batch``'s (spec §13).
 
 All but ``empirical`` are unbiased for ``exact`` (the batch ones for the mean over inputs only: their cross terms
 between inputs have zero mean).  The model is evaluated in eval mode (dropout off,
@@ -210,8 +212,9 @@ def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator) -> dict
 
 
 def gnb_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
-    r"""``(1/N) sum_k (sum_m d_i log p(y_mk|x_m))^2`` (Sophia's Gauss-Newton-Bartlett): unbiased for
-    ``sum_m I_ii(theta|x_m)``."""
+    r"""``(1/N) sum_k (sum_m d_i log p(y_mk|x_m))^2`` (Sophia's Gauss-Newton-Bartlett, Liu et al. 2023): unbiased
+    for ``sum_m I_ii(theta|x_m)`` (the cross terms have zero mean), with a higher variance than Î₁ and
+    ``hutchinson_batch`` (:func:`~fisher_optim.fisher_variance`)."""
     _, seeds = sampled_seeds(probe, n_samples, generator)
     return batch_squares(probe, seeds)
 
