@@ -25,7 +25,9 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
   label per input, :math:`\frac1N\sum_k \frac1M \big(\sum_m \partial_i \ell_{m,k}\big)^2
   = M \cdot (\text{mean over the batch of the sampled-label gradient})^2` — a named baseline: unbiased, but
   with Î₁'s unbounded fourth moments (rare classes of a confident softmax) *and* the cross terms between inputs
-  of a batch square, so its variance exceeds both Î₁'s and ``hutchinson_batch``'s (spec §13).
+  of a batch square: its variance always exceeds Î₁'s, and unlike ``hutchinson_batch``'s (at most twice the
+  squared mean Fisher) it has no bound (spec §13).  It can still be the smaller of the two on balanced outputs
+  (a two-class softmax at p = ½ gives constant squared scores).
 
 All but ``empirical`` are unbiased for ``exact`` (the batch ones for the mean over inputs only: their cross terms
 between inputs have zero mean).  The model is evaluated in eval mode (dropout off,
@@ -213,8 +215,8 @@ def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator) -> dict
 
 def gnb_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
     r"""``(1/N) sum_k (sum_m d_i log p(y_mk|x_m))^2`` (Sophia's Gauss-Newton-Bartlett, Liu et al. 2023): unbiased
-    for ``sum_m I_ii(theta|x_m)`` (the cross terms have zero mean), with a higher variance than Î₁ and
-    ``hutchinson_batch`` (:func:`~fisher_optim.fisher_variance`)."""
+    for ``sum_m I_ii(theta|x_m)`` (the cross terms have zero mean); its variance exceeds Î₁'s and
+    is unbounded where Î₁'s is (:func:`~fisher_optim.fisher_variance`)."""
     _, seeds = sampled_seeds(probe, n_samples, generator)
     return batch_squares(probe, seeds)
 
