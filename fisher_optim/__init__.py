@@ -6,7 +6,7 @@ Layout (imports flow downwards only)::
     layers        per-layer rules (Linear, Conv2d) and per-sample records
     engine        one forward, seeded backward passes, torch.func route for any module
     hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
-    estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical
+    estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical, hutchinson(_batch), gnb
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation

@@ -14,6 +14,15 @@ shift-invariant), :math:`\lambda_{\min}(I)` is taken on :math:`\mathbb 1^\perp`,
 is used (exact, ``2/\sigma^4``, for the Gaussian).  Batched as :func:`~fisher_optim.fisher_variance`:
 :math:`\frac{1}{M^2}\sum_m` of the per-input bounds.  Trace bounds (§4.3) are the sums over a tensor.
 
+The Hutchinson estimators (spec §13) have a bound that needs no eigenvalue: per input,
+:math:`\tilde v = 2(F_i^2 - \sum_a A_{ia}^4) \le 2F_i(x)^2`, so with ``N`` probes
+
+.. math::  0 \le \mathrm{Var}\,\hat F^{\rm hutchinson}_i \le \frac{2}{N M^2}\sum_m F_i(x_m)^2,
+           \qquad 0 \le \mathrm{Var}\,\hat F^{\rm batch}_i \le \frac{2}{N M^2}\Big(\sum_m F_i(x_m)\Big)^2,
+
+relative standard deviation at most :math:`\sqrt{2/N}` per input, and at most :math:`\sqrt{2/N}` of the mean
+Fisher for ``hutchinson_batch``, whatever the output distribution (Î₁'s is unbounded on a confident softmax).
+
 The 2021 full-matrix Frobenius bounds (Thm 7, 8 with the derived Lemma 9) need full Jacobians/Hessians
 and are meant for small models: :func:`frobenius_bounds`.
 """
@@ -26,7 +35,7 @@ from torch.func import functional_call, hessian, jacrev
 
 from .batch import OutputSpec
 from .engine import Probe, reduce_records
-from .estimators import check_estimator, check_n_samples
+from .estimators import check_estimator, check_n_samples, exact_from_probe, exact_records, exact_reducer
 from .hessian import residual_records
 from .likelihoods import Categorical, Likelihood, get_likelihood
 from .variance import unit_seeds
@@ -58,6 +67,15 @@ def _sqnorm_reducer(lik: Likelihood, h: Tensor, weight: Tensor, power: int):
     return fn
 
 
+def _hutchinson_upper(probe: Probe, batch: bool) -> dict[str, Tensor]:
+    """``2 (sum_m F_i(x_m))^2`` (``batch``) or ``2 sum_m F_i(x_m)^2``: single-probe variance bounds times ``M^2``."""
+    if batch:
+        return {n: 2 * f * f for n, f in exact_from_probe(probe).items()}
+    per_input = exact_reducer(probe)
+    recs = exact_records(probe, list(probe.params))
+    return reduce_records(recs, lambda x, idx: 2 * per_input(x, idx) ** 2, 4, probe.params)
+
+
 def variance_bounds(
     model: nn.Module,
     inputs,
@@ -68,6 +86,9 @@ def variance_bounds(
     n_samples: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     r"""``(lower, upper)`` per-parameter bounds on :func:`~fisher_optim.fisher_variance` (mean reduction).
+
+    ``estimator``: ``"mc1"``, ``"mc2"`` (eigenvalue bounds) or ``"hutchinson"``, ``"hutchinson_batch"`` (the
+    :math:`\sqrt{2/N}` relative-std bounds; lower bound 0).  Costs one exact-Fisher pass at most.
 
     Example:
         >>> import torch
@@ -81,21 +102,25 @@ def variance_bounds(
         True
     """
     lik = get_likelihood(likelihood)
-    check_estimator(estimator, ("mc1", "mc2"))
+    check_estimator(estimator, ("mc1", "mc2", "hutchinson", "hutchinson_batch"))
     n_samples = check_n_samples(n_samples)
     with Probe(model, inputs, lik, output=output) as probe:
         h = probe.h.detach()
         m = h.shape[0]
-        if estimator == "mc1":
-            recs = probe.seeded(unit_seeds(h), diagonal=torch.ones_like(h))
-            lo_w, up_w = lambda_min_moment4_tensor(lik, h), lik.lambda_max_moment4(h)
-            power, degree = 2, 4
+        if estimator in ("hutchinson", "hutchinson_batch"):
+            up = _hutchinson_upper(probe, batch=estimator == "hutchinson_batch")
+            lo = {n: torch.zeros_like(v) for n, v in up.items()}
         else:
-            recs = residual_records(probe, unit_seeds(h), per_sample=True)
-            lo_w, up_w = lik.lambda_min_fisher(h).clamp_min(0), lik.lambda_max_fisher(h)
-            power, degree = 1, 2
-        lo = reduce_records(recs, _sqnorm_reducer(lik, h, lo_w, power), degree, probe.params)
-        up = reduce_records(recs, _sqnorm_reducer(lik, h, up_w, power), degree, probe.params)
+            if estimator == "mc1":
+                recs = probe.seeded(unit_seeds(h), diagonal=torch.ones_like(h))
+                lo_w, up_w = lambda_min_moment4_tensor(lik, h), lik.lambda_max_moment4(h)
+                power, degree = 2, 4
+            else:
+                recs = residual_records(probe, unit_seeds(h), per_sample=True)
+                lo_w, up_w = lik.lambda_min_fisher(h).clamp_min(0), lik.lambda_max_fisher(h)
+                power, degree = 1, 2
+            lo = reduce_records(recs, _sqnorm_reducer(lik, h, lo_w, power), degree, probe.params)
+            up = reduce_records(recs, _sqnorm_reducer(lik, h, up_w, power), degree, probe.params)
     s = 1.0 / (m * m * n_samples)
     return {n: (v * s).detach() for n, v in lo.items()}, {n: (v * s).detach() for n, v in up.items()}
 

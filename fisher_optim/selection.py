@@ -60,11 +60,14 @@ from torch import Tensor, nn
 from .batch import OutputSpec
 from .engine import Probe, reduce_records
 from .estimators import (
+    ESTIMATORS,
     _identity_sum,
+    batch_squares,
     check_estimator,
     check_n_samples,
     exact_records,
     exact_reducer,
+    hutchinson_seeds,
     square_sum,
     sum_of_squares,
 )
@@ -75,7 +78,9 @@ from .variance import moments_from_probe
 
 __all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
 
-PLAN_ESTIMATORS = ("exact", "mc1", "mc2", "empirical")
+#: every estimator of :func:`~fisher_optim.diagonal_fisher` can be given to a layer in a plan; :func:`select` chooses
+#: among ``exact`` and ``mc1`` only (the cost model prices those two)
+PLAN_ESTIMATORS = ESTIMATORS
 #: relative cost difference treated as a tie (timing noise); ties go to the zero-variance exact estimator
 COST_TIE = 0.25
 
@@ -114,16 +119,32 @@ def _check_plan(plan: dict[str, tuple[str, int]], params: dict[str, Tensor]) -> 
     return out
 
 
+def _per_input_squares(probe: Probe, recs, counts: dict[str, int]) -> dict[str, Tensor]:
+    """``sum_m (1/N_i) sum_{k < N_i} x_k^2`` per parameter from records of ``max N_i`` seeds (``counts``)."""
+    out: dict[str, Tensor] = {}
+    for n in sorted(set(counts.values())):
+        names = {k for k, v in counts.items() if v == n}
+
+        def fn(x, idx, n=n):
+            return square_sum(x, n).div_(n)
+
+        out.update(reduce_records(recs, fn, 2, probe.params, names))
+    return out
+
+
 def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[str, Tensor]:
     """Sum over inputs of the diagonal Fisher, each parameter with its own ``(estimator, n_samples)``.
 
     One label draw of ``max N`` samples serves every sampled parameter (a parameter with ``N_l`` samples
-    uses the first ``N_l``); each group's backward is restricted to its layers.
+    uses the first ``N_l``); each group's backward is restricted to its layers.  Likewise one Rademacher draw
+    serves the ``hutchinson`` parameters, one the ``hutchinson_batch`` parameters, and one label draw the ``gnb``
+    parameters (drawn in that order, after the Î₁/Î₂ labels).  The batch estimators return the squared batch
+    gradient (unbiased for the *sum* over inputs, like every entry here).
     """
     lik, h = probe.lik, probe.h.detach()
     plan = _check_plan(plan, probe.params)
     zero = hessian_plan(probe.model, probe.params).zero if any(e == "mc2" for e, _ in plan.values()) else set()
-    groups: dict[str, dict[str, int]] = {"exact": {}, "mc1": {}, "mc2": {}, "empirical": {}}
+    groups: dict[str, dict[str, int]] = {e: {} for e in PLAN_ESTIMATORS}
     for name, (est, n) in plan.items():
         if est == "mc2" and name in zero:
             est = "exact"  # Î₂ = exact where d2h/dtheta_i^2 = 0 (spec §6a, §6g)
@@ -144,19 +165,23 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
         if groups["mc1"]:
             kmax = max(groups["mc1"].values())
             recs = probe.seeded(grads[:kmax], names=groups["mc1"])
-            for n in sorted(set(groups["mc1"].values())):
-                names = {k for k, v in groups["mc1"].items() if v == n}
-
-                def fn(x, idx, n=n):
-                    return square_sum(x, n).div_(n)
-
-                out.update(reduce_records(recs, fn, 2, probe.params, names))
+            out.update(_per_input_squares(probe, recs, groups["mc1"]))
         for n in sorted(set(groups["mc2"].values())):
             names = {k for k, v in groups["mc2"].items() if v == n}
             rrecs = residual_records(probe, grads[:n].mean(0, keepdim=True), per_sample=False)
             res = reduce_records(rrecs, _identity_sum, 1, probe.params, names)
             for k in names:
                 out[k] = out[k] + res[k]
+    if groups["hutchinson"]:
+        n_h = max(groups["hutchinson"].values())
+        recs = probe.seeded(hutchinson_seeds(probe, n_h, generator), names=groups["hutchinson"])
+        out.update(_per_input_squares(probe, recs, groups["hutchinson"]))
+    if groups["hutchinson_batch"]:
+        seeds = hutchinson_seeds(probe, max(groups["hutchinson_batch"].values()), generator)
+        out.update(batch_squares(probe, seeds, groups["hutchinson_batch"]))
+    if groups["gnb"]:
+        y = lik.sample(h, max(groups["gnb"].values()), generator=generator)
+        out.update(batch_squares(probe, lik.grad(h, y), groups["gnb"]))
     if groups["empirical"]:
         if targets is None:
             raise ValueError("estimator 'empirical' needs targets (the observed labels)")

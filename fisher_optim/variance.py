@@ -15,6 +15,25 @@ with the single-sample conditional variances (spec §3.2)
 where :math:`v_i = \partial_i h`, :math:`u_i = \partial^2_{ii} h`.  ``exact`` and ``empirical`` draw
 nothing: variance 0.  Linear layers use the factorised forms (spec §7.1): one backward with the ``C`` unit
 seeds gives :math:`F` and :math:`\tilde v_1` for every parameter by two matmuls.
+
+The Hutchinson estimators (spec §13) are Rademacher sums over the columns of :math:`A = J^\top S`
+(:math:`S S^\top = I(h)`, :math:`F_i = \sum_a A_{ia}^2`), and :math:`\mathrm{Var}((c^\top\xi)^2) =
+2((\sum c^2)^2 - \sum c^4)` for Rademacher :math:`\xi`:
+
+.. math::  \tilde v_{\rm hutchinson}(\theta_i|x) = 2\big(F_i(x)^2 - \textstyle\sum_a A_{ia}^4\big) \le 2F_i(x)^2,
+           \qquad
+           \mathrm{Var}\,\hat F^{\rm batch}_i = \frac{2}{N M^2}\Big(\big(\textstyle\sum_{m,a} A_{m,ia}^2\big)^2
+           - \textstyle\sum_{m,a} A_{m,ia}^4\Big).
+
+Sophia's ``gnb`` squares the batch sum of independent zero-mean scores :math:`s_m` (``E s_m^2 = F_m``,
+``Var s_m^2 = \tilde v_1``); expanding the fourth moment of the sum (cross terms ``3 F_m F_n``):
+
+.. math::  \mathrm{Var}\,\hat F^{\rm gnb}_i = \frac{1}{N M^2}\Big(\sum_m \tilde v_1(\theta_i|x_m)
+           + 2\big(\textstyle\sum_m F_i(x_m)\big)^2 - 2\textstyle\sum_m F_i(x_m)^2\Big).
+
+The first is the per-input variance times ``1/(N M^2)`` summed over inputs; the batch ones are one projection of
+the whole batch, so their relative standard deviation (at most :math:`\sqrt{2/N}` for ``hutchinson_batch``) does
+not shrink with ``M``.
 """
 
 from __future__ import annotations
@@ -38,6 +57,7 @@ __all__ = [
     "FisherMoments",
     "layer_summary",
     "joint_variance",
+    "factor_moments",
 ]
 
 
@@ -168,6 +188,47 @@ def moments_from_probe(
     return FisherMoments(finish("fisher"), finish("fisher_sq"), finish("v1"), finish("v2"), h.shape[0])
 
 
+def _reduce_many(probe: Probe, records, fn, degrees, names=None) -> list[dict[str, Tensor]]:
+    """:func:`~fisher_optim.engine.reduce_records` for a multi-statistic reducer (one dict per degree)."""
+    outs: list[dict[str, Tensor]] = [{} for _ in degrees]
+    for rec, keys in records:
+        for out, vals in zip(outs, rec.reduce_many(fn, degrees)):
+            for key, name in keys.items():
+                out[name] = vals[key].reshape(probe.params[name].shape)
+    return [
+        {
+            n: out[n] if n in out else torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for n, p in probe.params.items()
+            if names is None or n in names
+        }
+        for out in outs
+    ]
+
+
+def factor_moments(probe: Probe, names=None) -> dict[str, dict[str, Tensor]]:
+    r"""Sums over inputs of the Hutchinson statistics of :math:`A = J^\top S` (spec §13), per parameter:
+
+    ``fisher`` :math:`\sum_m F_i(x_m)`, ``fisher_sq`` :math:`\sum_m F_i(x_m)^2` and ``a4``
+    :math:`\sum_{m,a} A_{m,ia}^4`.  One backward with the ``C`` columns of ``S`` as seeds (the exact pass's
+    seeds; for factorised likelihoods :math:`S = \mathrm{diag}(\sqrt{I_{cc}})`), one degree-4 reduction.
+    """
+    h = probe.h.detach()
+    if probe.lik.factorized:
+        scale = probe.lik.unit_variance(h).clamp_min(0).sqrt()
+        seeds = unit_seeds(h) * scale.T.unsqueeze(-1)  # seed[k, b] = sqrt(I_kk(h_b)) e_k
+        recs = probe.seeded(seeds, names=names, diagonal=scale)
+    else:
+        recs = probe.seeded(probe.lik.fisher_factor(h).permute(2, 0, 1), names=names)
+
+    def stats(x: Tensor, idx: slice) -> tuple[Tensor, Tensor, Tensor]:
+        x2 = x * x
+        f = x2.sum(0)
+        return f, f * f, x2.square_().sum(0)
+
+    f, f2, a4 = _reduce_many(probe, recs, stats, (2, 4, 4), None if names is None else set(names))
+    return {"fisher": f, "fisher_sq": f2, "a4": a4}
+
+
 def fisher_moments(
     model: nn.Module,
     inputs,
@@ -200,7 +261,9 @@ def fisher_variance(
 
     Returns ``{name: tensor}`` with the keys and shapes of ``diagonal_fisher``:
     :math:`\frac{1}{M^2}\sum_m \tilde v(\theta_i|x_m)/N` for ``reduction="mean"`` (``\sum_m \tilde v/N``
-    for ``"sum"``).  Zero for ``exact`` and ``empirical``.
+    for ``"sum"``).  Zero for ``exact`` and ``empirical``.  ``hutchinson``: :math:`\tilde v = 2(F_i^2 -
+    \sum_a A_{ia}^4)` per input; ``hutchinson_batch`` and ``gnb`` are not sums over inputs and have the batch forms of
+    the module docstring (:math:`\frac{1}{N M^2}`, or :math:`\frac1N` for ``"sum"``, of the same brackets).
 
     Example:
         >>> import torch
@@ -211,6 +274,11 @@ def fisher_variance(
         >>> V2 = fisher_variance(net, x, likelihood="categorical", estimator="mc2")
         >>> bool(V2["2.weight"].abs().max() == 0)  # Î₂ is exact on the last layer
         True
+        >>> from fisher_optim import diagonal_fisher
+        >>> F = diagonal_fisher(net, x, likelihood="categorical", estimator="exact")
+        >>> Vh = fisher_variance(net, x, likelihood="categorical", estimator="hutchinson")
+        >>> all(bool((Vh[n] <= 2 * F[n] ** 2 * 1.001).all()) for n in F)  # relative std <= sqrt(2)
+        True
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator)
@@ -220,13 +288,24 @@ def fisher_variance(
         m = probe.h.shape[0]
         if estimator in ("exact", "empirical"):
             return {n: torch.zeros_like(p, dtype=probe.h.dtype).detach() for n, p in probe.params.items()}
+        scale = 1.0 / n_samples / (m * m if reduction == "mean" else 1)
+        if estimator in ("hutchinson", "hutchinson_batch"):
+            fm = factor_moments(probe)
+            if estimator == "hutchinson":
+                v = {n: 2 * (fm["fisher_sq"][n] - fm["a4"][n]) for n in fm["a4"]}
+            else:
+                v = {n: 2 * (fm["fisher"][n] ** 2 - fm["a4"][n]) for n in fm["a4"]}
+            return {n: (t.clamp_min(0) * scale).detach() for n, t in v.items()}
+        if estimator == "gnb":
+            mom = moments_from_probe(probe, with_v1=True, with_v2=False, with_fisher_sq=True)
+            v = {n: mom.v1[n] + 2 * (mom.fisher[n] ** 2 - mom.fisher_sq[n]) for n in mom.v1}
+            return {n: (t * scale).detach() for n, t in v.items()}
         if estimator == "mc2":
             hessian_plan(model, probe.params)  # raise early for unsupported models
         mom = moments_from_probe(
             probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False
         )
     v = mom.v1 if estimator == "mc1" else mom.v2
-    scale = 1.0 / n_samples / (m * m if reduction == "mean" else 1)
     return {n: (t * scale).detach() for n, t in v.items()}
 
 
@@ -268,19 +347,26 @@ def joint_variance(
     .. math::  \mathrm{Var} = \frac1M\Big[\underbrace{\mathrm{Var}_x F_i(x)}_{\text{input}}
                + \frac1N \underbrace{E_x \tilde v(\theta_i|x)}_{\text{output}}\Big],
 
-    with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is the population
-    variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
+    (``hutchinson``: :math:`\tilde v = 2(F_i^2 - \sum_a A_{ia}^4)`; the batch estimators are not sums over inputs
+    and have no such split), with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is
+    the population variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
     Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).
     """
     lik = get_likelihood(likelihood)
-    check_estimator(estimator, ("mc1", "mc2"))
+    check_estimator(estimator, ("mc1", "mc2", "hutchinson"))
     n_samples = check_n_samples(n_samples)
     with Probe(model, inputs, lik, output=output) as probe:
-        mom = moments_from_probe(
-            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
-        )
-    m = mom.m
-    v = mom.v1 if estimator == "mc1" else mom.v2
-    inp = {n: (mom.fisher_sq[n] / m - (mom.fisher[n] / m) ** 2) / m for n in mom.fisher}
-    out = {n: v[n] / m / n_samples / m for n in mom.fisher}
+        m = probe.h.shape[0]
+        if estimator == "hutchinson":
+            fm = factor_moments(probe)
+            fisher, fisher_sq = fm["fisher"], fm["fisher_sq"]
+            v = {n: 2 * (fisher_sq[n] - fm["a4"][n]).clamp_min(0) for n in fisher}
+        else:
+            mom = moments_from_probe(
+                probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
+            )
+            fisher, fisher_sq = mom.fisher, mom.fisher_sq
+            v = mom.v1 if estimator == "mc1" else mom.v2
+    inp = {n: (fisher_sq[n] / m - (fisher[n] / m) ** 2) / m for n in fisher}
+    out = {n: v[n] / m / n_samples / m for n in fisher}
     return {"input": inp, "output": out, "total": {n: inp[n] + out[n] for n in inp}}

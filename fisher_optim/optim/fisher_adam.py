@@ -72,9 +72,11 @@ class FisherAdam(FisherOptimizer):
         weight_decay: decoupled weight decay :math:`w` (AdamW-style, default 0).
         clip: per-coordinate bound ``c`` of the preconditioned step (default 1.0; ``None``: no clip).
         estimator: ``"auto"`` (default: per-layer choice of estimator and sample count, see
-            :func:`fisher_optim.selection.select`), ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂) or
-            ``"empirical"`` (needs ``opt.step(targets=y)`` with the batch's observed labels).
-        n_samples: labels drawn per input for a fixed ``mc1``/``mc2`` estimator.
+            :func:`fisher_optim.selection.select`, which chooses among ``exact`` and ``mc1``), or a fixed
+            ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂), ``"empirical"`` (needs ``opt.step(targets=y)`` with the
+            batch's observed labels), ``"hutchinson"``, ``"hutchinson_batch"`` or ``"gnb"`` (Sophia's estimate;
+            see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over inputs).
+        n_samples: labels (or Rademacher probes) drawn per input for a fixed sampled estimator.
         fisher_interval: steps between Fisher refreshes (default 10).
         fisher_batch: number of captured inputs the estimation uses (default 32; ``None``: all).
         target_rse: auto mode's bound on the relative standard error of the running estimate.
