@@ -425,8 +425,8 @@ def test_refresh_schedule_and_no_grad_forwards_not_captured():
     finally:
         base_mod.estimate_plan = real
     assert opt.fisher_report().refreshes == 3  # steps 0, 3, 6
-    assert [s.shape[0] for s in seen] == [8, 8, 8]
-    assert torch.equal(seen[1], batch(3)[0])
+    assert [s.size for s in seen] == [8, 8, 8]
+    assert torch.equal(seen[1].first, batch(3)[0])
     opt.close()
 
 

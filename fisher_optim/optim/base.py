@@ -39,10 +39,14 @@ speed.  The cache is not part of ``state_dict`` (timings belong to the machine, 
 measures on its first selection.  With ``cost_model="flops"`` the costs are a deterministic function of the
 sizes, so a resumed run stays bit-identical.
 
-Inputs: a forward hook on ``model`` keeps a detached *reference* (no copy) to the first positional tensor
-argument of the latest forward run with gradients enabled (forwards under ``torch.no_grad()``, e.g.
-evaluation, are not captured).  The hook is removed by :meth:`FisherOptimizer.close` or when the optimizer
-is garbage collected (a ``weakref.finalize``; the hook holds no reference to the optimizer).
+Inputs: forward hooks on ``model`` (:class:`~fisher_optim.optim.capture.InputCapture`) keep detached
+references (no copies) to the positional and keyword arguments of the forwards run with gradients enabled since the
+last step (forwards under ``torch.no_grad()``, e.g. evaluation, are not captured); the step estimates on those
+whose output was backpropagated (micro-batches joined, up to ``fisher_batch`` examples), see
+:mod:`fisher_optim.optim.capture`.  ``output=`` picks the natural parameters out of the model's output.  The hooks
+are removed by :meth:`FisherOptimizer.close` or when the optimizer is garbage collected (a ``weakref.finalize``; the
+hooks hold no reference to the optimizer).  A step skipped for non-finite values also puts back the normalisation
+buffers (BatchNorm running statistics) that its forward changed, so one bad batch never stalls training.
 """
 
 from __future__ import annotations
@@ -59,10 +63,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim import Optimizer
 
+from ..batch import NonFiniteError, OutputSpec, check_output_spec
 from ..estimators import ESTIMATORS
 from ..likelihoods import Likelihood, get_likelihood
 from ..selection import Costs, estimate_plan, next_select_interval, run_selection
 from ._functional import preconditioned_update, refresh_preconditioner
+from .capture import InputCapture
 
 __all__ = ["FisherOptimizer", "FisherReport"]
 
@@ -75,20 +81,6 @@ _COUNTERS = ("step", "fisher_count")
 COST_REUSE = 10
 #: at most this many cached selection costs (input shapes) are kept, the oldest dropped first
 _COST_CACHE_SIZE = 8
-
-
-class _InputCapture:
-    """Forward hook target: remembers the latest batch.  Holds no reference to the optimizer."""
-
-    __slots__ = ("inputs", "enabled", "__weakref__")
-
-    def __init__(self):
-        self.inputs: Tensor | None = None
-        self.enabled = True
-
-    def __call__(self, module, args, output):
-        if self.enabled and torch.is_grad_enabled() and args and isinstance(args[0], Tensor):
-            self.inputs = args[0].detach()
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, object | None]:
@@ -166,6 +158,7 @@ class FisherOptimizer(Optimizer):
         cost_model: str,
         nonfinite: str,
         seed: int | None,
+        output: OutputSpec = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
@@ -189,6 +182,7 @@ class FisherOptimizer(Optimizer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"Invalid seed: {seed}")
         self._lik = get_likelihood(likelihood)
+        self.output = check_output_spec(output)
         self._net, self._pg = _unwrap(model)
         self._names = {id(p): n for n, p in self._net.named_parameters()}
         self.estimator = estimator
@@ -223,9 +217,8 @@ class FisherOptimizer(Optimizer):
         # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
         self._cost_cache: dict[tuple, list] = {}
 
-        self._capture = _InputCapture()
-        handle = model.register_forward_hook(self._capture)
-        self._finalizer = weakref.finalize(self, handle.remove)
+        self._capture = InputCapture(model, output=self.output)
+        self._finalizer = weakref.finalize(self, self._capture.remove)
 
     # -- torch.optim plumbing ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -241,9 +234,8 @@ class FisherOptimizer(Optimizer):
         super().add_param_group(param_group)
 
     def close(self) -> None:
-        """Remove the input-capturing forward hook and drop the captured batch (idempotent)."""
+        """Remove the input-capturing forward hooks and drop the captured batches (idempotent)."""
         self._finalizer()
-        self._capture.inputs = None
 
     def __getstate__(self):
         raise TypeError(f"{type(self).__name__} holds a model and a forward hook: save opt.state_dict() instead")
@@ -358,6 +350,7 @@ class FisherOptimizer(Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 work.append((group, ps, [p.grad for p in ps]))
         if not work:
+            self._capture.reset()
             return loss
         with_grad = [p for _, ps, _ in work for p in ps]
         due = (
@@ -365,16 +358,26 @@ class FisherOptimizer(Optimizer):
             or self._since_refresh >= self.fisher_interval
             or any("fisher_count" not in self.state[p] for p in with_grad)
         )
-        estimates, pending, gen_state = self._estimate(targets) if due else (None, None, None)
+        gen_state = self._generator.get_state()
+        nonfinite_input = None
+        try:
+            estimates, pending, _ = self._estimate(targets) if due else (None, None, None)
+        except NonFiniteError as err:  # non-finite inputs or model output: the step is skipped or raises below
+            estimates, pending, nonfinite_input = None, None, str(err)
 
         checked = [g for _, _, gs in work for g in gs] + ([] if estimates is None else list(estimates.values()))
         if isinstance(loss, Tensor):
             checked.append(loss.detach().reshape(-1))
-        bad = not self._all_finite(checked) or (isinstance(loss, float) and not math.isfinite(loss))
+        bad = (
+            nonfinite_input is not None
+            or not self._all_finite(checked)
+            or (isinstance(loss, float) and not math.isfinite(loss))
+        )
         if bad:
-            if gen_state is not None:
-                self._generator.set_state(gen_state)
-            what = self._describe_nonfinite(work, estimates, loss)
+            self._generator.set_state(gen_state)
+            self._capture.restore_buffers()
+            self._capture.reset()
+            what = nonfinite_input or self._describe_nonfinite(work, estimates, loss)
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite {what} at step {self._steps}; no parameter or state "
@@ -397,6 +400,7 @@ class FisherOptimizer(Optimizer):
                 foreach=group["foreach"],
                 **self._update_kwargs(group),
             )
+        self._capture.reset()
         self._steps += 1
         self._since_refresh += 1
         return loss
@@ -409,16 +413,15 @@ class FisherOptimizer(Optimizer):
     def _estimate(self, targets):
         """New estimates ``{param: tensor}`` (all-reduced under DDP), the pending selection and the
         generator state before any draw (to rewind on a skipped step)."""
-        x = self._capture.inputs
+        x = self._capture.take(self.fisher_batch)
         if x is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs the inputs of the latest forward pass of `model`, and none "
                 "was captured: run `loss = criterion(model(x), y); loss.backward()` (with gradients enabled, "
-                "the batch as the first positional argument of the forward) before `opt.step()`"
+                "the batch in a tensor argument of the forward) before `opt.step()`"
             )
-        if self.fisher_batch is not None:
-            x = x[: self.fisher_batch]
-            targets = None if targets is None else targets[: self.fisher_batch]
+        if targets is not None:
+            targets = targets[: x.size]
         fparams = self._fisher_params()
         names = list(fparams)
         gen_state = self._generator.get_state()
@@ -449,7 +452,7 @@ class FisherOptimizer(Optimizer):
                         "call opt.step(targets=y)"
                     )
                 est = estimate_plan(
-                    self._net, x, likelihood=self._lik, plan=plan, generator=self._generator,
+                    self._net, x, likelihood=self._lik, output=self.output, plan=plan, generator=self._generator,
                     targets=targets if empirical else None,
                 )  # fmt: skip
         finally:
@@ -458,18 +461,19 @@ class FisherOptimizer(Optimizer):
             est = self._all_reduce(est, names)
         return {fparams[n]: est[n] for n in names}, pending, gen_state
 
-    def _select(self, x: Tensor, names: list[str]) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
+    def _select(self, x, names: list[str]) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
         info, fisher = None, None
         if not distributed or dist.get_rank(self._pg) == 0:
-            key = (tuple(x.shape), x.dtype, tuple(sorted(names)))
+            key = (tuple(x.first.shape), x.first.dtype, tuple(sorted(names)))
             cached = self._cost_cache.get(key)
             if cached is not None and cached[1] >= COST_REUSE:
                 cached = None
             sel = run_selection(
-                self._net, x, likelihood=self._lik, generator=self._generator, target_rse=self.target_rse,
+                self._net, x, likelihood=self._lik, output=self.output, generator=self._generator,
+                target_rse=self.target_rse,
                 ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
                 costs=None if cached is None else cached[0], current=self._plan,
             )  # fmt: skip

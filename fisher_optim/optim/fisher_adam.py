@@ -93,6 +93,8 @@ class FisherAdam(FisherOptimizer):
             for bit-reproducible runs).
         nonfinite: ``"skip"`` (default) or ``"raise"`` on a non-finite loss, gradient or estimate.
         seed: seed of the label-sampling generator (default ``torch.initial_seed()``; plus the rank under DDP).
+        output: picks the natural parameters out of the model's output (default: the tensor itself, the first
+            element of a tuple/list, the ``"logits"`` entry or attribute); a key, an index or a callable.
         foreach: ``torch._foreach_*`` update (``None``: only when every parameter is on CUDA, as torch.optim).
 
     Example:
@@ -134,6 +136,7 @@ class FisherAdam(FisherOptimizer):
         cost_model: str = "measured",
         nonfinite: str = "skip",
         seed: int | None = None,
+        output=None,
         foreach: bool | None = None,
     ):
         check_lr(lr)
@@ -152,7 +155,7 @@ class FisherAdam(FisherOptimizer):
             model, likelihood, params, defaults, estimator=estimator, n_samples=n_samples,
             fisher_interval=fisher_interval, fisher_batch=fisher_batch, target_rse=target_rse,
             variance_interval=variance_interval, max_samples=max_samples, cost_model=cost_model,
-            nonfinite=nonfinite, seed=seed,
+            nonfinite=nonfinite, seed=seed, output=output,
         )  # fmt: skip
 
     def _update_kwargs(self, group: dict) -> dict:

@@ -35,7 +35,7 @@ class NaturalGradient(FisherOptimizer):
 
     Args:
         model, likelihood, params, estimator, n_samples, fisher_interval, fisher_batch, target_rse,
-        variance_interval, max_samples, cost_model, nonfinite, seed, foreach: as in
+        variance_interval, max_samples, cost_model, nonfinite, seed, output, foreach: as in
             :class:`~fisher_optim.optim.FisherAdam`.
         lr: learning rate :math:`\eta` (default 5e-3, chosen on sklearn digits like FisherAdam's: with momentum
             0.9 the long-run step is ``10 lr`` times the natural-gradient direction).
@@ -82,6 +82,7 @@ class NaturalGradient(FisherOptimizer):
         cost_model: str = "measured",
         nonfinite: str = "skip",
         seed: int | None = None,
+        output=None,
         foreach: bool | None = None,
     ):
         check_lr(lr)
@@ -98,7 +99,7 @@ class NaturalGradient(FisherOptimizer):
             model, likelihood, params, defaults, estimator=estimator, n_samples=n_samples,
             fisher_interval=fisher_interval, fisher_batch=fisher_batch, target_rse=target_rse,
             variance_interval=variance_interval, max_samples=max_samples, cost_model=cost_model,
-            nonfinite=nonfinite, seed=seed,
+            nonfinite=nonfinite, seed=seed, output=output,
         )  # fmt: skip
 
     def _update_kwargs(self, group: dict) -> dict:
