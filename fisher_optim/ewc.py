@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from .engine import Probe, trainable_parameters
 from .estimators import check_estimator, check_n_samples, diagonal_fisher
-from .likelihoods import Likelihood, get_likelihood
+from .likelihoods import Categorical, Likelihood, get_likelihood
 
 __all__ = ["EWC", "EWC_ESTIMATORS", "EWC_MODES"]
 
@@ -320,7 +320,8 @@ class EWC:
                 ``(x, y)`` batches (or of bare ``x`` tensors when the estimator needs no labels). Batches
                 are moved to the model's device.
             targets: observed labels for a tensor ``inputs`` (needed by ``"empirical"`` and
-                ``"batched_empirical"``, ignored by the other estimators).
+                ``"batched_empirical"``).  With a categorical likelihood the other estimators (not
+                ``"auto"``) take them as a mask: positions whose target is ``ignore_index`` are left out.
             batch_size: for a tensor ``inputs``, process it in chunks of this many examples (memory; the
                 mini-batches of ``"batched_empirical"``). Default: one chunk.
 
@@ -343,7 +344,8 @@ class EWC:
                 continue
             if device is not None:
                 x = x.to(device)
-            if needs_targets:
+            masks = y is not None and isinstance(self.likelihood, Categorical) and self.estimator != "auto"
+            if needs_targets or masks:
                 if y is None:
                     raise ValueError(
                         f"estimator {self.estimator!r} needs targets (the observed labels): pass targets= "
@@ -362,7 +364,7 @@ class EWC:
                     likelihood=self.likelihood,
                     estimator=self.estimator,
                     n_samples=self.n_samples,
-                    targets=y if self.estimator == "empirical" else None,
+                    targets=y if self.estimator == "empirical" or masks else None,
                     generator=self.generator,
                     reduction="sum",
                 )

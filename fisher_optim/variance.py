@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Probe
-from .estimators import check_estimator, check_n_samples, check_reduction
+from .estimators import check_estimator, check_n_samples, check_reduction, check_targets_use, target_mask
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .layers import LinearRecord, linear_reduce
@@ -72,6 +72,7 @@ def moments_from_probe(
     with_fisher_sq: bool = False,
     names=None,
     with_fisher: bool = True,
+    mask: Tensor | None = None,
 ) -> FisherMoments:
     r"""Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe` (skipped parts: ``None``).
 
@@ -79,12 +80,17 @@ def moments_from_probe(
     and output unit the likelihood's contractions give :math:`F = v^	op I v` and :math:`	ilde v_1`
     together (:meth:`~fisher_optim.likelihoods.Likelihood.quad_and_moment4`), and the Hessian residual
     route gives :math:`u_c` for the same unit seeds (reusing the backward's output gradients), so
-    :math:`	ilde v_2 = u^	op I u`.  Per layer, every statistic is reduced in one multi-reducer pass;
+    :math:`	ilde v_2 = u^	op I u`.  ``mask`` (``B x D``, from
+    :func:`~fisher_optim.estimators.target_mask`) zeroes the unit seeds of unlabelled positions, which drops
+    them from every statistic.  Per layer, every statistic is reduced in one multi-reducer pass;
     on ``nn.Linear`` layers the statistics multiplying :math:`a^4` (``fisher_sq``, ``v1``, ``v2``) share one
     matmul (spec §7.1 factorisation).
     """
     lik, h = probe.lik, probe.h.detach()
     seeds = unit_seeds(h)
+    diagonal = torch.ones_like(h)
+    if mask is not None:
+        seeds, diagonal = seeds * mask, mask
     wanted = None if names is None else set(names)
     # the output layer (a Linear producing h) in closed form: v = e_a, no seeds (see Probe.exact_output_layer)
     out_keys: dict[str, str] = {}
@@ -93,7 +99,7 @@ def moments_from_probe(
         out_keys = dict(zip(("weight", "bias"), probe._module_params(i)))
         out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
     rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
-    recs = probe.seeded(seeds, names=rest, diagonal=torch.ones_like(h)) if rest else []
+    recs = probe.seeded(seeds, names=rest, diagonal=diagonal) if rest else []
     grads = dict(probe.last_grads) if rest else {}
     if probe.output_index is not None:
         grads[probe.fast[probe.output_index][0]] = seeds  # d(e_c^T h)/dh = e_c
@@ -148,8 +154,9 @@ def moments_from_probe(
             continue
         store("v2", rec.reduce_many(v2_stat, (2,))[0], keys)
     if out_keys and keys_on:
-        var = lik.unit_variance(h)
-        unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (lik.unit_moment4(h), 4) if with_v1 else None}
+        var = lik.unit_variance(h) if mask is None else lik.unit_variance(h) * mask
+        m4 = (lik.unit_moment4(h) if mask is None else lik.unit_moment4(h) * mask) if with_v1 else None
+        unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (m4, 4)}
         vals = linear_reduce(probe._ins[probe.output_index], [unit[k] for k in keys_on], "bias" in out_keys)
         for k, v in zip(keys_on, vals):
             store(k, v, out_keys)
@@ -174,14 +181,19 @@ def fisher_moments(
     likelihood: str | Likelihood,
     with_v2: bool = True,
     with_fisher_sq: bool = False,
+    targets: Tensor | None = None,
 ) -> FisherMoments:
-    r""":class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``C`` unit-seed backward passes).
+    r""":class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``D`` unit-seed backward passes).
 
     ``with_fisher_sq`` adds :math:`\sum_m F_i(x_m)^2` (the input-randomness term of :func:`joint_variance`).
+    ``targets``: categorical only, a mask as in :func:`fisher_variance`.
     """
     lik = get_likelihood(likelihood)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik) as probe:
-        return moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq)
+        return moments_from_probe(
+            probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq, mask=target_mask(probe, targets)
+        )
 
 
 def fisher_variance(
@@ -192,12 +204,28 @@ def fisher_variance(
     estimator: str,
     n_samples: int = 1,
     reduction: str = "mean",
+    targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     r"""Variance over label draws of :func:`~fisher_optim.diagonal_fisher` at fixed ``inputs``.
 
     Returns ``{name: tensor}`` with the keys and shapes of ``diagonal_fisher``:
     :math:`\frac{1}{M^2}\sum_m \tilde v(\theta_i|x_m)/N` for ``reduction="mean"`` (``\sum_m \tilde v/N``
     for ``"sum"``).  Zero for ``exact`` and ``empirical``.
+
+    **Outputs with positions** (categorical, spec §12): the labels are drawn independently at the ``T``
+    positions and Î₁ squares the whole input's score, so with :math:`q_t = v_{t,i}^\top I(h_t) v_{t,i}`
+    and the fourth cumulant :math:`\kappa_t` of position ``t`` along :math:`v_{t,i}`,
+
+    .. math::  \tilde v_1(\theta_i|x) = \sum_t \kappa_t + 2\Big(\sum_t q_t\Big)^2, \qquad
+               \tilde v_2(\theta_i|x) = \sum_t u_{t,i}^\top I(h_t)\, u_{t,i}.
+
+    ``targets`` (categorical, ``(M, *positions)``) drops the positions whose target is ``ignore_index``, as
+    in :func:`~fisher_optim.diagonal_fisher`.  **Cost**: it needs the per-position directions
+    :math:`v_{t,i}`: one backward with ``D = T*C`` unit seeds per input (the exact pass's width), i.e. memory
+    ``D x M x`` (every layer's output) at once and ``D`` times the work of a plain backward, plus, for
+    ``mc2``, the Hessian residual for the same ``D`` seeds.  Affordable for small ``T*C`` (taggers with few
+    classes, short windows); for a language model (``T*C`` in the thousands) track the sample variance of
+    several Î₁ draws instead (spec §14).
 
     Example:
         >>> import torch
@@ -213,14 +241,16 @@ def fisher_variance(
     check_estimator(estimator)
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik) as probe:
         m = probe.h.shape[0]
+        mask = target_mask(probe, targets)
         if estimator in ("exact", "empirical"):
             return {n: torch.zeros_like(p, dtype=probe.h.dtype).detach() for n, p in probe.params.items()}
         if estimator == "mc2":
             hessian_plan(model, probe.params)  # raise early for unsupported models
         mom = moments_from_probe(
-            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False
+            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False, mask=mask
         )
     v = mom.v1 if estimator == "mc1" else mom.v2
     scale = 1.0 / n_samples / (m * m if reduction == "mean" else 1)
