@@ -21,8 +21,8 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
 :math:`I(\theta|x) = \sum_t J_t^\top I(h_t) J_t` is the *sum* over its positions (the labels are independent
 given the input); the estimate stays the mean over inputs.  ``exact`` uses ``T*C`` seeds per input (the
 per-position factors ``S_t``); ``mc1`` draws a label at every position and squares the whole input's score
-:math:`\sum_t J_t^\top(\eta_t - e_{y_t})` (one seed per draw, not per position: squaring per position would
-drop the cross-position terms of one input's score, a different, biased quantity); ``mc2`` and
+:math:`\sum_t J_t^\top(\eta_t - e_{y_t})` (one seed per draw, not per position: squaring per position
+would be another estimator, with another variance); ``mc2`` and
 ``empirical`` are per input in the same way.  Positions whose target is ``ignore_index`` are left out of
 every estimator (their seeds are zero); a token-mean loss :math:`\frac1T\sum_t` has ``1/T^2`` times this
 Fisher (README, "Scaling").  The model is evaluated in eval mode (dropout off,
