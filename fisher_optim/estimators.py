@@ -25,7 +25,7 @@ per-position factors ``S_t``); ``mc1`` draws a label at every position and squar
 would be another estimator, with another variance); ``mc2`` and
 ``empirical`` are per input in the same way.  Positions whose target is ``ignore_index`` are left out of
 every estimator (their seeds are zero); a token-mean loss :math:`\frac1T\sum_t` has ``1/T^2`` times this
-Fisher (README, "Scaling").  The model is evaluated in eval mode (dropout off,
+Fisher (README, "Outputs with positions").  The model is evaluated in eval mode (dropout off,
 BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
 """
 
