@@ -381,3 +381,16 @@ def test_full_targets_change_nothing():
         b = diagonal_fisher(model, x, likelihood="categorical", estimator=est, generator=gen(5), targets=FULL)
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+
+
+def test_variance_bounds_with_positions():
+    """Î₂'s eigenvalue bounds hold with the per-position projection; Î₁'s are not implemented for sequences."""
+    from fisher_optim.bounds import variance_bounds
+
+    model, x = tagger(), tagger_inputs()
+    lo, up = variance_bounds(model, x, likelihood="categorical", estimator="mc2")
+    v = fisher_variance(model, x, likelihood="categorical", estimator="mc2")
+    for n in v:
+        assert bool((lo[n] <= v[n] * (1 + 1e-12) + 1e-30).all() and (v[n] <= up[n] * (1 + 1e-12) + 1e-30).all())
+    with pytest.raises(NotImplementedError, match="positions"):
+        variance_bounds(model, x, likelihood="categorical", estimator="mc1")
