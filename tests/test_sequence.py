@@ -53,6 +53,17 @@ def segmenter_inputs(seed: int = 1):
     return torch.randn(M, 2, T, generator=gen(seed), dtype=DTYPE)
 
 
+def unflattened(class_dim: int, seed: int = 0) -> nn.Module:
+    """An MLP whose last Linear (2-D input) is reshaped to (M, T, C) or (M, C, T): the output layer's seedless
+    exact rule (classes last: h is that Linear's output) and the Î₂ routes see positions through a reshape."""
+    shape = (T, C) if class_dim == -1 else (C, T)
+    return init_(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, T * C), nn.Unflatten(1, shape)), seed)
+
+
+def flat_inputs(seed: int = 1):
+    return torch.randn(M, 3, generator=gen(seed), dtype=DTYPE)
+
+
 def transformer(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)  # nn.MultiheadAttention initialises from the global RNG; init_ overwrites it all
     return init_(char_transformer(vocab=V, d_model=4, n_heads=2, n_layers=1, max_len=T, dim_ff=6), seed, 1.0)
@@ -66,6 +77,8 @@ CASES = {
     "tagger": (tagger, tagger_inputs, Categorical),
     "segmenter": (segmenter, segmenter_inputs, lambda: Categorical(class_dim=1)),
     "transformer": (transformer, token_inputs, Categorical),
+    "unflatten-last": (lambda: unflattened(-1), flat_inputs, Categorical),
+    "unflatten-first": (lambda: unflattened(1), flat_inputs, lambda: Categorical(class_dim=1)),
 }
 #: nn.MultiheadAttention uses out_proj.weight without calling out_proj: the engine's hook-based coverage reports
 #: it unused (zero Fisher), STYLE.md §10.  The Probe rewrite (autograd coverage) fixes it; until then these xfail.
@@ -227,7 +240,7 @@ def test_mc1_squares_the_whole_input_score(masked):
 
 
 # -- closed-form variances ----------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["tagger", "segmenter"])
+@pytest.mark.parametrize("case", ["tagger", "segmenter", "unflatten-last", "unflatten-first"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fisher_variance_matches_bruteforce(case, masked):
     make, make_x, make_lik = CASES[case]
