@@ -407,3 +407,27 @@ def test_variance_bounds_with_positions():
         assert bool((lo[n] <= v[n] * (1 + 1e-12) + 1e-30).all() and (v[n] <= up[n] * (1 + 1e-12) + 1e-30).all())
     with pytest.raises(NotImplementedError, match="positions"):
         variance_bounds(model, x, likelihood="categorical", estimator="mc1")
+
+
+def test_fisher_adam_and_ewc_on_the_tiny_lm():
+    """The tiny Transformer LM under FisherAdam (mc1, masked targets) and EWC (exact, masked (x, y) pairs)."""
+    model, x = transformer(), token_inputs()
+    opt = FisherAdam(model, "categorical", estimator="mc1", fisher_interval=1, lr=1e-2, seed=0)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), MASKED.clamp_min(0))
+        loss.backward()
+        opt.step(targets=MASKED)
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    fisher = {n: opt.state[p]["fisher_ema"] for n, p in model.named_parameters()}
+    assert all(bool(torch.isfinite(f).all()) for f in fisher.values())
+    assert float(fisher["head.weight"].sum()) > 0
+    ewc = EWC(model, likelihood="categorical", lam=1.0, estimator="exact")
+    got = ewc.consolidate([(x[:2], MASKED[:2]), (x[2:], MASKED[2:])])
+    ref = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-14)
+    assert float(ewc.penalty()) == 0.0  # at the anchor
