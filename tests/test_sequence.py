@@ -356,13 +356,15 @@ def test_lstm_exact_matches_bruteforce():
 
 
 # -- optimizers and EWC take the targets as the mask --------------------------------------------------------
-def test_fisher_adam_masks_with_step_targets():
-    """``opt.step(targets=y)``: the running Fisher is the masked one (same EMA scale as without targets)."""
+@pytest.mark.parametrize("estimator", ["exact", "auto"])
+def test_fisher_adam_masks_with_step_targets(estimator):
+    """``opt.step(targets=y)``: the running Fisher is the masked one (same EMA scale as without targets); auto's
+    first refresh is exact."""
     x = tagger_inputs()
 
     def first_refresh(targets):
         model = tagger()
-        opt = FisherAdam(model, "categorical", estimator="exact", fisher_interval=1, clip=None, lr=1e-3)
+        opt = FisherAdam(model, "categorical", estimator=estimator, fisher_interval=1, clip=None, lr=1e-3)
         loss = model(x).sum()
         loss.backward()
         opt.step(targets=targets)
@@ -377,9 +379,11 @@ def test_fisher_adam_masks_with_step_targets():
         torch.testing.assert_close(masked[n], scale * f_masked[n], rtol=1e-9, atol=1e-14)
 
 
-def test_ewc_consolidate_masks_with_its_targets():
+@pytest.mark.parametrize("estimator", ["exact", "auto"])
+def test_ewc_consolidate_masks_with_its_targets(estimator):
+    """One batch: exact, and auto (whose first batch's estimate is the selection's exact Fisher), both masked."""
     model, x = tagger(), tagger_inputs()
-    ewc = EWC(model, likelihood="categorical", lam=1.0, estimator="exact")
+    ewc = EWC(model, likelihood="categorical", lam=1.0, estimator=estimator)
     got = ewc.consolidate(x, MASKED)
     ref = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
     for n in ref:
