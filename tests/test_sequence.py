@@ -435,3 +435,20 @@ def test_fisher_adam_and_ewc_on_the_tiny_lm():
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-14)
     assert float(ewc.penalty()) == 0.0  # at the anchor
+
+
+def test_lm_data_split_vocabulary_and_windows():
+    """benchmarks/lm_data.py: a fixed 90/10 split of pydoc_data.topics, a fixed vocabulary, shifted windows."""
+    from benchmarks import lm_data
+
+    text = lm_data.load_text()
+    train, val = lm_data.corpus("train"), lm_data.corpus("validation")
+    assert train.numel() + val.numel() == len(text) and train.numel() == int(0.9 * len(text))
+    assert lm_data.VOCAB_SIZE == 97 and int(train.max()) < lm_data.VOCAB_SIZE
+    assert float((train == 0).double().mean()) < 1e-3  # almost every character is in the vocabulary
+    assert lm_data.decode(lm_data.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    a = lm_data.windows("validation", 4, 16, generator=gen(0))
+    b = lm_data.windows("validation", 4, 16, generator=gen(0))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])
+    with pytest.raises(ValueError, match="Invalid split"):
+        lm_data.corpus("test")
