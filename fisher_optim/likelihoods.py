@@ -12,9 +12,11 @@ A network output row ``h`` (one row per input) holds the natural parameters of
 * ``moment4(h, v)``: :math:`\mathcal M(v,v,v,v) = \mathrm{Var}\big((v^\top(t-\eta))^2\big)
   = \kappa(v^4) + 2 (v^\top I v)^2`, the single-sample variance of :math:`\hat I_1` along ``v`` (spec §3.2).
 
-Outputs are flattened to ``(B, C)``: ``categorical`` needs a 2-D output (one row of ``C`` logits per
-input); the factorised families (``bernoulli``, ``gaussian``, ``poisson``) treat every output entry of an
-input as one independent unit, so an output of shape ``(B, 1, 28, 28)`` is ``C = 784`` units.
+Outputs are flattened to ``(B, D)``: ``categorical`` takes ``(B, C)`` (one row of ``C`` logits per input)
+or outputs with positions, ``(B, ..., C)`` or, with ``class_dim=1``, ``(B, C, ...)``, flattened to
+``D = T*C`` with one softmax per position (spec §12, :class:`Categorical`); the factorised families
+(``bernoulli``, ``gaussian``, ``poisson``) treat every output entry of an input as one independent unit, so
+an output of shape ``(B, 1, 28, 28)`` is ``D = 784`` units.
 """
 
 from __future__ import annotations
