@@ -17,12 +17,15 @@ and the likelihood's moment contractions.  Scaling (mean over inputs) is applied
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batch import Batch, NonFiniteError, OutputSpec, select_output
 from .layers import DenseRecord, Reducer, is_fast, linear_reduce, make_record
 from .likelihoods import Likelihood
 
@@ -34,21 +37,86 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _eager():
+    """Run ``torch.compile``d models and submodules eagerly: module hooks fire and every parameter use is on the
+    autograd graph as an ordinary op (the estimate of a compiled model is that of its eager original)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+
+
+def _uses_batch_statistics(m: nn.Module) -> bool:
+    """A BatchNorm layer that normalises with the statistics of its batch: train mode, or no running statistics."""
+    return isinstance(m, _BatchNorm) and (m.training or m.running_mean is None or m.running_var is None)
+
+
 class _ModeGuard:
-    """Put every submodule in eval mode and restore each module's own flag afterwards."""
+    """Eval mode for every submodule (dropout off) for one estimation, restoring each module's own flag after.
+
+    BatchNorm layers that would normalise with their batch's statistics (train mode, or no running statistics) are
+    *frozen at the estimation batch's statistics*: at their first call the batch mean and (biased) variance of their
+    input are taken, detached, and put in place of the running statistics until exit.  Each input's Fisher is then
+    that of the function being trained, with the statistics held constant (no coupling between inputs, no buffer
+    update).  BatchNorm in eval mode keeps its running statistics.  Buffers are restored on exit.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self):
         self.flags = [(m, m.training) for m in self.model.modules()]
+        self.frozen = [m for m in self.model.modules() if _uses_batch_statistics(m)]
+        self.saved = [(m, m.running_mean, m.running_var) for m in self.frozen]
+        self.handles = [m.register_forward_pre_hook(self._freeze) for m in self.frozen]
         self.model.eval()
         return self
 
+    @staticmethod
+    def _freeze(module, args):
+        x = args[0].detach()
+        dims = [d for d in range(x.dim()) if d != 1]
+        module.running_mean = x.mean(dims)
+        module.running_var = x.var(dims, unbiased=False)
+
+    def release_hooks(self):
+        """Remove the freezing hooks (after the first forward: later calls reuse the frozen statistics)."""
+        for hd in self.handles:
+            hd.remove()
+        self.handles = []
+
     def __exit__(self, *exc):
+        self.release_hooks()
+        for m, mean, var in self.saved:
+            m.running_mean = mean
+            m.running_var = var
         for m, flag in self.flags:
             m.training = flag
         return False
+
+
+def _graph_uses(root: Tensor) -> tuple[dict[int, int], set]:
+    """Walk the autograd graph below ``root``: ``({id(leaf): number of graph edges into it}, nodes seen)``.
+
+    A leaf that requires grad appears through its ``AccumulateGrad`` node; the edge count says how many ops of the
+    forward consumed it (one for a parameter used by one ``nn.Linear`` call, two for a tied weight, ...).
+    """
+    counts: dict[int, int] = {}
+    seen: set = set()
+    if root.grad_fn is None:
+        return counts, seen
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                counts[id(var)] = counts.get(id(var), 0) + 1
+            stack.append(nxt)
+    return counts, seen
 
 
 class Probe:
@@ -60,19 +128,32 @@ class Probe:
             h = probe.h                       # (B, C) natural parameters
             recs = probe.seeded(seeds)        # seeds: (K, B, C)
 
-    The forward runs in eval mode (dropout off, BatchNorm on its running statistics, which are therefore
-    not updated): the Fisher is that of the deterministic prediction ``h(x; theta)``.  ``.grad`` fields
-    are never touched (``torch.autograd.grad`` only).
+    ``inputs`` is a Tensor, a tuple or a dict (:class:`~fisher_optim.batch.Batch`: tensors whose leading dimension
+    is the batch are sliced together, others passed whole); ``output`` picks the natural parameters out of the
+    model's output (:func:`~fisher_optim.batch.select_output`).
+
+    The forward runs in eval mode (dropout off); BatchNorm layers in train mode use the estimation batch's own
+    statistics, held constant, those in eval mode their running statistics (:class:`_ModeGuard`).  Compiled models
+    run eagerly.  Which parameters the output depends on is read off the autograd graph: a fast rule
+    (``nn.Linear``, ``nn.Conv2d``, BatchNorm) covers a parameter only if its module ran once, its output reaches
+    ``h`` and that call is the parameter's only use; every other parameter on the graph takes the general route;
+    only parameters off the graph get zeros (:attr:`unused`).  ``.grad`` fields are never touched.
+
+    Non-finite inputs or outputs raise :class:`~fisher_optim.batch.NonFiniteError` (a ``ValueError``).
     """
 
-    def __init__(self, model: nn.Module, inputs: Tensor, likelihood: Likelihood, names: Iterable[str] | None = None):
-        if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a Tensor of shape (batch, ...), got {type(inputs).__name__}")
-        if inputs.dim() == 0 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs must have a non-empty batch dimension, got shape {tuple(inputs.shape)}")
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs,
+        likelihood: Likelihood,
+        names: Iterable[str] | None = None,
+        output: OutputSpec = None,
+    ):
+        self.batch = Batch.of(inputs)
         self.model = model
-        self.inputs = inputs
         self.lik = likelihood
+        self.output = output
         params = trainable_parameters(model)
         if names is not None:
             names = list(names)
@@ -82,11 +163,32 @@ class Probe:
             params = {n: params[n] for n in names}
         self.params = params
 
+    @property
+    def inputs(self) -> Tensor:
+        """The first batched input tensor (shape, dtype and device of the batch)."""
+        return self.batch.first
+
+    def param_name(self, p: Tensor) -> str | None:
+        """The name of parameter ``p`` in this probe (None if it is not one of :attr:`params`)."""
+        return self._pname.get(id(p))
+
+    def outputs_of(self, batch: Batch, params: dict[str, Tensor] | None = None) -> Tensor:
+        """``(b, D)`` natural parameters of ``batch`` (eagerly, in the probe's modes), with ``params`` substituted
+        by ``torch.func.functional_call`` when given."""
+        with _eager():
+            if params is None:
+                out = batch.call(self.model)
+            else:
+                out = functional_call(self.model, params, batch.args, batch.kwargs)
+        return self.lik.flatten(select_output(out, self.output))
+
     # -- context management ---------------------------------------------------------------------
     def __enter__(self) -> Probe:
+        self.batch.check_finite()
         self._mode = _ModeGuard(self.model).__enter__()
         try:
             self._forward(clone=False)
+            self._mode.release_hooks()
             if any(out._version != ver for out, ver in zip(self._outs, self._versions)):
                 # an in-place op (e.g. ReLU(inplace=True)) overwrote a recorded output: redo with copies
                 self._forward(clone=True)
@@ -102,7 +204,7 @@ class Probe:
         return False
 
     def _plan_modules(self):
-        """Fast modules whose trainable parameters belong to this call, each parameter used once."""
+        """Fast modules whose trainable parameters belong to this call, each parameter owned by one module."""
         owners: dict[int, int] = {}
         for m in self.model.modules():
             for p in m.parameters(recurse=False):
@@ -145,37 +247,36 @@ class Probe:
 
         handles = [m.register_forward_hook(make_hook(mname)) for mname, m, _ in fast]
         try:
-            with torch.enable_grad():
-                out = self.model(self.inputs)
+            with torch.enable_grad():  # under an optimizer's no_grad too: h stays on the graph
+                self.h = self.outputs_of(self.batch)
         finally:
             for hd in handles:
                 hd.remove()
-        if not isinstance(out, Tensor):
-            raise TypeError(f"model output must be a Tensor, got {type(out).__name__}")
-        with torch.enable_grad():  # flatten may be a reshape: keep h on the graph under an optimizer's no_grad
-            self.h = self.lik.flatten(out)
-        if self.h.shape[0] != self.inputs.shape[0]:
-            raise ValueError(
-                f"model output has batch size {self.h.shape[0]} but inputs have {self.inputs.shape[0]}"
-            )
+        if self.h.shape[0] != self.batch.size:
+            raise ValueError(f"model output has batch size {self.h.shape[0]} but inputs have {self.batch.size}")
+        bad = (~torch.isfinite(self.h.detach())).sum().item()
+        if bad:
+            raise NonFiniteError(f"model output has {bad} non-finite value(s) (NaN or inf) of {self.h.numel()}")
+        uses, nodes = _graph_uses(self.h)
         self.fast = []  # (mname, module, has_bias)
         covered: set[str] = set()
         for mname, m, has_bias in fast:
-            if calls.get(mname, 0) != 1:
-                continue  # unused (zero Fisher) or reused (general route)
+            own = [m.weight] + ([m.bias] if has_bias else [])
+            out = outs.get(mname)
+            if (
+                calls.get(mname, 0) != 1
+                or not isinstance(out, Tensor)
+                or out.grad_fn not in nodes
+                or any(uses.get(id(p), 0) != 1 for p in own)
+            ):
+                continue  # unused, reused, or a parameter used outside this call: autograd decides below
             self.fast.append((mname, m, has_bias))
-            covered.add(pname[id(m.weight)])
-            if has_bias:
-                covered.add(pname[id(m.bias)])
-        unused_fast = {
-            pname[id(p)]
-            for mname, m, _ in fast
-            if calls.get(mname, 0) == 0
-            for p in m.parameters(recurse=False)
-            if id(p) in pname
-        }
-        self.general = [n for n in self.params if n not in covered and n not in unused_fast]
-        self.unused = sorted(unused_fast)
+            covered.update(pname[id(p)] for p in own)
+        #: parameters the output does not depend on (off the autograd graph): their Fisher is exactly zero
+        self.unused = sorted(n for n, p in self.params.items() if id(p) not in uses)
+        unused = set(self.unused)
+        #: parameters on the graph that no fast rule fully saw: the general (torch.func / autograd) route
+        self.general = [n for n in self.params if n not in covered and n not in unused]
         self._ins = [ins[mname] for mname, _, _ in self.fast]
         self._in_graph = [in_graph[mname] for mname, _, _ in self.fast]  # the inputs on the autograd graph
         self._outs = [outs[mname] for mname, _, _ in self.fast]
@@ -198,7 +299,7 @@ class Probe:
                 self.output_index = i
 
     # -- seeded backward ------------------------------------------------------------------------
-    def _module_params(self, i: int) -> list[str]:
+    def module_params(self, i: int) -> list[str]:
         mname, m, has_bias = self.fast[i]
         return [self._pname[id(m.weight)]] + ([self._pname[id(m.bias)]] if has_bias else [])
 
@@ -212,9 +313,9 @@ class Probe:
         """
         if self.output_index is None:
             return {}, set()
-        keys = {"weight": self._module_params(self.output_index)[0]}
+        keys = {"weight": self.module_params(self.output_index)[0]}
         if self.fast[self.output_index][2]:
-            keys["bias"] = self._module_params(self.output_index)[1]
+            keys["bias"] = self.module_params(self.output_index)[1]
         wanted = set(self.params) if names is None else set(names)
         keys = {k: n for k, n in keys.items() if n in wanted}
         if not keys:
@@ -288,7 +389,7 @@ class Probe:
             raise ValueError(f"seeds must have shape (K, {tuple(self.h.shape)}), got {tuple(seeds.shape)}")
         seeds = seeds.detach()
         wanted = set(self.params) if names is None else set(names)
-        select = [i for i in range(len(self.fast)) if wanted.intersection(self._module_params(i))]
+        select = [i for i in range(len(self.fast)) if wanted.intersection(self.module_params(i))]
         out = []
         grads = self.output_grads(seeds, select, diagonal=diagonal)
         #: the seeded output gradients of the last call, by module name (reused by the Hessian chain route)
@@ -302,42 +403,76 @@ class Probe:
             out.append((rec, keys))
         general = [n for n in self.general if n in wanted]
         if general:
-            vals = general_seeded_grads(self.model, self.lik, self.inputs, seeds, general)
+            vals = general_seeded_grads(self, seeds, general)
             out.append((DenseRecord(vals), {n: n for n in vals}))
         return out
 
 
-def general_seeded_grads(
-    model: nn.Module, lik: Likelihood, inputs: Tensor, seeds: Tensor, names: list[str], chunk: int | None = None
-) -> dict[str, Tensor]:
-    """``torch.func`` route: per-input, per-seed gradients ``(K, B, *shape)`` for parameters ``names``.
+def general_seeded_grads(probe: Probe, seeds: Tensor, names: list[str], chunk: int | None = None) -> dict[str, Tensor]:
+    """General route: per-input, per-seed gradients ``(K, B, *shape)`` of ``seed[k,b]^T h(x_b)`` for ``names``.
 
-    Runs ``vmap`` over inputs (each as a batch of one) of ``vjp`` over the ``K`` seeds, in chunks of
-    inputs.  Works for any module (the model must be in eval mode, as inside :class:`Probe`).
+    Runs ``vmap`` over inputs (each as a batch of one) of a ``vjp`` over the ``K`` seeds, in chunks of inputs.
+    Where a module has no ``vmap`` rule (recurrent layers' fused kernels, some custom ops) it falls back to a loop
+    over inputs of ordinary autograd (one forward per input, the ``K`` seeds batched): slower, the same numbers.
+    Works for any module autograd handles; gradients are enabled here whatever the caller's mode.
     """
-    named = dict(model.named_parameters())
+    named = dict(probe.model.named_parameters())
     params = {n: named[n].detach() for n in names}
     numel = sum(p.numel() for p in params.values())
     k = seeds.shape[0]
     if chunk is None:
         chunk = max(1, 2**24 // max(1, k * numel))
+    flat_dtype = next(iter(params.values())).dtype  # not the inputs' dtype: integer inputs (Embedding) exist
+    seeds = seeds.to(flat_dtype)
+    batch = probe.batch
+    with torch.enable_grad():
+        try:
+            return _vmap_route(probe, params, batch, seeds, names, chunk)
+        except (RuntimeError, NotImplementedError):
+            return _loop_route(probe, {n: named[n] for n in names}, batch, seeds, names)
 
-    def per_input(pd, x, s):
+
+def _vmap_route(probe: Probe, params, batch: Batch, seeds: Tensor, names, chunk: int) -> dict[str, Tensor]:
+    def per_input(pd, leaves, s):
+        one = batch.with_batched([t.unsqueeze(0) for t in leaves])
+
         def f(p):
-            return lik.flatten(functional_call(model, p, (x.unsqueeze(0),)))[0]
+            return probe.outputs_of(one, p)[0]
 
         _, pull = vjp(f, pd)
         return vmap(pull)(s)[0]
 
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    flat_dtype = next(iter(params.values())).dtype  # not inputs.dtype: integer inputs (Embedding) exist
-    b = inputs.shape[0]
+    b = batch.size
     for start in range(0, b, chunk):
         sl = slice(start, min(b, start + chunk))
-        g = vmap(per_input, in_dims=(None, 0, 1))(params, inputs[sl], seeds[:, sl].to(flat_dtype))
+        g = vmap(per_input, in_dims=(None, 0, 1))(params, batch[sl].batched, seeds[:, sl])
         for n in names:
             parts[n].append(g[n].transpose(0, 1))
     return {n: torch.cat(parts[n], 1) for n in names}
+
+
+def _loop_route(probe: Probe, params, batch: Batch, seeds: Tensor, names) -> dict[str, Tensor]:
+    plist = [params[n] for n in names]
+    k = seeds.shape[0]
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    for b in range(batch.size):
+        hb = probe.outputs_of(batch[b : b + 1])
+        s = seeds[:, b : b + 1].to(hb.dtype)
+        if k == 1:
+            grads = torch.autograd.grad(hb, plist, s[0], allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        else:
+            try:
+                grads = torch.autograd.grad(hb, plist, s, allow_unused=True, is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: loop over seeds too
+                per = [torch.autograd.grad(hb, plist, sk, retain_graph=True, allow_unused=True) for sk in s]
+                grads = [
+                    None if per[0][i] is None else torch.stack([pk[i] for pk in per]) for i in range(len(plist))
+                ]
+        for n, p, g in zip(names, plist, grads):
+            out[n].append(torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g.detach())
+    return {n: torch.stack(out[n], 1) for n in names}
 
 
 def reduce_records(

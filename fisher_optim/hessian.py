@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from .layers import DenseRecord, LinearRecord
 
@@ -199,15 +199,14 @@ def chain_records(
             jac = (jac @ hp.chain[m + 1][1].weight.detach()) * d1s[m].unsqueeze(1)
             contrib = torch.einsum("kbi,bij->kbj", r, jac * jac)
             hdiag[m] = contrib if hdiag[m] is None else contrib.add_(hdiag[m])
-    pname = probe._pname
     out = []
     for idx, (_, lin, _) in enumerate(hp.chain):
-        if hdiag[idx] is None or pname.get(id(lin.weight)) not in hp.active:
+        if hdiag[idx] is None or probe.param_name(lin.weight) not in hp.active:
             continue
-        has_bias = lin.bias is not None and id(lin.bias) in pname
-        keys = {"weight": pname[id(lin.weight)]}
+        has_bias = lin.bias is not None and probe.param_name(lin.bias) is not None
+        keys = {"weight": probe.param_name(lin.weight)}
         if has_bias:
-            keys["bias"] = pname[id(lin.bias)]
+            keys["bias"] = probe.param_name(lin.bias)
         out.append((LinearRecord(a=ins[idx], q=hdiag[idx], has_bias=has_bias, power=2), keys))
     return out
 
@@ -220,7 +219,7 @@ def hvp_records(
     ``per_sample=True`` gives ``(K, B, *shape)`` (one scalar ``seed[k,b]^T h(x_b)`` per input and seed);
     ``per_sample=False`` gives the batch sum ``sum_b seed[k,b]^T h(x_b)`` as ``(K, 1, *shape)``.
     """
-    model, lik, inputs = probe.model, probe.lik, probe.inputs
+    model, batch = probe.model, probe.batch
     named = dict(model.named_parameters())
     names = list(hp.active)
     params = {n: named[n].detach() for n in names}
@@ -232,8 +231,7 @@ def hvp_records(
         for n, sz in zip(names, sizes):
             pd[n] = flat[off : off + sz].view_as(params[n])
             off += sz
-        out = lik.flatten(functional_call(model, pd, (x,)))
-        return (out * s).sum()
+        return (probe.outputs_of(x, pd) * s).sum()
 
     flat0 = torch.cat([params[n].reshape(-1) for n in names])
 
@@ -257,7 +255,7 @@ def hvp_records(
     if per_sample:
         rows = []
         for kk in range(k):
-            per_b = [diag_for(inputs[b : b + 1], seeds[kk, b : b + 1]) for b in range(inputs.shape[0])]
+            per_b = [diag_for(batch[b : b + 1], seeds[kk, b : b + 1]) for b in range(batch.size)]
             rows.append(torch.stack(per_b))
         diag = torch.stack(rows)  # (K, B, total)
     else:
@@ -265,7 +263,7 @@ def hvp_records(
         step = input_chunk
         diag = torch.stack(
             [
-                sum(diag_for(inputs[s : s + step], seeds[kk, s : s + step]) for s in range(0, inputs.shape[0], step))
+                sum(diag_for(batch[s : s + step], seeds[kk, s : s + step]) for s in range(0, batch.size, step))
                 for kk in range(k)
             ]
         ).unsqueeze(1)  # (K, 1, total)

@@ -292,7 +292,7 @@ def next_select_interval(interval: int, base: int, changed: bool) -> int:
 
 def _module_units(probe: Probe) -> list[list[str]]:
     """Parameter names grouped by the layer (module) whose backward produces them."""
-    units = [probe._module_params(i) for i in range(len(probe.fast))]
+    units = [probe.module_params(i) for i in range(len(probe.fast))]
     units += [[n] for n in probe.general]
     return units
 
@@ -392,7 +392,7 @@ def _costs(probe: Probe, units, cost_model: str, warm_exact: bool) -> Costs:
         per_param, overhead, (k_ex, k_1) = _measured_costs(probe, units, warm_exact=warm_exact)
         # the part of a refresh every estimator pays once: the forward pass and the per-call overhead
         with torch.enable_grad():
-            shared = _time(lambda: probe.model(probe.inputs), repeats=2) + overhead
+            shared = _time(lambda: probe.outputs_of(probe.batch), repeats=2) + overhead
         uf = [(k_ex * bex, k_ex * rex, k_1 * b1, k_1 * r1) for bex, rex, b1, r1 in uf]
     else:
         per_param = _flops_costs(probe, units)
@@ -840,7 +840,7 @@ def run_selection(
         if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
-        out_unit = set(probe._module_params(probe.output_index)) if probe.output_index is not None else set()
+        out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
     out, opts, cur, summary = _decide(units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current)
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)

@@ -96,7 +96,7 @@ def moments_from_probe(
     out_keys: dict[str, str] = {}
     if probe.output_index is not None:
         i = probe.output_index
-        out_keys = dict(zip(("weight", "bias"), probe._module_params(i)))
+        out_keys = dict(zip(("weight", "bias"), probe.module_params(i)))
         out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
     rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
     recs = probe.seeded(seeds, names=rest, diagonal=diagonal) if rest else []

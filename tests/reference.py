@@ -93,3 +93,42 @@ def closed_form_variances(lik, h, J, U, n_samples):
     v1 = lik.moment4(h, J.transpose(0, 1)).sum(0) / (n_samples * m * m)
     v2 = lik.fisher_quad(h, U.transpose(0, 1)).sum(0) / (n_samples * m * m)
     return v1, v2
+
+
+def frozen_batch_statistics_copy(model, *args, **kwargs):
+    """An eval-mode copy of ``model`` whose BatchNorm layers in train mode (or without running statistics) hold the
+    batch statistics of this forward as running statistics: the function a train-mode step is taking, with the
+    statistics held constant (the definition the library follows in train mode)."""
+    import copy
+
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    probe = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    stats = {}
+
+    def grab(name):
+        def hook(m, a):
+            x = a[0].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            stats[name] = (x.mean(dims), x.var(dims, unbiased=False))
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(grab(n))
+        for n, m in probe.named_modules()
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    for m in probe.modules():  # dropout off, BatchNorm as it is
+        if not isinstance(m, _BatchNorm):
+            m.eval()
+    with torch.no_grad():
+        probe(*args, **kwargs)
+    for hd in hooks:
+        hd.remove()
+    mods = dict(ref.named_modules())
+    for n, (mean, var) in stats.items():
+        mods[n].running_mean = mean.clone()
+        mods[n].running_var = var.clone()
+    return ref.eval()

@@ -114,7 +114,7 @@ ROWS = [
     ({"model": one_d_output()}, ValueError, r"categorical: model output must have shape \(batch, classes\)"),
     ({"model": three_d_output(), "likelihood": Categorical(class_dim=3)}, ValueError, r"class_dim=3 is not a non-b"),
     ({"inputs": inputs((0, 3))}, ValueError, r"non-empty batch"),
-    ({"inputs": [[0.0, 1.0, 2.0]]}, TypeError, r"inputs must be a Tensor"),
+    ({"inputs": [[0.0, 1.0, 2.0]]}, TypeError, r"inputs must contain a tensor"),
 ]
 
 

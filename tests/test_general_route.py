@@ -22,7 +22,15 @@ from conftest import (
     inputs,
     make_likelihood,
 )
-from reference import empirical_diag, exact_diag, mc1_diag, mc2_diag, per_input_derivatives, split
+from reference import (
+    empirical_diag,
+    exact_diag,
+    frozen_batch_statistics_copy,
+    mc1_diag,
+    mc2_diag,
+    per_input_derivatives,
+    split,
+)
 from torch import nn
 
 from fisher_optim import diagonal_fisher
@@ -193,9 +201,10 @@ def build(name, batch=4):
 
 @functools.cache
 def reference(name):
-    """Brute force on an eval-mode copy (the reference must not touch the model under test)."""
+    """Brute force on an eval-mode copy (the reference must not touch the model under test); BatchNorm in train
+    mode holds the batch's statistics (:func:`reference.frozen_batch_statistics_copy`)."""
     model, x = build(name)
-    ref_model = copy.deepcopy(model).eval()
+    ref_model = frozen_batch_statistics_copy(model, x) if model.training else copy.deepcopy(model).eval()
     hess = CASES[name][2]
     return per_input_derivatives(ref_model, x, make_likelihood("categorical"), hessians=hess)
 
@@ -212,7 +221,7 @@ def test_general_route_matches_bruteforce(name, estimator, lik_name):
         exp = exact_diag(lik, h, J)
     elif estimator == "mc1":
         out = diagonal_fisher(model, x, likelihood=lik, estimator="mc1", n_samples=3, generator=gen(SEED))
-        exp = mc1_diag(lik, h, J, draw_labels(model, x, lik, 3, SEED))
+        exp = mc1_diag(lik, h, J, lik.sample(h, 3, generator=gen(SEED)))
     else:
         y = data_targets(lik, h)
         out = diagonal_fisher(model, x, likelihood=lik, estimator="empirical", targets=y)
@@ -243,12 +252,13 @@ def test_mc2_rejects_layernorm_by_name():
         diagonal_fisher(model, x, likelihood="categorical", estimator="mc2", generator=gen(0))
 
 
-def test_batchnorm_train_mode_equals_eval_reference_and_keeps_state():
+def test_batchnorm_train_mode_uses_frozen_batch_statistics_and_keeps_state():
+    """Train mode: the Fisher of the function being trained (the batch's own statistics, held constant)."""
     model, x = build("batchnorm-train")
     bn = model[1]
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     assert model.training and bn.training
-    eval_model = copy.deepcopy(model).eval()
+    eval_model = frozen_batch_statistics_copy(model, x)
     for est in ("exact", "mc1", "empirical"):
         kw = {"generator": gen(0)} if est == "mc1" else {}
         if est == "empirical":
@@ -260,9 +270,13 @@ def test_batchnorm_train_mode_equals_eval_reference_and_keeps_state():
     assert model.training and bn.training
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
-    # control: a train-mode forward would have used batch statistics (a different function)
+    # control: with the running statistics (eval mode) the function and its Fisher differ
     with torch.no_grad():
-        assert not torch.allclose(copy.deepcopy(model)(x), eval_model(x))
+        assert torch.allclose(copy.deepcopy(model)(x), eval_model(x))
+        assert not torch.allclose(copy.deepcopy(model).eval()(x), eval_model(x))
+    ev = diagonal_fisher(copy.deepcopy(model).eval(), x, likelihood="categorical", estimator="exact")
+    tr = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
+    assert not torch.allclose(ev["0.weight"], tr["0.weight"])
 
 
 def test_frozen_parameters_are_left_out():
