@@ -9,9 +9,9 @@ the diagonal of its Hessian ``U_t`` come from ``torch.func`` in float64, and
   position; its variance ``sum_t kappa_t + 2 F^2`` and Î₂'s ``sum_t w_t u_t^T I_t u_t`` per input;
 * the per-input moments are checked once more by enumerating every label sequence (``C^T`` of them).
 
-Models: a per-position MLP tagger, a tiny causal Transformer LM (benchmarks/lm_data.py), a Conv1d segmenter
-with the ``class_dim=1`` layout.  The LSTM LM is expected to fail inside the engine's ``torch.func`` route
-(vmap over ``nn.LSTM``), which is outside this module's scope: marked xfail.
+Models: a per-position MLP tagger, MLPs whose output is unflattened to positions, a Conv1d segmenter with the
+``class_dim=1`` layout, and tiny causal Transformer and LSTM language models (benchmarks/lm_data.py; their
+Embedding, LayerNorm, attention and LSTM parameters take the engine's general route).
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ def transformer(seed: int = 0) -> nn.Module:
     return init_(char_transformer(vocab=V, d_model=4, n_heads=2, n_layers=1, max_len=T, dim_ff=6), seed, 1.0)
 
 
+def lstm(seed: int = 0) -> nn.Module:
+    return init_(char_lstm(vocab=V, d_embed=3, hidden=3), seed, 1.0)
+
+
 def token_inputs(seed: int = 1):
     return torch.randint(0, V, (M, T), generator=gen(seed))
 
@@ -77,13 +81,10 @@ CASES = {
     "tagger": (tagger, tagger_inputs, Categorical),
     "segmenter": (segmenter, segmenter_inputs, lambda: Categorical(class_dim=1)),
     "transformer": (transformer, token_inputs, Categorical),
+    "lstm": (lstm, token_inputs, Categorical),
     "unflatten-last": (lambda: unflattened(-1), flat_inputs, Categorical),
     "unflatten-first": (lambda: unflattened(1), flat_inputs, lambda: Categorical(class_dim=1)),
 }
-#: nn.MultiheadAttention uses out_proj.weight without calling out_proj: the engine's hook-based coverage reports
-#: it unused (zero Fisher), STYLE.md §10.  The Probe rewrite (autograd coverage) fixes it; until then these xfail.
-OUT_PROJ = pytest.mark.xfail(reason="engine coverage: MultiheadAttention.out_proj gets a zero Fisher", strict=False)
-CASE_PARAMS = [pytest.param(c, marks=OUT_PROJ) if c == "transformer" else c for c in CASES]
 
 #: targets with masked positions (ignore_index = -100): a partly masked input, a full one, an all-masked one
 MASKED = torch.tensor([[0, -100, 2], [1, 3, 0], [-100, -100, -100]])
@@ -136,7 +137,7 @@ def moments_per_input(p, J, w, U=None):
 
 
 # -- exact against brute force ------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("masked", [False, True])
 def test_exact_matches_bruteforce(case, masked):
     make, make_x, make_lik = CASES[case]
@@ -203,14 +204,14 @@ def test_masked_input_without_positions():
 
 
 # -- empirical and the one-seed-per-draw Î₁ ---------------------------------------------------------------
-@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("case", list(CASES))
 def test_empirical_matches_bruteforce(case):
     make, make_x, make_lik = CASES[case]
     model, x = make(), make_x()
     lik = make_lik()
     names, p, J, _ = brute(model, x, lik.class_dim)
     w = weights(MASKED)
-    onehot = torch.nn.functional.one_hot(MASKED.clamp_min(0), C if case != "transformer" else V).to(DTYPE)
+    onehot = torch.nn.functional.one_hot(MASKED.clamp_min(0), V if case in ("transformer", "lstm") else C).to(DTYPE)
     g = torch.einsum("mt,mtc,mtcp->mp", w, p - onehot, J)
     ref = split(model, names, (g**2).mean(0))
     got = diagonal_fisher(model, x, likelihood=lik, estimator="empirical", targets=MASKED)
@@ -308,27 +309,12 @@ def test_unbiased_with_closed_form_error_bars(estimator, masked):
     assert float((z**2).mean()) < 9.0
 
 
-# -- the Transformer LM: the estimators that run on it; the LSTM LM -------------------------------------
-@pytest.mark.parametrize("estimator", ["exact", "empirical"])
-def test_transformer_parameters_the_engine_sees(estimator):
-    """Every Transformer parameter but attention's out_proj (see OUT_PROJ) matches brute force, masked."""
-    model, x = transformer(), token_inputs()
-    names, p, J, _ = brute(model, x)
-    w = weights(MASKED)
-    if estimator == "exact":
-        ref = exact_per_input(p, J, w).mean(0)
-    else:
-        onehot = torch.nn.functional.one_hot(MASKED.clamp_min(0), V).to(DTYPE)
-        ref = (torch.einsum("mt,mtc,mtcp->mp", w, p - onehot, J) ** 2).mean(0)
-    ref = split(model, names, ref)
-    got = diagonal_fisher(model, x, likelihood="categorical", estimator=estimator, targets=MASKED)
-    for n in names:
-        if "out_proj" not in n:
-            torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
-
-
-def test_transformer_mc1_unbiased():
-    model, x = transformer(), token_inputs()
+# -- the language models ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["transformer", "lstm"])
+def test_lm_mc1_unbiased(case):
+    """Î₁ on the tiny LMs with masked positions: |z| < 5 against the brute-force closed-form error bars."""
+    make, make_x, _ = CASES[case]
+    model, x = make(), make_x()
     n = 3000
     exact = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
     est = diagonal_fisher(
@@ -337,22 +323,9 @@ def test_transformer_mc1_unbiased():
     names, p, J, _ = brute(model, x)
     _, v1, _ = moments_per_input(p, J, weights(MASKED))
     var = split(model, names, v1.sum(0) / (n * M * M))
-    names = [k for k in names if "out_proj" not in k]  # see test_transformer_parameters_the_engine_sees
     z = torch.cat([((est[k] - exact[k])[var[k] > 1e-24] / var[k][var[k] > 1e-24].sqrt()).reshape(-1) for k in names])
     assert float(z.abs().max()) < 5.0
     assert float((z**2).mean()) < 9.0
-
-
-@pytest.mark.xfail(raises=RuntimeError, reason="vmap over nn.LSTM in the engine's torch.func route", strict=False)
-def test_lstm_exact_matches_bruteforce():
-    torch.manual_seed(0)
-    model = init_(char_lstm(vocab=V, d_embed=3, hidden=3), 0, 1.0)
-    x = token_inputs()
-    names, p, J, _ = brute(model, x)
-    ref = split(model, names, exact_per_input(p, J, weights(MASKED)).mean(0))
-    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
-    for n in names:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
 
 
 # -- optimizers and EWC take the targets as the mask --------------------------------------------------------
@@ -413,9 +386,10 @@ def test_variance_bounds_with_positions():
         variance_bounds(model, x, likelihood="categorical", estimator="mc1")
 
 
-def test_fisher_adam_and_ewc_on_the_tiny_lm():
-    """The tiny Transformer LM under FisherAdam (mc1, masked targets) and EWC (exact, masked (x, y) pairs)."""
-    model, x = transformer(), token_inputs()
+@pytest.mark.parametrize("case", ["transformer", "lstm"])
+def test_fisher_adam_and_ewc_on_the_tiny_lm(case):
+    """The tiny LMs under FisherAdam (mc1, masked targets) and EWC (exact, masked (x, y) pairs)."""
+    model, x = CASES[case][0](), token_inputs()
     opt = FisherAdam(model, "categorical", estimator="mc1", fisher_interval=1, lr=1e-2, seed=0)
     losses = []
     for _ in range(3):
