@@ -103,7 +103,8 @@ def exact_record_chunks(probe: Probe, names, mask: Tensor | None = None):
 
     Categorical: the columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.  With ``T``
     positions ``S`` is block-diagonal (spec §12): the ``T*C`` seeds ``S_t e_c`` (nonzero at position ``t``
-    only) go in chunks of positions, at most :data:`EXACT_SEED_ELEMENTS` seed entries each.
+    only) go in chunks of positions, at most :data:`EXACT_SEED_ELEMENTS` seed entries each; positions that
+    ``mask`` leaves unlabelled in every input take no seeds.
     Factorised likelihoods (``I(h)`` diagonal): the ``C`` unit seeds ``e_c`` (a stride-0 view, nothing
     materialised; the output layer's backward is a row scaling, see
     :meth:`~fisher_optim.engine.Probe.output_grads`), reduced by ``sum_c I_cc x_c^2`` = ``fisher_quad``.
@@ -123,13 +124,16 @@ def exact_record_chunks(probe: Probe, names, mask: Tensor | None = None):
         return
     factor = lik.position_factor(h)  # (B, T, C, C): column k of S_t in factor[:, t, :, k]
     t, c = factor.shape[1], factor.shape[2]
+    active = torch.arange(t, device=h.device)
+    if mask is not None:  # positions unlabelled in every input (padding) need no seeds
+        active = active[mask.reshape(b, t, c)[..., 0].amax(0) > 0]
     step = max(1, EXACT_SEED_ELEMENTS // (c * b * d))
-    for t0 in range(0, t, step):
-        nt = min(step, t - t0)
-        seeds = h.new_zeros(nt, c, b, t, c)
-        j = torch.arange(nt, device=h.device)
-        seeds[j, :, :, t0 + j, :] = factor[:, t0 : t0 + nt].permute(1, 3, 0, 2)  # (nt, K, B, C)
-        seeds = seeds.reshape(nt * c, b, d)
+    for start in range(0, active.numel(), step):
+        pos = active[start : start + step]
+        seeds = h.new_zeros(pos.numel(), c, b, t, c)
+        j = torch.arange(pos.numel(), device=h.device)
+        seeds[j, :, :, pos, :] = factor[:, pos].permute(1, 3, 0, 2)  # (n, K, B, C)
+        seeds = seeds.reshape(pos.numel() * c, b, d)
         yield probe.seeded(seeds if mask is None else seeds * mask, names=names)
 
 
@@ -158,7 +162,8 @@ def exact_sum(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str,
             part = reduce_records(recs, fn, 2, probe.params, rest)
             for n, v in part.items():
                 out[n] = out[n] + v if n in out else v
-    return {n: out[n] for n in names}
+    zero = torch.contiguous_format
+    return {n: out[n] if n in out else torch.zeros_like(probe.params[n], memory_format=zero) for n in names}
 
 
 def exact_from_probe(probe: Probe, mask: Tensor | None = None) -> dict[str, Tensor]:

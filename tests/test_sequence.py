@@ -166,6 +166,19 @@ def test_exact_chunked_over_positions(monkeypatch):
         torch.testing.assert_close(chunked[n], whole[n], rtol=1e-12, atol=1e-14)
 
 
+def test_exact_skips_positions_masked_in_every_input():
+    """Padding at the same positions of every input: no seeds there, same Fisher as the unpadded inputs."""
+    model, x = tagger(), tagger_inputs()
+    y = FULL.clone()
+    y[:, 1] = -100
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=y)
+    ref = diagonal_fisher(model, x[:, [0, 2]], likelihood="categorical", estimator="exact")
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
+    none = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=torch.full((M, T), -100))
+    assert all(float(v.abs().max()) == 0 for v in none.values())
+
+
 def test_one_input_is_the_sum_over_its_positions():
     """A per-position tagger: one input's Fisher is the sum of its positions' Fisher (the mean stays over inputs)."""
     model, x = tagger(), tagger_inputs()
