@@ -286,6 +286,7 @@ def joint_variance(
     likelihood: str | Likelihood,
     estimator: str,
     n_samples: int = 1,
+    targets: Tensor | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     r"""Variance of the joint estimator with random inputs, estimated from the batch (spec §2.3b).
 
@@ -296,14 +297,20 @@ def joint_variance(
 
     with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is the population
     variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
-    Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).
+    Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).  ``targets``
+    (categorical): a mask as in :func:`fisher_variance`.
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator, ("mc1", "mc2"))
     n_samples = check_n_samples(n_samples)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik) as probe:
         mom = moments_from_probe(
-            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
+            probe,
+            with_v1=estimator == "mc1",
+            with_v2=estimator == "mc2",
+            with_fisher_sq=True,
+            mask=target_mask(probe, targets),
         )
     m = mom.m
     v = mom.v1 if estimator == "mc1" else mom.v2

@@ -270,6 +270,21 @@ def test_fisher_variance_matches_bruteforce(case, masked):
             torch.testing.assert_close(got[n], ref[n], rtol=1e-8, atol=1e-14)
 
 
+def test_joint_variance_with_positions():
+    """The input part is the population variance over the batch of the per-input (summed over positions) Fisher."""
+    from fisher_optim import joint_variance
+
+    model, x = tagger(), tagger_inputs()
+    names, p, J, _ = brute(model, x)
+    f, v1, _ = moments_per_input(p, J, weights(MASKED))
+    got = joint_variance(model, x, likelihood="categorical", estimator="mc1", n_samples=2, targets=MASKED)
+    ref_in = split(model, names, f.var(0, unbiased=False) / M)
+    ref_out = split(model, names, v1.mean(0) / (2 * M))
+    for n in names:
+        torch.testing.assert_close(got["input"][n], ref_in[n], rtol=1e-8, atol=1e-14)
+        torch.testing.assert_close(got["output"][n], ref_out[n], rtol=1e-8, atol=1e-14)
+
+
 def test_mc1_moments_by_enumeration():
     """Zero-tolerance identities for one input: over all C^T label sequences, E g_i^2 = F_i and
     Var g_i^2 = sum_t kappa_t + 2 F_i^2 (spec §12) -- the whole-sequence score, not per-position squares."""
