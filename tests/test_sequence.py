@@ -454,3 +454,24 @@ def test_lm_data_split_vocabulary_and_windows():
     assert torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])
     with pytest.raises(ValueError, match="Invalid split"):
         lm_data.corpus("test")
+
+
+@pytest.mark.parametrize("class_dim", [-1, 1])
+def test_likelihood_matches_cross_entropy(class_dim):
+    """Categorical with positions: nll is F.cross_entropy summed over positions (ignore_index honoured), grad is
+    its gradient in the flattened layout, and sample draws one label per position."""
+    out = torch.randn(M, T, C, generator=gen(4), dtype=DTYPE)
+    if class_dim == 1:
+        out = out.transpose(1, 2).contiguous()  # (M, C, T)
+    lik = Categorical(class_dim=class_dim)
+    h = lik.flatten(out).requires_grad_(True)
+    assert h.shape == (M, T * C) and lik.position_shape(h) == (T,)
+    y = lik.check_targets(h, MASKED)
+    logits = out if class_dim == 1 else out.transpose(1, 2)
+    ref = torch.nn.functional.cross_entropy(logits, MASKED, reduction="none").sum(1)
+    nll = lik.nll(h, y)
+    torch.testing.assert_close(nll, ref, rtol=1e-12, atol=1e-14)
+    (g,) = torch.autograd.grad(nll.sum(), h)
+    torch.testing.assert_close(lik.grad(h.detach(), y), g, rtol=1e-12, atol=1e-14)
+    s = lik.sample(h.detach(), 5, generator=gen(0))
+    assert s.shape == (5, M, T) and int(s.min()) >= 0 and int(s.max()) < C
