@@ -24,8 +24,9 @@ per-position factors ``S_t``); ``mc1`` draws a label at every position and squar
 :math:`\sum_t J_t^\top(\eta_t - e_{y_t})` (one seed per draw, not per position: squaring per position
 would be another estimator, with another variance); ``mc2`` and
 ``empirical`` are per input in the same way.  Positions whose target is ``ignore_index`` are left out of
-every estimator (their seeds are zero); a token-mean loss :math:`\frac1T\sum_t` has ``1/T^2`` times this
-Fisher (README, "Outputs with positions").  The model is evaluated in eval mode (dropout off,
+every estimator (their seeds are zero).  A token-mean loss :math:`\frac1T\sum_t` has gradients ``1/T`` of
+the per-input scores, so squares ``1/T^2`` of this Fisher, and a GGN ``1/T`` of it (README, "Outputs with
+positions").  The model is evaluated in eval mode (dropout off,
 BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
 """
 
