@@ -55,12 +55,15 @@ def lambda_min_moment4_tensor(lik: Likelihood, h: Tensor) -> Tensor:
 
 
 def _sqnorm_reducer(lik: Likelihood, h: Tensor, weight: Tensor, power: int):
-    """Per input ``weight[b] * (sum_a x_a^2)^power`` with ``x`` projected on 1-perp for categorical."""
+    """Per input ``weight[b] * (sum_a x_a^2)^power`` with ``x`` projected on 1-perp for categorical (per position
+    for outputs with positions: ``I(h)`` is block-diagonal, each block annihilating its own all-ones vector)."""
     project = isinstance(lik, Categorical)
+    c = lik.blocks(h).shape[-1] if project else 1
 
     def fn(x: Tensor, idx: slice) -> Tensor:
         if project:
-            x = x - x.mean(0, keepdim=True)
+            xb = x.reshape(-1, c, *x.shape[1:])
+            x = (xb - xb.mean(1, keepdim=True)).reshape(x.shape)
         w = weight[idx].reshape((-1,) + (1,) * (x.dim() - 2))
         return w * (x * x).sum(0) ** power
 
@@ -89,6 +92,8 @@ def variance_bounds(
 
     ``estimator``: ``"mc1"``, ``"mc2"`` (eigenvalue bounds) or ``"hutchinson"``, ``"hutchinson_batch"`` (the
     :math:`\sqrt{2/N}` relative-std bounds; lower bound 0).  Costs one exact-Fisher pass at most.
+    Categorical outputs with positions: ``mc2`` only (the eigenvalues of the block-diagonal ``I(h)``); ``mc1``
+    raises ``NotImplementedError`` (the 4th-moment operator of a sequence couples its positions).
 
     Example:
         >>> import torch

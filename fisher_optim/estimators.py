@@ -30,8 +30,22 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
   (a two-class softmax at p = ½ gives constant squared scores).
 
 All but ``empirical`` are unbiased for ``exact`` (the batch ones for the mean over inputs only: their cross terms
-between inputs have zero mean).  The model is evaluated in eval mode (dropout off,
-BatchNorm on running statistics); train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
+between inputs have zero mean).
+
+**Outputs with positions** (categorical ``(B, ..., C)`` or ``(B, C, ...)``, spec §12): one input's
+:math:`I(\theta|x) = \sum_t J_t^\top I(h_t) J_t` is the *sum* over its positions (the labels are independent
+given the input); the estimate stays the mean over inputs.  ``exact`` uses ``T*C`` seeds per input (the
+per-position factors ``S_t``); ``mc1`` draws a label at every position and squares the whole input's score
+:math:`\sum_t J_t^\top(\eta_t - e_{y_t})` (one seed per draw, not per position: squaring per position
+would be another estimator, with another variance); ``mc2`` and
+``empirical`` are per input in the same way.  Positions whose target is ``ignore_index`` are left out of
+every estimator (their seeds are zero).  A token-mean loss :math:`\frac1T\sum_t` has gradients ``1/T`` of
+the per-input scores, so squares ``1/T^2`` of this Fisher, and a GGN ``1/T`` of it (README, "Outputs with
+positions").
+
+The model is evaluated with dropout off; BatchNorm in eval mode uses its running statistics, in train mode the
+estimation batch's own statistics held constant (the function being trained, without coupling between inputs).
+Train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ from .batch import OutputSpec
 from .engine import Probe, reduce_records, trainable_parameters
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
-from .likelihoods import Likelihood, get_likelihood
+from .likelihoods import Categorical, Likelihood, get_likelihood
 
 __all__ = [
     "diagonal_fisher",
@@ -102,19 +116,57 @@ def _identity_sum(x: Tensor, idx: slice) -> Tensor:
     return x.sum(0)
 
 
-def exact_records(probe: Probe, names) -> list:
-    r"""Records whose reduction by :func:`exact_reducer` gives ``sum_m I_ii(theta|x_m)`` for ``names``.
+#: upper bound on the seed elements (seeds x inputs x output width) of one exact backward over positions
+EXACT_SEED_ELEMENTS = 2**24
 
-    Categorical: the ``C`` columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.
+
+def target_mask(probe: Probe, targets) -> Tensor | None:
+    """``(B, D)`` seed mask from ``targets`` (0 at positions whose target is ``ignore_index``), or ``None``."""
+    return None if targets is None else probe.lik.target_mask(probe.h.detach(), targets)
+
+
+def exact_record_chunks(probe: Probe, names, mask: Tensor | None = None):
+    r"""Record lists whose reductions by :func:`exact_reducer`, summed, give ``sum_m I_ii(theta|x_m)``.
+
+    Categorical: the columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.  With ``T``
+    positions ``S`` is block-diagonal (spec §12): the ``T*C`` seeds ``S_t e_c`` (nonzero at position ``t``
+    only) go in chunks of positions, at most :data:`EXACT_SEED_ELEMENTS` seed entries each; positions that
+    ``mask`` leaves unlabelled in every input take no seeds.
     Factorised likelihoods (``I(h)`` diagonal): the ``C`` unit seeds ``e_c`` (a stride-0 view, nothing
     materialised; the output layer's backward is a row scaling, see
     :meth:`~fisher_optim.engine.Probe.output_grads`), reduced by ``sum_c I_cc x_c^2`` = ``fisher_quad``.
+    ``mask`` (``B x D``, see :func:`target_mask`) zeroes the seeds of unlabelled positions.
     """
     h = probe.h.detach()
-    if probe.lik.factorized:
-        seeds = torch.eye(h.shape[1], dtype=h.dtype, device=h.device).unsqueeze(1).expand(h.shape[1], *h.shape)
-        return probe.seeded(seeds, names=names, diagonal=torch.ones_like(h))
-    return probe.seeded(probe.lik.fisher_factor(h).permute(2, 0, 1), names=names)
+    b, d = h.shape
+    lik = probe.lik
+    if lik.factorized:
+        seeds = torch.eye(d, dtype=h.dtype, device=h.device).unsqueeze(1).expand(d, b, d)
+        diagonal = torch.ones_like(h) if mask is None else mask
+        yield probe.seeded(seeds if mask is None else seeds * mask, names=names, diagonal=diagonal)
+        return
+    if not isinstance(lik, Categorical) or lik.n_positions(h) == 1:
+        seeds = lik.fisher_factor(h).permute(2, 0, 1)
+        yield probe.seeded(seeds if mask is None else seeds * mask, names=names)
+        return
+    factor = lik.position_factor(h)  # (B, T, C, C): column k of S_t in factor[:, t, :, k]
+    t, c = factor.shape[1], factor.shape[2]
+    active = torch.arange(t, device=h.device)
+    if mask is not None:  # positions unlabelled in every input (padding) need no seeds
+        active = active[mask.reshape(b, t, c)[..., 0].amax(0) > 0]
+    step = max(1, EXACT_SEED_ELEMENTS // (c * b * d))
+    for start in range(0, active.numel(), step):
+        pos = active[start : start + step]
+        seeds = h.new_zeros(pos.numel(), c, b, t, c)
+        j = torch.arange(pos.numel(), device=h.device)
+        seeds[j, :, :, pos, :] = factor[:, pos].permute(1, 3, 0, 2)  # (n, K, B, C)
+        seeds = seeds.reshape(pos.numel() * c, b, d)
+        yield probe.seeded(seeds if mask is None else seeds * mask, names=names)
+
+
+def exact_records(probe: Probe, names, mask: Tensor | None = None) -> list:
+    """All of :func:`exact_record_chunks` as one record list (one backward for every seed)."""
+    return [r for chunk in exact_record_chunks(probe, names, mask) for r in chunk]
 
 
 def exact_reducer(probe: Probe):
@@ -125,33 +177,49 @@ def exact_reducer(probe: Probe):
     return sum_of_squares()
 
 
-def exact_from_probe(probe: Probe) -> dict[str, Tensor]:
-    """``sum_m I_ii(theta|x_m)``: the output layer in closed form, the others by :func:`exact_records`."""
-    out, done = probe.exact_output_layer()  # the output layer needs no seeds
-    rest = [n for n in probe.params if n not in done]
+def exact_sum(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """``sum_m I_ii(theta|x_m)`` for ``names`` (default all): the output layer in closed form when nothing is
+    masked, the others by :func:`exact_record_chunks` (summed over chunks)."""
+    names = list(probe.params) if names is None else [n for n in probe.params if n in set(names)]
+    out, done = probe.exact_output_layer(names) if mask is None else ({}, set())  # the output layer needs no seeds
+    rest = [n for n in names if n not in done]
     if rest:
-        out.update(reduce_records(exact_records(probe, rest), exact_reducer(probe), 2, probe.params, rest))
-    return {n: out[n] for n in probe.params}
+        fn = exact_reducer(probe)
+        for recs in exact_record_chunks(probe, rest, mask):
+            part = reduce_records(recs, fn, 2, probe.params, rest)
+            for n, v in part.items():
+                out[n] = out[n] + v if n in out else v
+    zero = torch.contiguous_format
+    return {n: out[n] if n in out else torch.zeros_like(probe.params[n], memory_format=zero) for n in names}
 
 
-def sampled_seeds(probe: Probe, n_samples: int, generator) -> tuple[Tensor, Tensor]:
-    """Draw ``N`` labels per input; return ``(labels (N, B, ...), score seeds eta - t(y) (N, B, C))``."""
+def exact_from_probe(probe: Probe, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """``sum_m I_ii(theta|x_m)`` for every parameter of the probe (see :func:`exact_sum`)."""
+    return exact_sum(probe, None, mask)
+
+
+def sampled_seeds(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Draw ``N`` labels per input (at every position); return ``(labels (N, B, ...), score seeds eta - t(y)
+    (N, B, D))``, the seeds zeroed where ``mask`` is 0: one seed per draw is the whole input's score."""
     h = probe.h.detach()
     y = probe.lik.sample(h, n_samples, generator=generator)
-    return y, probe.lik.grad(h, y)
+    seeds = probe.lik.grad(h, y)
+    return y, seeds if mask is None else seeds * mask
 
 
-def mc1_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
+def mc1_from_probe(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> dict[str, Tensor]:
     """``sum_m (1/N) sum_k (d_i log p(y_mk|x_m))^2``."""
-    _, seeds = sampled_seeds(probe, n_samples, generator)
+    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
     return reduce_records(probe.seeded(seeds), sum_of_squares(1.0 / n_samples), 2, probe.params)
 
 
-def mc2_from_probe(probe: Probe, n_samples: int, generator, exact: dict[str, Tensor] | None = None):
+def mc2_from_probe(
+    probe: Probe, n_samples: int, generator, exact: dict[str, Tensor] | None = None, mask: Tensor | None = None
+):
     """``sum_m [I_ii(theta|x_m) + rho_i(eta_m - tbar_m)]`` (the Hessian of the sampled-label NLL)."""
     if exact is None:
-        exact = exact_from_probe(probe)
-    _, seeds = sampled_seeds(probe, n_samples, generator)
+        exact = exact_from_probe(probe, mask)
+    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
     recs = residual_records(probe, seeds.mean(0, keepdim=True), per_sample=False)
     res = reduce_records(recs, _identity_sum, 1, probe.params)
     return {n: exact[n] + res[n] for n in exact}
@@ -162,25 +230,33 @@ def rademacher(shape, generator, dtype, device) -> Tensor:
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
 
 
-def hutchinson_seeds(probe: Probe, n_samples: int, generator) -> Tensor:
-    r"""``N`` Hutchinson seeds per input, :math:`S_b \xi_{k,b}` (``(N, B, C)``), with :math:`S_b S_b^\top = I(h_b)`
+def hutchinson_seeds(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> Tensor:
+    r"""``N`` Hutchinson seeds per input, :math:`S_b \xi_{k,b}` (``(N, B, D)``), with :math:`S_b S_b^\top = I(h_b)`
     and :math:`\xi_{k,b}` Rademacher, independent over probes ``k``, inputs ``b`` and the columns of ``S``.
 
     Factorised likelihoods use :math:`S = \mathrm{diag}(\sqrt{I_{cc}})` (no ``C x C`` matrix is built);
-    others :meth:`~fisher_optim.likelihoods.Likelihood.fisher_factor` (categorical: BackPACK's factor).
+    categorical outputs with ``T`` positions the block-diagonal factor, one ``S_t`` per position (BackPACK's factor,
+    ``T x C`` signs per probe).  ``mask`` (``B x D``) zeroes the seeds of unlabelled positions.
     """
     h = probe.h.detach()
-    if probe.lik.factorized:
-        scale = probe.lik.unit_variance(h).clamp_min(0).sqrt()
-        return rademacher((n_samples, *h.shape), generator, h.dtype, h.device).mul_(scale)
-    S = probe.lik.fisher_factor(h)  # (B, C, K)
-    xi = rademacher((n_samples, h.shape[0], S.shape[-1]), generator, h.dtype, h.device)
-    return torch.einsum("bck,nbk->nbc", S, xi)
+    lik = probe.lik
+    if lik.factorized:
+        scale = lik.unit_variance(h).clamp_min(0).sqrt()
+        seeds = rademacher((n_samples, *h.shape), generator, h.dtype, h.device).mul_(scale)
+    elif isinstance(lik, Categorical):
+        S = lik.position_factor(h)  # (B, T, C, C)
+        xi = rademacher((n_samples, *S.shape[:3]), generator, h.dtype, h.device)
+        seeds = torch.einsum("btck,nbtk->nbtc", S, xi).reshape(n_samples, *h.shape)
+    else:
+        S = lik.fisher_factor(h)  # (B, C, K)
+        xi = rademacher((n_samples, h.shape[0], S.shape[-1]), generator, h.dtype, h.device)
+        seeds = torch.einsum("bck,nbk->nbc", S, xi)
+    return seeds if mask is None else seeds * mask
 
 
-def hutchinson_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
+def hutchinson_from_probe(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> dict[str, Tensor]:
     r"""``sum_m (1/N) sum_k (d_i (S_m xi_mk)^T h_m)^2`` (per-input squares, like :func:`mc1_from_probe`)."""
-    seeds = hutchinson_seeds(probe, n_samples, generator)
+    seeds = hutchinson_seeds(probe, n_samples, generator, mask)
     return reduce_records(probe.seeded(seeds), sum_of_squares(1.0 / n_samples), 2, probe.params)
 
 
@@ -210,27 +286,47 @@ def batch_squares(probe: Probe, seeds: Tensor, counts: dict[str, int] | None = N
     return {n: out[n].div_(c) if c > 1 else out[n] for n, c in counts.items()}
 
 
-def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
+def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator, mask=None) -> dict[str, Tensor]:
     r"""``(1/N) sum_k (d_i sum_m (S_m xi_mk)^T h_m)^2``: unbiased for ``sum_m I_ii(theta|x_m)`` (spec §13)."""
-    return batch_squares(probe, hutchinson_seeds(probe, n_samples, generator))
+    return batch_squares(probe, hutchinson_seeds(probe, n_samples, generator, mask))
 
 
-def gnb_from_probe(probe: Probe, n_samples: int, generator) -> dict[str, Tensor]:
+def gnb_from_probe(probe: Probe, n_samples: int, generator, mask=None) -> dict[str, Tensor]:
     r"""``(1/N) sum_k (sum_m d_i log p(y_mk|x_m))^2`` (Sophia's Gauss-Newton-Bartlett, Liu et al. 2023): unbiased
     for ``sum_m I_ii(theta|x_m)`` (the cross terms have zero mean); its variance exceeds Î₁'s and
     is unbounded where Î₁'s is (:func:`~fisher_optim.fisher_variance`)."""
-    _, seeds = sampled_seeds(probe, n_samples, generator)
+    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
     return batch_squares(probe, seeds)
+
+
+def empirical_seeds(probe: Probe, targets) -> Tensor:
+    """The observed-label score seeds ``eta - t(y~)`` (``1 x B x D``; zero at ``ignore_index`` positions)."""
+    h = probe.h.detach()
+    lik = probe.lik
+    y = lik.check_targets(h, targets)
+    if isinstance(lik, Categorical):
+        single = y.dim() == (1 if lik.position_shape(h) is None else 2)
+    else:
+        single = y.dim() == 2
+    if not single:
+        raise ValueError("empirical: give one target per input")
+    return lik.grad(h, y).unsqueeze(0)
 
 
 def empirical_from_probe(probe: Probe, targets) -> dict[str, Tensor]:
     """``sum_m (d_i log p(y~_m|x_m))^2`` with observed targets ``y~``."""
-    h = probe.h.detach()
-    y = probe.lik.check_targets(h, targets)
-    if probe.lik.name == "categorical" and y.dim() != 1 or probe.lik.name != "categorical" and y.dim() != 2:
-        raise ValueError("empirical: give one target per input")
-    seeds = probe.lik.grad(h, y).unsqueeze(0)
-    return reduce_records(probe.seeded(seeds), sum_of_squares(), 2, probe.params)
+    return reduce_records(probe.seeded(empirical_seeds(probe, targets)), sum_of_squares(), 2, probe.params)
+
+
+def check_targets_use(lik: Likelihood, estimator: str, targets) -> None:
+    """``targets`` are labels for ``empirical``, and a mask (categorical only) for the other estimators."""
+    if estimator == "empirical" and targets is None:
+        raise ValueError("estimator 'empirical' needs targets (the observed labels)")
+    if estimator != "empirical" and targets is not None and not isinstance(lik, Categorical):
+        raise ValueError(
+            f"targets are only used by estimator 'empirical', not {estimator!r}, for likelihood {lik.name!r} "
+            "(as a mask of unlabelled positions they need 'categorical')"
+        )
 
 
 def diagonal_fisher(
@@ -260,8 +356,10 @@ def diagonal_fisher(
             ``"hutchinson"``, ``"hutchinson_batch"`` or ``"gnb"`` (see the module docstring and below).
         n_samples: labels drawn from the model per input (``mc1``, ``mc2``, ``gnb``), or Rademacher probes
             per input (``hutchinson``, ``hutchinson_batch``); the estimate averages over them (``1/N``).
-        targets: observed targets for ``"empirical"`` (class indices for categorical, else the output's
-            shape).
+        targets: observed targets: the labels of ``"empirical"`` (class indices for categorical, else the
+            output's shape).  Categorical only: for ``"exact"``, ``"mc1"`` and ``"mc2"`` a mask, ``(M,)`` or
+            ``(M, *positions)`` class indices whose entries equal to ``likelihood.ignore_index`` (default
+            ``-100``) drop that position (or input) from the sum; the mean still divides by ``M``.
         generator: ``torch.Generator`` for the label draws (one ``likelihood.sample(h, n_samples)`` call) or
             the Rademacher signs (one ``torch.randint`` call of shape ``(N, M, C)``).
         reduction: ``"mean"`` (default) over the ``M`` inputs or ``"sum"``.
@@ -294,30 +392,37 @@ def diagonal_fisher(
         ...                      generator=torch.Generator().manual_seed(0))
         >>> torch.allclose(F2["2.weight"], F["2.weight"])  # Î₂ is exact on the last layer
         True
+
+        A tagger with one distribution per position, its padding marked ``-100``:
+
+        >>> tagger = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> x = torch.randn(2, 5, 4)                      # (batch, positions, features)
+        >>> y = torch.tensor([[0, 1, 2, -100, -100], [2, 2, 0, 1, 0]])
+        >>> Fs = diagonal_fisher(tagger, x, likelihood="categorical", estimator="exact", targets=y)
+        >>> Fs["2.bias"].shape
+        torch.Size([3])
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator)
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
-    if estimator == "empirical" and targets is None:
-        raise ValueError("estimator 'empirical' needs targets (the observed labels)")
-    if estimator != "empirical" and targets is not None:
-        raise ValueError(f"targets are only used by estimator 'empirical', not {estimator!r}")
+    check_targets_use(lik, estimator, targets)
     if estimator == "mc2":
         hessian_plan(model, trainable_parameters(model))  # unsupported modules fail before any work
     with Probe(model, inputs, lik, output=output) as probe:
+        mask = None if estimator == "empirical" else target_mask(probe, targets)
         if estimator == "exact":
-            out = exact_from_probe(probe)
+            out = exact_from_probe(probe, mask)
         elif estimator == "mc1":
-            out = mc1_from_probe(probe, n_samples, generator)
+            out = mc1_from_probe(probe, n_samples, generator, mask)
         elif estimator == "mc2":
-            out = mc2_from_probe(probe, n_samples, generator)
+            out = mc2_from_probe(probe, n_samples, generator, mask=mask)
         elif estimator == "hutchinson":
-            out = hutchinson_from_probe(probe, n_samples, generator)
+            out = hutchinson_from_probe(probe, n_samples, generator, mask)
         elif estimator == "hutchinson_batch":
-            out = hutchinson_batch_from_probe(probe, n_samples, generator)
+            out = hutchinson_batch_from_probe(probe, n_samples, generator, mask)
         elif estimator == "gnb":
-            out = gnb_from_probe(probe, n_samples, generator)
+            out = gnb_from_probe(probe, n_samples, generator, mask)
         else:
             out = empirical_from_probe(probe, targets)
         m = probe.h.shape[0]

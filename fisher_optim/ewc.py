@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from .engine import Probe, trainable_parameters
 from .estimators import check_estimator, check_n_samples, diagonal_fisher
-from .likelihoods import Likelihood, get_likelihood
+from .likelihoods import Categorical, Likelihood, get_likelihood
 
 __all__ = ["EWC", "EWC_ESTIMATORS", "EWC_MODES"]
 
@@ -295,19 +295,23 @@ class EWC:
             for n, g in zip(names, grads)
         }
 
-    def _auto_sum(self, x: Tensor, first: bool) -> dict[str, Tensor]:
-        """Sum over the batch of the per-layer plan's estimates; the plan is chosen on the first batch."""
+    def _auto_sum(self, x: Tensor, first: bool, targets: Tensor | None = None) -> dict[str, Tensor]:
+        """Sum over the batch of the per-layer plan's estimates; the plan is chosen on the first batch.
+        ``targets``: the categorical mask (positions whose target is ``ignore_index`` left out), or ``None``."""
         from .selection import estimate_plan, run_selection
 
         if first:
             # the selection's variance pass computes the exact Fisher of this batch: it is the batch's estimate
             sel = run_selection(
-                self.model, x, likelihood=self.likelihood, generator=self.generator, **self.select_kwargs
-            )
+                self.model, x, likelihood=self.likelihood, generator=self.generator, targets=targets,
+                **self.select_kwargs,
+            )  # fmt: skip
             self.last_plan = sel.choices
             return {n: v * x.shape[0] for n, v in sel.fisher.items()}
         plan = {n: (c.estimator, c.n_samples) for n, c in self.last_plan.items()}
-        mean = estimate_plan(self.model, x, likelihood=self.likelihood, plan=plan, generator=self.generator)
+        mean = estimate_plan(
+            self.model, x, likelihood=self.likelihood, plan=plan, generator=self.generator, targets=targets
+        )
         return {n: v * x.shape[0] for n, v in mean.items()}
 
     def consolidate(
@@ -320,7 +324,8 @@ class EWC:
                 ``(x, y)`` batches (or of bare ``x`` tensors when the estimator needs no labels). Batches
                 are moved to the model's device.
             targets: observed labels for a tensor ``inputs`` (needed by ``"empirical"`` and
-                ``"batched_empirical"``, ignored by the other estimators).
+                ``"batched_empirical"``).  With a categorical likelihood the other estimators take them as a
+                mask: positions whose target is ``ignore_index`` are left out.
             batch_size: for a tensor ``inputs``, process it in chunks of this many examples (memory; the
                 mini-batches of ``"batched_empirical"``). Default: one chunk.
 
@@ -343,7 +348,8 @@ class EWC:
                 continue
             if device is not None:
                 x = x.to(device)
-            if needs_targets:
+            masks = y is not None and isinstance(self.likelihood, Categorical)
+            if needs_targets or masks:
                 if y is None:
                     raise ValueError(
                         f"estimator {self.estimator!r} needs targets (the observed labels): pass targets= "
@@ -354,7 +360,7 @@ class EWC:
             if self.estimator == "batched_empirical":
                 part = self._batched_empirical_sum(x, y)
             elif self.estimator == "auto":
-                part = self._auto_sum(x, first=sums is None)
+                part = self._auto_sum(x, first=sums is None, targets=y if masks else None)
             else:
                 part = diagonal_fisher(
                     self.model,
@@ -362,7 +368,7 @@ class EWC:
                     likelihood=self.likelihood,
                     estimator=self.estimator,
                     n_samples=self.n_samples,
-                    targets=y if self.estimator == "empirical" else None,
+                    targets=y if self.estimator == "empirical" or masks else None,
                     generator=self.generator,
                     reduction="sum",
                 )

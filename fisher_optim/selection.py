@@ -65,15 +65,17 @@ from .estimators import (
     batch_squares,
     check_estimator,
     check_n_samples,
-    exact_records,
-    exact_reducer,
+    empirical_seeds,
+    exact_sum,
     hutchinson_seeds,
+    sampled_seeds,
     square_sum,
     sum_of_squares,
+    target_mask,
 )
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
-from .likelihoods import Likelihood, get_likelihood
+from .likelihoods import Categorical, Likelihood, get_likelihood
 from .variance import moments_from_probe
 
 __all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
@@ -141,7 +143,7 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
     parameters (drawn in that order, after the Î₁/Î₂ labels).  The batch estimators return the squared batch
     gradient (unbiased for the *sum* over inputs, like every entry here).
     """
-    lik, h = probe.lik, probe.h.detach()
+    lik = probe.lik
     plan = _check_plan(plan, probe.params)
     zero = hessian_plan(probe.model, probe.params).zero if any(e == "mc2" for e, _ in plan.values()) else set()
     groups: dict[str, dict[str, int]] = {e: {} for e in PLAN_ESTIMATORS}
@@ -149,19 +151,14 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
         if est == "mc2" and name in zero:
             est = "exact"  # Î₂ = exact where d2h/dtheta_i^2 = 0 (spec §6a, §6g)
         groups[est][name] = n
+    mask = target_mask(probe, targets) if targets is not None and isinstance(lik, Categorical) else None
     out: dict[str, Tensor] = {}
     exact_names = set(groups["exact"]) | set(groups["mc2"])
     if exact_names:
-        done_out, done = probe.exact_output_layer(exact_names)  # the output layer needs no seeds
-        out.update(done_out)
-        exact_names -= done
-    if exact_names:
-        recs = exact_records(probe, exact_names)
-        out.update(reduce_records(recs, exact_reducer(probe), 2, probe.params, exact_names))
+        out.update(exact_sum(probe, exact_names, mask))
     n_max = max([*groups["mc1"].values(), *groups["mc2"].values(), 0])
     if n_max:
-        y = lik.sample(h, n_max, generator=generator)
-        grads = lik.grad(h, y)
+        _, grads = sampled_seeds(probe, n_max, generator, mask)
         if groups["mc1"]:
             kmax = max(groups["mc1"].values())
             recs = probe.seeded(grads[:kmax], names=groups["mc1"])
@@ -174,19 +171,18 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
                 out[k] = out[k] + res[k]
     if groups["hutchinson"]:
         n_h = max(groups["hutchinson"].values())
-        recs = probe.seeded(hutchinson_seeds(probe, n_h, generator), names=groups["hutchinson"])
+        recs = probe.seeded(hutchinson_seeds(probe, n_h, generator, mask), names=groups["hutchinson"])
         out.update(_per_input_squares(probe, recs, groups["hutchinson"]))
     if groups["hutchinson_batch"]:
-        seeds = hutchinson_seeds(probe, max(groups["hutchinson_batch"].values()), generator)
+        seeds = hutchinson_seeds(probe, max(groups["hutchinson_batch"].values()), generator, mask)
         out.update(batch_squares(probe, seeds, groups["hutchinson_batch"]))
     if groups["gnb"]:
-        y = lik.sample(h, max(groups["gnb"].values()), generator=generator)
-        out.update(batch_squares(probe, lik.grad(h, y), groups["gnb"]))
+        _, seeds = sampled_seeds(probe, max(groups["gnb"].values()), generator, mask)
+        out.update(batch_squares(probe, seeds, groups["gnb"]))
     if groups["empirical"]:
         if targets is None:
             raise ValueError("estimator 'empirical' needs targets (the observed labels)")
-        yt = lik.check_targets(h, targets)
-        recs = probe.seeded(lik.grad(h, yt).unsqueeze(0), names=groups["empirical"])
+        recs = probe.seeded(empirical_seeds(probe, targets), names=groups["empirical"])
         out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, groups["empirical"]))
     return {n: out[n] for n in probe.params if n in out}  # in the order of model.named_parameters()
 
@@ -820,13 +816,15 @@ def run_selection(
     with_v2: bool = False,
     costs: Costs | None = None,
     current: dict[str, tuple[str, int]] | None = None,
+    targets: Tensor | None = None,
 ) -> Selection:
     r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
     (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
     :math:`\frac1M\sum_m F_{ii}(x_m)` of ``inputs`` that the variance pass computed (equal to
     ``diagonal_fisher(model, inputs, estimator="exact")`` up to rounding), whether the plan ``changed`` from
     ``current``, and the predicted refresh costs of the plan and of exact everywhere.  Draws no labels
-    (``generator`` is never advanced).
+    (``generator`` is never advanced).  ``targets`` (categorical) masks the positions whose target is
+    ``ignore_index`` out of the moments, as in :func:`~fisher_optim.diagonal_fisher`.
 
     Example:
         >>> import torch
@@ -861,8 +859,13 @@ def run_selection(
         except ValueError:
             hp = None
         # V2 is reported only when asked: mc2 costs the exact pass plus the residual, so it is never chosen
+        lik = probe.lik
+        mask = target_mask(probe, targets) if targets is not None and isinstance(lik, Categorical) else None
         mom = moments_from_probe(
-            probe, with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"), with_fisher_sq=True
+            probe,
+            with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"),
+            with_fisher_sq=True,
+            mask=mask,
         )
         units = [tuple(u) for u in _module_units(probe)]
         if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed

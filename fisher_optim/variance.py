@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .batch import OutputSpec
 from .engine import Probe
-from .estimators import check_estimator, check_n_samples, check_reduction
+from .estimators import check_estimator, check_n_samples, check_reduction, check_targets_use, target_mask
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .layers import LinearRecord, linear_reduce
@@ -93,6 +93,7 @@ def moments_from_probe(
     with_fisher_sq: bool = False,
     names=None,
     with_fisher: bool = True,
+    mask: Tensor | None = None,
 ) -> FisherMoments:
     r"""Compute :class:`FisherMoments` from an open :class:`~fisher_optim.engine.Probe` (skipped parts: ``None``).
 
@@ -100,12 +101,17 @@ def moments_from_probe(
     and output unit the likelihood's contractions give :math:`F = v^	op I v` and :math:`	ilde v_1`
     together (:meth:`~fisher_optim.likelihoods.Likelihood.quad_and_moment4`), and the Hessian residual
     route gives :math:`u_c` for the same unit seeds (reusing the backward's output gradients), so
-    :math:`	ilde v_2 = u^	op I u`.  Per layer, every statistic is reduced in one multi-reducer pass;
+    :math:`	ilde v_2 = u^	op I u`.  ``mask`` (``B x D``, from
+    :func:`~fisher_optim.estimators.target_mask`) zeroes the unit seeds of unlabelled positions, which drops
+    them from every statistic.  Per layer, every statistic is reduced in one multi-reducer pass;
     on ``nn.Linear`` layers the statistics multiplying :math:`a^4` (``fisher_sq``, ``v1``, ``v2``) share one
     matmul (spec §7.1 factorisation).
     """
     lik, h = probe.lik, probe.h.detach()
     seeds = unit_seeds(h)
+    diagonal = torch.ones_like(h)
+    if mask is not None:
+        seeds, diagonal = seeds * mask, mask
     wanted = None if names is None else set(names)
     # the output layer (a Linear producing h) in closed form: v = e_a, no seeds (see Probe.exact_output_layer)
     out_keys: dict[str, str] = {}
@@ -114,7 +120,7 @@ def moments_from_probe(
         out_keys = dict(zip(("weight", "bias"), probe.module_params(i)))
         out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
     rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
-    recs = probe.seeded(seeds, names=rest, diagonal=torch.ones_like(h)) if rest else []
+    recs = probe.seeded(seeds, names=rest, diagonal=diagonal) if rest else []
     grads = dict(probe.last_grads) if rest else {}
     if probe.output_index is not None:
         grads[probe.fast[probe.output_index][0]] = seeds  # d(e_c^T h)/dh = e_c
@@ -169,8 +175,9 @@ def moments_from_probe(
             continue
         store("v2", rec.reduce_many(v2_stat, (2,))[0], keys)
     if out_keys and keys_on:
-        var = lik.unit_variance(h)
-        unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (lik.unit_moment4(h), 4) if with_v1 else None}
+        var = lik.unit_variance(h) if mask is None else lik.unit_variance(h) * mask
+        m4 = (lik.unit_moment4(h) if mask is None else lik.unit_moment4(h) * mask) if with_v1 else None
+        unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (m4, 4)}
         vals = linear_reduce(probe._ins[probe.output_index], [unit[k] for k in keys_on], "bias" in out_keys)
         for k, v in zip(keys_on, vals):
             store(k, v, out_keys)
@@ -205,20 +212,25 @@ def _reduce_many(probe: Probe, records, fn, degrees, names=None) -> list[dict[st
     ]
 
 
-def factor_moments(probe: Probe, names=None) -> dict[str, dict[str, Tensor]]:
+def factor_moments(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
     r"""Sums over inputs of the Hutchinson statistics of :math:`A = J^\top S` (spec §13), per parameter:
 
     ``fisher`` :math:`\sum_m F_i(x_m)`, ``fisher_sq`` :math:`\sum_m F_i(x_m)^2` and ``a4``
     :math:`\sum_{m,a} A_{m,ia}^4`.  One backward with the ``C`` columns of ``S`` as seeds (the exact pass's
-    seeds; for factorised likelihoods :math:`S = \mathrm{diag}(\sqrt{I_{cc}})`), one degree-4 reduction.
+    seeds; for factorised likelihoods :math:`S = \mathrm{diag}(\sqrt{I_{cc}})`), one degree-4 reduction.  ``mask``
+    (``B x D``) zeroes unlabelled positions (the rows of ``S``; with positions ``S`` is block-diagonal, so their
+    columns vanish too).
     """
     h = probe.h.detach()
     if probe.lik.factorized:
         scale = probe.lik.unit_variance(h).clamp_min(0).sqrt()
         seeds = unit_seeds(h) * scale.T.unsqueeze(-1)  # seed[k, b] = sqrt(I_kk(h_b)) e_k
+        if mask is not None:
+            seeds, scale = seeds * mask, scale * mask
         recs = probe.seeded(seeds, names=names, diagonal=scale)
     else:
-        recs = probe.seeded(probe.lik.fisher_factor(h).permute(2, 0, 1), names=names)
+        seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)
+        recs = probe.seeded(seeds if mask is None else seeds * mask, names=names)
 
     def stats(x: Tensor, idx: slice) -> tuple[Tensor, Tensor, Tensor]:
         x2 = x * x
@@ -237,14 +249,19 @@ def fisher_moments(
     output: OutputSpec = None,
     with_v2: bool = True,
     with_fisher_sq: bool = False,
+    targets: Tensor | None = None,
 ) -> FisherMoments:
-    r""":class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``C`` unit-seed backward passes).
+    r""":class:`FisherMoments` of ``model`` at ``inputs`` (one forward, ``D`` unit-seed backward passes).
 
     ``with_fisher_sq`` adds :math:`\sum_m F_i(x_m)^2` (the input-randomness term of :func:`joint_variance`).
+    ``targets``: categorical only, a mask as in :func:`fisher_variance`.
     """
     lik = get_likelihood(likelihood)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik, output=output) as probe:
-        return moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq)
+        return moments_from_probe(
+            probe, with_v2=with_v2, with_fisher_sq=with_fisher_sq, mask=target_mask(probe, targets)
+        )
 
 
 def fisher_variance(
@@ -256,6 +273,7 @@ def fisher_variance(
     estimator: str,
     n_samples: int = 1,
     reduction: str = "mean",
+    targets: Tensor | None = None,
 ) -> dict[str, Tensor]:
     r"""Variance over label draws of :func:`~fisher_optim.diagonal_fisher` at fixed ``inputs``.
 
@@ -264,6 +282,21 @@ def fisher_variance(
     for ``"sum"``).  Zero for ``exact`` and ``empirical``.  ``hutchinson``: :math:`\tilde v = 2(F_i^2 -
     \sum_a A_{ia}^4)` per input; ``hutchinson_batch`` and ``gnb`` are not sums over inputs and have the batch forms of
     the module docstring (:math:`\frac{1}{N M^2}`, or :math:`\frac1N` for ``"sum"``, of the same brackets).
+
+    **Outputs with positions** (categorical, spec §12): the labels are drawn independently at the ``T``
+    positions and Î₁ squares the whole input's score, so with :math:`q_t = v_{t,i}^\top I(h_t) v_{t,i}`
+    and the fourth cumulant :math:`\kappa_t` of position ``t`` along :math:`v_{t,i}`,
+
+    .. math::  \tilde v_1(\theta_i|x) = \sum_t \kappa_t + 2\Big(\sum_t q_t\Big)^2, \qquad
+               \tilde v_2(\theta_i|x) = \sum_t u_{t,i}^\top I(h_t)\, u_{t,i}.
+
+    ``targets`` (categorical, ``(M, *positions)``) drops the positions whose target is ``ignore_index``, as
+    in :func:`~fisher_optim.diagonal_fisher`.  **Cost**: it needs the per-position directions
+    :math:`v_{t,i}`: one backward with ``D = T*C`` unit seeds per input (the exact pass's width), i.e. memory
+    ``D x M x`` (every layer's output) at once and ``D`` times the work of a plain backward, plus, for
+    ``mc2``, the Hessian residual for the same ``D`` seeds.  Affordable for small ``T*C`` (taggers with few
+    classes, short windows); for a language model (``T*C`` in the thousands) track the sample variance of
+    several Î₁ draws instead (spec §14).
 
     Example:
         >>> import torch
@@ -284,26 +317,28 @@ def fisher_variance(
     check_estimator(estimator)
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik, output=output) as probe:
         m = probe.h.shape[0]
+        mask = target_mask(probe, targets)
         if estimator in ("exact", "empirical"):
             return {n: torch.zeros_like(p, dtype=probe.h.dtype).detach() for n, p in probe.params.items()}
         scale = 1.0 / n_samples / (m * m if reduction == "mean" else 1)
         if estimator in ("hutchinson", "hutchinson_batch"):
-            fm = factor_moments(probe)
+            fm = factor_moments(probe, mask=mask)
             if estimator == "hutchinson":
                 v = {n: 2 * (fm["fisher_sq"][n] - fm["a4"][n]) for n in fm["a4"]}
             else:
                 v = {n: 2 * (fm["fisher"][n] ** 2 - fm["a4"][n]) for n in fm["a4"]}
             return {n: (t.clamp_min(0) * scale).detach() for n, t in v.items()}
         if estimator == "gnb":
-            mom = moments_from_probe(probe, with_v1=True, with_v2=False, with_fisher_sq=True)
+            mom = moments_from_probe(probe, with_v1=True, with_v2=False, with_fisher_sq=True, mask=mask)
             v = {n: mom.v1[n] + 2 * (mom.fisher[n] ** 2 - mom.fisher_sq[n]) for n in mom.v1}
             return {n: (t * scale).detach() for n, t in v.items()}
         if estimator == "mc2":
             hessian_plan(model, probe.params)  # raise early for unsupported models
         mom = moments_from_probe(
-            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False
+            probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher=False, mask=mask
         )
     v = mom.v1 if estimator == "mc1" else mom.v2
     return {n: (t * scale).detach() for n, t in v.items()}
@@ -339,6 +374,7 @@ def joint_variance(
     output: OutputSpec = None,
     estimator: str,
     n_samples: int = 1,
+    targets: Tensor | None = None,
 ) -> dict[str, dict[str, Tensor]]:
     r"""Variance of the joint estimator with random inputs, estimated from the batch (spec §2.3b).
 
@@ -350,20 +386,23 @@ def joint_variance(
     (``hutchinson``: :math:`\tilde v = 2(F_i^2 - \sum_a A_{ia}^4)`; the batch estimators are not sums over inputs
     and have no such split), with :math:`p(x)` replaced by the empirical distribution of ``inputs`` (``Var_x`` is
     the population variance over the batch, so the identity is exact for a uniform ``p(x)`` over these inputs).
-    Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).
+    Returns ``{"input": ..., "output": ..., "total": ...}`` (each a per-parameter dict).  ``targets``
+    (categorical): a mask as in :func:`fisher_variance`.
     """
     lik = get_likelihood(likelihood)
     check_estimator(estimator, ("mc1", "mc2", "hutchinson"))
     n_samples = check_n_samples(n_samples)
+    check_targets_use(lik, "exact", targets)
     with Probe(model, inputs, lik, output=output) as probe:
         m = probe.h.shape[0]
+        mask = target_mask(probe, targets)
         if estimator == "hutchinson":
-            fm = factor_moments(probe)
+            fm = factor_moments(probe, mask=mask)
             fisher, fisher_sq = fm["fisher"], fm["fisher_sq"]
             v = {n: 2 * (fisher_sq[n] - fm["a4"][n]).clamp_min(0) for n in fisher}
         else:
             mom = moments_from_probe(
-                probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True
+                probe, with_v1=estimator == "mc1", with_v2=estimator == "mc2", with_fisher_sq=True, mask=mask
             )
             fisher, fisher_sq = mom.fisher, mom.fisher_sq
             v = mom.v1 if estimator == "mc1" else mom.v2

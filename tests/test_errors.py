@@ -12,7 +12,7 @@ from conftest import DTYPE, gen, inputs, mlp
 from torch import nn
 
 from fisher_optim import diagonal_fisher
-from fisher_optim.likelihoods import Gaussian
+from fisher_optim.likelihoods import Categorical, Gaussian
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -30,7 +30,12 @@ def base_call(**over):
     return kw
 
 
+def one_d_output():
+    return nn.Sequential(mlp("tanh", widths=(3, 4, 1)), nn.Flatten(0))
+
+
 def three_d_output():
+    """Three positions of two classes each (a sequence output)."""
     return nn.Sequential(mlp("tanh", widths=(3, 4, 6)), nn.Unflatten(1, (3, 2)))
 
 
@@ -51,8 +56,21 @@ ROWS = [
     ({"reduction": None}, ValueError, r"Invalid reduction: None"),
     # targets vs estimator
     ({"estimator": "empirical"}, ValueError, r"'empirical' needs targets"),
-    ({"estimator": "mc1", "targets": torch.zeros(M, dtype=torch.long)}, ValueError, r"only used by estimator"),
-    ({"estimator": "exact", "targets": torch.zeros(M, dtype=torch.long)}, ValueError, r"only used by estimator"),
+    # (categorical targets are a mask for the other estimators; other families' are labels only)
+    ({"likelihood": "bernoulli", "estimator": "mc1", "targets": torch.zeros(M, 3)}, ValueError, r"only used by estim"),
+    ({"likelihood": "poisson", "estimator": "exact", "targets": torch.zeros(M, 3)}, ValueError, r"only used by estim"),
+    ({"estimator": "mc1", "targets": torch.tensor([0, 1, 3, 1])}, ValueError, r"class index out of range"),
+    ({"estimator": "exact", "targets": torch.zeros(2, M, dtype=torch.long)}, ValueError, r"one target per input"),
+    (
+        {"model": three_d_output(), "estimator": "exact", "targets": torch.zeros(M, 2, dtype=torch.long)},
+        ValueError,
+        r"targets must have shape \(4, 3\) \(one class index per input and position\)",
+    ),
+    (
+        {"model": three_d_output(), "estimator": "exact", "targets": torch.full((M, 3), 2)},
+        ValueError,
+        r"class index out of range \[0, 2\)",
+    ),
     # categorical targets
     ({"estimator": "empirical", "targets": torch.tensor([0, 1, 2, 3])}, ValueError, r"class index out of range"),
     ({"estimator": "empirical", "targets": torch.tensor([0, -1, 2, 1])}, ValueError, r"class index out of range"),
@@ -93,7 +111,8 @@ ROWS = [
         r"gaussian: targets must be finite",
     ),
     # outputs and inputs
-    ({"model": three_d_output()}, ValueError, r"categorical: model output must have shape \(batch, classes\)"),
+    ({"model": one_d_output()}, ValueError, r"categorical: model output must have shape \(batch, classes\)"),
+    ({"model": three_d_output(), "likelihood": Categorical(class_dim=3)}, ValueError, r"class_dim=3 is not a non-b"),
     ({"inputs": inputs((0, 3))}, ValueError, r"non-empty batch"),
     ({"inputs": [[0.0, 1.0, 2.0]]}, TypeError, r"inputs must contain a tensor"),
 ]
@@ -107,6 +126,12 @@ def test_bad_arguments(over, error, regex):
     model, x = kw.pop("model"), kw.pop("inputs")
     with pytest.raises(error, match=regex):
         diagonal_fisher(model, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{"class_dim": 0}, {"class_dim": 1.0}, {"class_dim": True}, {"ignore_index": None}])
+def test_categorical_arguments(kw):
+    with pytest.raises(ValueError, match=r"Invalid (class_dim|ignore_index): "):
+        Categorical(**kw)
 
 
 @pytest.mark.parametrize("sigma", [0, -1.0, 0.0, float("nan"), float("inf"), "1"])

@@ -65,7 +65,7 @@ from torch.optim import Optimizer
 
 from ..batch import NonFiniteError, OutputSpec, check_output_spec
 from ..estimators import ESTIMATORS
-from ..likelihoods import Likelihood, get_likelihood
+from ..likelihoods import Categorical, Likelihood, get_likelihood
 from ..selection import Costs, estimate_plan, next_select_interval, run_selection
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
@@ -335,8 +335,11 @@ class FisherOptimizer(Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (torch.optim convention).  Its loss is
                 included in the non-finite check.
-            targets: the observed labels of the captured batch, used only by ``estimator="empirical"``
-                (and by an auto plan that chose it) on refresh steps; sliced like the inputs.
+            targets: the observed labels of the captured batch, sliced like the inputs, used on refresh
+                steps: by ``estimator="empirical"`` (and an auto plan that chose it) as labels, and, for a
+                categorical likelihood, by every estimator as a mask: positions (outputs ``(B, ..., C)``) or
+                inputs whose target is ``ignore_index`` are left out of the Fisher.  Optional otherwise:
+                without them every position counts.
         """
         loss = None
         if closure is not None:
@@ -429,6 +432,8 @@ class FisherOptimizer(Optimizer):
         self._capture.enabled = False
         try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
             est = None
+            # categorical targets mask the positions labelled ignore_index out of every estimator
+            mask_targets = targets is not None and isinstance(self._lik, Categorical)
             if self.estimator == "auto" and self._plan is None and self._refreshes == 0:
                 # the first refresh is exact: an estimate at once, and the selection at the next refresh times a
                 # warm exact pass (a first call is up to several times slower)
@@ -437,7 +442,7 @@ class FisherOptimizer(Optimizer):
                 if self._plan is None or self._since_select >= self._select_every or any(
                     n not in self._plan for n in names
                 ):
-                    pending, est = self._select(x, names)
+                    pending, est = self._select(x, names, targets if mask_targets else None)
                     if est is None:  # a DDP rank other than 0: the exact Fisher of its own inputs
                         plan = {n: ("exact", 1) for n in names}
                 else:
@@ -453,7 +458,7 @@ class FisherOptimizer(Optimizer):
                     )
                 est = estimate_plan(
                     self._net, x, likelihood=self._lik, output=self.output, plan=plan, generator=self._generator,
-                    targets=targets if empirical else None,
+                    targets=targets if empirical or mask_targets else None,
                 )  # fmt: skip
         finally:
             self._capture.enabled = True
@@ -461,7 +466,9 @@ class FisherOptimizer(Optimizer):
             est = self._all_reduce(est, names)
         return {fparams[n]: est[n] for n in names}, pending, gen_state
 
-    def _select(self, x, names: list[str]) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
+    def _select(
+        self, x, names: list[str], targets: Tensor | None = None
+    ) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
         distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
@@ -475,7 +482,7 @@ class FisherOptimizer(Optimizer):
                 self._net, x, likelihood=self._lik, output=self.output, generator=self._generator,
                 target_rse=self.target_rse,
                 ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
-                costs=None if cached is None else cached[0], current=self._plan,
+                costs=None if cached is None else cached[0], current=self._plan, targets=targets,
             )  # fmt: skip
             self._cache_costs(key, sel.costs, reused=cached is not None)
             info = {
