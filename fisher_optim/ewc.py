@@ -67,11 +67,12 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .batch import Batch, check_output_spec
 from .engine import Probe, trainable_parameters
 from .estimators import check_estimator, check_n_samples, diagonal_fisher
 from .likelihoods import Categorical, Likelihood, get_likelihood
@@ -180,11 +181,13 @@ class EWC:
         generator: torch.Generator | None = None,
         progress: bool | None = None,
         select_kwargs: dict | None = None,
+        output=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.likelihood = get_likelihood(likelihood)
+        self.output = check_output_spec(output)
         self.lam = lam  # validated by the property
         self.estimator = check_estimator(estimator, EWC_ESTIMATORS)
         self.mode = _check_mode(mode)
@@ -244,10 +247,12 @@ class EWC:
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
             raise ValueError(f"Invalid batch_size: {batch_size}")
-        if isinstance(inputs, Tensor):
-            if inputs.dim() == 0 or inputs.shape[0] == 0:
-                raise ValueError(f"Invalid inputs: need a non-empty batch, got shape {tuple(inputs.shape)}")
-            m = inputs.shape[0]
+        if _one_batch(inputs):
+            try:
+                batch = Batch.of(inputs)
+            except ValueError as err:
+                raise ValueError(f"Invalid inputs: {err}") from err
+            m = batch.size
             if targets is not None:
                 targets = torch.as_tensor(targets)
                 if targets.dim() == 0 or targets.shape[0] != m:
@@ -256,7 +261,7 @@ class EWC:
                     )
             bs = m if batch_size is None else batch_size
             starts = range(0, m, bs)
-            pairs = ((inputs[s : s + bs], None if targets is None else targets[s : s + bs]) for s in starts)
+            pairs = ((batch[s : s + bs], None if targets is None else targets[s : s + bs]) for s in starts)
             return pairs, len(starts)
         if targets is not None:
             raise ValueError("Invalid targets: with a DataLoader, give the targets inside its (x, y) batches")
@@ -273,18 +278,21 @@ class EWC:
 
         def split(batch):
             if isinstance(batch, Tensor):
-                return batch, None
-            if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
-                return batch[0], (batch[1] if len(batch) > 1 else None)
+                return Batch.of(batch), None
+            if isinstance(batch, Mapping):  # Hugging Face style: every entry is an argument; labels are targets
+                return Batch.of(dict(batch)), batch.get("labels")
+            if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], (Tensor, tuple, Mapping)):
+                return Batch.of(batch[0]), (batch[1] if len(batch) > 1 else None)
             raise TypeError(
-                f"each batch must be a Tensor x or a sequence (x, y, ...), got {type(batch).__name__}"
+                f"each batch must be a Tensor x, a dict of arguments or a sequence (x, y, ...), got "
+                f"{type(batch).__name__}"
             )
 
         return (split(b) for b in inputs), total
 
-    def _batched_empirical_sum(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def _batched_empirical_sum(self, x, y: Tensor) -> dict[str, Tensor]:
         """``B * (grad of the batch-mean observed-label NLL)^2`` for one batch (summed to ``B`` weight)."""
-        with Probe(self.model, x, self.likelihood) as probe:
+        with Probe(self.model, x, self.likelihood, output=self.output) as probe:
             y = self.likelihood.check_targets(probe.h, y)
             loss = self.likelihood.nll(probe.h, y).mean()
             names = list(probe.params)
@@ -295,7 +303,7 @@ class EWC:
             for n, g in zip(names, grads)
         }
 
-    def _auto_sum(self, x: Tensor, first: bool, targets: Tensor | None = None) -> dict[str, Tensor]:
+    def _auto_sum(self, x, first: bool, targets: Tensor | None = None) -> dict[str, Tensor]:
         """Sum over the batch of the per-layer plan's estimates; the plan is chosen on the first batch.
         ``targets``: the categorical mask (positions whose target is ``ignore_index`` left out), or ``None``."""
         from .selection import estimate_plan, run_selection
@@ -303,16 +311,17 @@ class EWC:
         if first:
             # the selection's variance pass computes the exact Fisher of this batch: it is the batch's estimate
             sel = run_selection(
-                self.model, x, likelihood=self.likelihood, generator=self.generator, targets=targets,
-                **self.select_kwargs,
+                self.model, x, likelihood=self.likelihood, output=self.output, generator=self.generator,
+                targets=targets, **self.select_kwargs,
             )  # fmt: skip
             self.last_plan = sel.choices
-            return {n: v * x.shape[0] for n, v in sel.fisher.items()}
+            return {n: v * x.size for n, v in sel.fisher.items()}
         plan = {n: (c.estimator, c.n_samples) for n, c in self.last_plan.items()}
         mean = estimate_plan(
-            self.model, x, likelihood=self.likelihood, plan=plan, generator=self.generator, targets=targets
+            self.model, x, likelihood=self.likelihood, output=self.output, plan=plan, generator=self.generator,
+            targets=targets,
         )
-        return {n: v * x.shape[0] for n, v in mean.items()}
+        return {n: v * x.size for n, v in mean.items()}
 
     def consolidate(
         self, inputs: Tensor | Iterable, targets: Tensor | None = None, *, batch_size: int | None = None
@@ -320,9 +329,12 @@ class EWC:
         r"""End of a task: estimate the diagonal Fisher at the current parameters and store the anchor.
 
         Args:
-            inputs: a tensor ``(M, ...)`` of the task's inputs, or an iterable (e.g. a ``DataLoader``) of
-                ``(x, y)`` batches (or of bare ``x`` tensors when the estimator needs no labels). Batches
-                are moved to the model's device.
+            inputs: the task's inputs as one batch: a tensor ``(M, ...)`` (``model(x)``), a tuple of tensors
+                (``model(*inputs)``) or a dict (``model(**inputs)``), sliced by the rule of
+                :class:`~fisher_optim.batch.Batch`; or a list or other iterable (e.g. a ``DataLoader``) of
+                ``(x, y)`` batches, of bare ``x`` tensors when the estimator needs no labels, or of dicts of
+                arguments (their ``"labels"`` entry, if any, is the targets).  Batched tensors are moved to the
+                model's device.
             targets: observed labels for a tensor ``inputs`` (needed by ``"empirical"`` and
                 ``"batched_empirical"``).  With a categorical likelihood the other estimators take them as a
                 mask: positions whose target is ``ignore_index`` are left out.
@@ -342,12 +354,8 @@ class EWC:
         sums: dict[str, Tensor] | None = None
         m = 0
         for x, y in _tqdm(pairs, total, self.progress):
-            if not isinstance(x, Tensor) or x.dim() == 0:
-                raise TypeError(f"each batch's inputs must be a Tensor with a batch dimension, got {x!r}")
-            if x.shape[0] == 0:
-                continue
             if device is not None:
-                x = x.to(device)
+                x = x.map_batched(lambda t: t.to(device))
             masks = y is not None and isinstance(self.likelihood, Categorical)
             if needs_targets or masks:
                 if y is None:
@@ -371,9 +379,10 @@ class EWC:
                     targets=y if self.estimator == "empirical" or masks else None,
                     generator=self.generator,
                     reduction="sum",
+                    output=self.output,
                 )
             sums = part if sums is None else {n: sums[n] + part[n] for n in sums}
-            m += x.shape[0]
+            m += x.size
         if sums is None or m == 0:
             raise ValueError("Invalid inputs: no examples to consolidate on")
         fisher = {n: v / m for n, v in sums.items()}
@@ -481,3 +490,12 @@ class EWC:
         gen_state = state_dict["generator_state"]
         if gen_state is not None and self.generator is not None:
             self.generator.set_state(gen_state)
+
+
+def _one_batch(inputs) -> bool:
+    """A Tensor, a dict of arguments or a tuple of tensors is one batch; a list or another iterable holds batches."""
+    if isinstance(inputs, (Tensor, Mapping)):
+        return True
+    return isinstance(inputs, tuple) and len(inputs) > 0 and all(
+        isinstance(t, Tensor) or not isinstance(t, (tuple, list, Mapping)) for t in inputs
+    ) and isinstance(inputs[0], Tensor)
