@@ -130,9 +130,9 @@ def frozen_batch_statistics_copy(model, *args, **kwargs):
         for n, m in probe.named_modules()
         if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
     ]
-    for m in probe.modules():  # dropout off, BatchNorm as it is
+    for m in probe.modules():  # dropout off, BatchNorm as it is (the flag only: eval() would recurse)
         if not isinstance(m, _BatchNorm):
-            m.eval()
+            m.training = False
     with torch.no_grad():
         probe(*args, **kwargs)
     for hd in hooks:
@@ -142,6 +142,7 @@ def frozen_batch_statistics_copy(model, *args, **kwargs):
         mods[n].running_mean = mean.clone()
         mods[n].running_var = var.clone()
     return ref.eval()
+
 
 # -- output-space Fisher matrices by hand (numpy, no fisher_optim code) -----------------------------------
 def output_fisher_numpy(name: str, h, sigma: float = 1.0):

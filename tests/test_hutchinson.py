@@ -422,8 +422,7 @@ def test_fisher_adam_with_a_fixed_hutchinson_estimator(estimator, single_thread)
         (variance_bounds, {"estimator": "gnb"}, r"Invalid estimator: 'gnb'"),
         (joint_variance, {"estimator": "hutchinson_batch"}, r"Invalid estimator: 'hutchinson_batch'"),
         (fisher_variance, {"estimator": "hutchinson", "n_samples": 0}, r"Invalid n_samples: 0"),
-        (diagonal_fisher, {"estimator": "hutchinson", "targets": torch.zeros(4, dtype=torch.long)},
-         r"only used by estimator"),
+        (diagonal_fisher, {"estimator": "hutchinson", "targets": torch.zeros(4)}, r"integer class indices"),
     ],
 )  # fmt: skip
 def test_errors(fn, kwargs, regex):
