@@ -18,6 +18,7 @@ and the likelihood's moment contractions.  Scaling (mean over inputs) is applied
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -35,6 +36,15 @@ __all__ = ["Probe", "reduce_records", "trainable_parameters"]
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` for the parameters that require grad, as ``model.named_parameters()``."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+_ESTIMATING = threading.local()
+
+
+def estimating() -> bool:
+    """Whether a :class:`Probe` is running in this thread (its forwards are the library's, not the user's: the
+    optimizers' input capture ignores them)."""
+    return getattr(_ESTIMATING, "depth", 0) > 0
 
 
 def _eager():
@@ -185,7 +195,12 @@ class Probe:
     # -- context management ---------------------------------------------------------------------
     def __enter__(self) -> Probe:
         self.batch.check_finite()
-        self._mode = _ModeGuard(self.model).__enter__()
+        _ESTIMATING.depth = getattr(_ESTIMATING, "depth", 0) + 1
+        try:
+            self._mode = _ModeGuard(self.model).__enter__()
+        except BaseException:
+            _ESTIMATING.depth -= 1
+            raise
         try:
             self._forward(clone=False)
             self._mode.release_hooks()
@@ -194,10 +209,12 @@ class Probe:
                 self._forward(clone=True)
         except BaseException:
             self._mode.__exit__(None, None, None)
+            _ESTIMATING.depth -= 1
             raise
         return self
 
     def __exit__(self, *exc):
+        _ESTIMATING.depth -= 1
         self._mode.__exit__(*exc)
         self._outs = self._ins = self._in_graph = None
         self.h = None

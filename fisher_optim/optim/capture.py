@@ -4,8 +4,9 @@ r"""Which forward the Fisher optimizers estimate on: input capture, micro-batche
 
 * the **post-hook** keeps a detached copy of the call's positional *and keyword* arguments (a
   :class:`~fisher_optim.batch.Batch`; tensors are detached references, not copies) for every forward run with
-  gradients enabled, and attaches a gradient hook to the output's natural parameters (``output=``) that marks the
-  call as *backpropagated* when ``loss.backward()`` reaches it;
+  gradients enabled (not those of the library's own estimation, e.g. an ``EWC.consolidate`` or ``diagonal_fisher``
+  call between ``backward()`` and ``step()``), and attaches a gradient hook to the output's natural parameters
+  (``output=``) that marks the call as *backpropagated* when ``loss.backward()`` reaches it;
 * the **pre-hook** snapshots the normalisation buffers (BatchNorm running statistics and counters) at the first
   forward since the last step, so that a step skipped for non-finite values can put back what that forward wrote.
 
@@ -19,10 +20,12 @@ loss built from a detached output) is the latest captured forward used.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..batch import Batch, OutputSpec, select_output
+from ..engine import estimating
 
 __all__ = ["InputCapture"]
 
@@ -54,7 +57,7 @@ class InputCapture:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _before(self, module, args):
-        if self.enabled and self.snapshot is None and _grad_enabled():
+        if self.enabled and self.snapshot is None and _grad_enabled() and not estimating():
             self.snapshot = [
                 (m, name, buf.detach().clone())
                 for m in self._norms
@@ -63,8 +66,8 @@ class InputCapture:
             ]
 
     def _after(self, module, args, kwargs, out):
-        if not (self.enabled and _grad_enabled()):
-            return
+        if not (self.enabled and _grad_enabled()) or estimating():
+            return  # evaluation forwards, and the library's own estimation forwards, are not the user's batch
         try:
             batch = Batch(args, kwargs).detach()
         except (TypeError, ValueError):
@@ -116,6 +119,4 @@ class InputCapture:
 
 
 def _grad_enabled() -> bool:
-    import torch
-
     return torch.is_grad_enabled()
