@@ -441,7 +441,12 @@ def test_recurrent_layers_under_no_grad_and_both_dtypes(kind, dtype):
     x = _x(M, 5, 3).to(dtype)
     with torch.no_grad():
         got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
-    ref = brute_force_exact(model.double(), x.double(), None)
+    ref = brute_force_exact(copy.deepcopy(model).double(), x.double(), None)
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=1e-6)
     for n in got:
         torch.testing.assert_close(got[n].double(), ref[n], **tol)
+    with torch.no_grad():  # the closed-form variance of Î₁ in the same dtype: finite, positive where F is
+        var = fisher_variance(model, x, likelihood="categorical", estimator="mc1")
+    for n in var:
+        assert var[n].dtype == dtype and bool(var[n].isfinite().all()) and bool((var[n] >= 0).all())
+        assert bool((var[n] > 0).any()), n
