@@ -1,0 +1,384 @@
+"""The optimizer benchmark's report: Markdown tables, a findings section computed from the numbers, and plots.
+
+Everything here reads the saved results (``run_benchmark``'s dict, or its JSON) and nothing else, so a report
+can be re-rendered (``python -m benchmarks.optimizers --from-json FILE``).  No sentence of the findings is
+written by hand: each is a template filled from the paired statistics of :mod:`benchmarks.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from benchmarks.optimizers import Run, runs_of
+from benchmarks.optimizers_baselines import OptSpec
+from benchmarks.optimizers_problems import Problem
+from benchmarks.stats import Paired, median_ci, paired_difference, paired_ratio
+
+__all__ = ["write_markdown", "plot", "problem_stats"]
+
+MAIN = "fisher_adam"
+GOAL_STEPS, GOAL_TIME = 2 / 3, 1 / 2  # issue 15's goal: fewer steps on 2/3 of the problems, less time on half
+
+
+# -- numbers ---------------------------------------------------------------------------------------------
+def _by_seed(runs: list[Run], attr: str) -> dict[int, float]:
+    out = {}
+    for r in runs:
+        if r.error:
+            continue
+        v = getattr(r, attr)
+        if attr == "final_val" and r.diverged:
+            v = math.nan
+        out[r.seed] = v
+    return out
+
+
+def problem_stats(prob: Problem, res: dict, key: str) -> dict[str, dict]:
+    """Per optimizer on one problem: medians with bootstrap intervals and the paired comparison with the reference."""
+    pr = res["problems"][key]
+    ref = res.get("reference", "adamw")
+    runs = {o: runs_of(res, key, "final", o) for o in pr["final"]}
+    out = {}
+    for o, rs in runs.items():
+        ok = [r for r in rs if not r.error]
+        s = {
+            "n": len(rs),
+            "reached": sum(math.isfinite(r.steps_to_target) for r in ok),
+            "steps": median_ci([r.steps_to_target for r in ok]),
+            "time": median_ci([r.time_to_target for r in ok]),
+            "final": median_ci([math.nan if r.diverged else r.final_val for r in ok]),
+            "test": median_ci([r.test for r in ok if math.isfinite(r.test)]),
+            "ms": median_ci([r.ms_per_step for r in ok if r.steps]),
+            "diverged": sum(r.diverged for r in ok),
+            "capped": sum(r.capped for r in ok),
+            "errors": sorted({r.error for r in rs if r.error}),
+        }
+        if ref in runs and o != ref:
+            b = runs[ref]
+            s["vs_ref"] = {
+                "steps": paired_ratio(_by_seed(rs, "steps_to_target"), _by_seed(b, "steps_to_target")),
+                "time": paired_ratio(_by_seed(rs, "time_to_target"), _by_seed(b, "time_to_target")),
+                "ms": paired_ratio(_by_seed(rs, "ms_per_step"), _by_seed(b, "ms_per_step")),
+                "final": paired_difference(_by_seed(rs, "final_val"), _by_seed(b, "final_val")),
+            }
+        out[o] = s
+    return out
+
+
+def _better(prob: Problem, p: Paired, what: str) -> str:
+    """``"better"`` / ``"worse"`` / ``"unclear"`` for ``a`` against ``b`` from a paired comparison."""
+    v = p.verdict
+    if v == "unclear":
+        return "unclear"
+    if what == "final":
+        good = "more" if prob.higher_is_better else "less"
+        return "better" if v == good else "worse"
+    return "better" if v == "less" else "worse"
+
+
+def _outcome(prob: Problem, st: dict, what: str) -> str:
+    """Against the reference, on steps or time: decided by the target when either reaches it, else by the final
+    validation metric (both missed the target: the one closer to it is better)."""
+    vs = st["vs_ref"]
+    if vs[what].n:
+        return _better(prob, vs[what], what)
+    return _better(prob, vs["final"], "final")
+
+
+# -- formatting ------------------------------------------------------------------------------------------
+def _num(v: float, fmt: str = ".3g") -> str:
+    return "—" if math.isinf(v) else "n/a" if math.isnan(v) else format(v, fmt)
+
+
+def _ci(t: tuple[float, float, float], fmt: str = ".3g") -> str:
+    m, lo, hi = t
+    if math.isnan(m):
+        return "n/a"
+    if lo == hi == m:
+        return _num(m, fmt)
+    return f"{_num(m, fmt)} [{_num(lo, fmt)}, {_num(hi, fmt)}]"
+
+
+def _metric_fmt(prob: Problem) -> str:
+    return ".4f" if prob.metric == "accuracy" else ".3f"
+
+
+def _paired(p: Paired, fmt: str = ".2f") -> str:
+    if not p.n:
+        return "n/a"
+    return f"{_ci((p.median, p.low, p.high), fmt)} ({p.n_less}/{p.n_more} of {p.n}, p={p.p:.2g})"
+
+
+def _edge_flag(grid: dict) -> str:
+    return {"": "", "low": " **EDGE (low)**", "high": " **EDGE (high)**", "single": " (one value)"}[grid["edge"]]
+
+
+# -- the report ------------------------------------------------------------------------------------------
+def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], path: Path,
+                   rendered_by: str | None = None) -> None:  # fmt: skip
+    """The report; every number and every finding comes from ``res``."""
+    stem = path.stem
+    keys = list(res["problems"])
+    stats = {k: problem_stats(problems[k], res, k) for k in keys}
+    ref = res.get("reference", "adamw")
+    label = lambda o: specs[o].label if o in specs else o  # noqa: E731
+    L: list[str] = ["# Optimizer benchmark: fisher_optim against today's baselines (issue 15 protocol)", ""]
+    if res.get("note"):
+        L += [f"**{res['note']}**", ""]
+    how = f" Rendered by `{rendered_by}` from the saved results." if rendered_by else ""
+    how += f" Code: git `{res['git']}`." if "git" in res else ""
+    L += [f"Produced by `{res['command']}` (run from the repository root), finished {res.get('finished', 'n/a')}, in "
+          f"{res['elapsed_s'] / 60:.1f} min.{how}", "",
+          f"Machine: {res['machine']}; load average at the end: {res.get('load_at_end', 'n/a')}. Shared machine:",
+          "wall-clock carries noise of tens of percent; steps do not depend on the load.", ""]  # fmt: skip
+    if res.get("versions"):
+        L += ["Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".", ""]
+    L += ["Protocol (module docstring of `benchmarks/optimizers.py`): per optimizer and problem a learning-rate grid",
+          "half a decade apart (×√10), started at three values around the optimizer's default and extended until",
+          f"the best value on the validation split is interior (at most {res.get('max_grid', 8)} values), seed 0;",
+          f"the chosen lr then runs with seeds 0..{res['seeds'] - 1}. Budgets are fixed in steps "
+          f"(`--epochs-scale {res.get('epochs_scale', 1):g}`); the",
+          "time cap only stops runaway runs. Cells: median over seeds [95 % bootstrap interval]; '—': not reached",
+          f"by half or more of the seeds. Paired columns compare each seed with {label(ref)}'s same seed:",
+          "median per-seed ratio [interval] (seeds with fewer / more, of n, sign-test p).", ""]  # fmt: skip
+    if res["skipped"]:
+        L += ["**Not run**: " + "; ".join(f"`{k}` ({v})" for k, v in res["skipped"].items()), ""]
+    L += _edges(res, keys, label)
+    L += _findings(problems, res, stats, keys, label)
+    L += _summary(problems, stats, keys, label, ref)
+    L += _fisher_scale(res, stats, problems)
+    for k in keys:
+        L += _problem_section(problems[k], res, stats[k], k, label, ref)
+    L += ["## Plots", "", f"Per problem: median validation metric and training loss over seeds against steps "
+          f"(`{stem}_<problem>.png`); summary of paired ratios to {label(ref)} (`{stem}_ratios.png`).", "",
+          f"![ratios]({stem}_ratios.png)", ""] + [f"![{k}]({stem}_{k}.png)" for k in keys] + [""]  # fmt: skip
+    path.write_text("\n".join(L))
+
+
+def _edges(res: dict, keys: list[str], label) -> list[str]:
+    edges = [(k, o, g) for k in keys for o, g in res["problems"][k]["grids"].items() if g["edge"]]
+    if not edges:
+        return ["**Edge choices: none** (every chosen learning rate has a tried neighbour on both sides).", ""]
+    L = [f"**Edge choices: {sum(g['edge'] in ('low', 'high') for _, _, g in edges)}** "
+         f"(plus {sum(g['edge'] == 'single' for _, _, g in edges)} with a single tried value):", ""]  # fmt: skip
+    L += [f"- {k} / {label(o)}: chose {g['chosen']:.3g} of {', '.join(f'{v:.3g}' for v in g['lrs'])} ({g['edge']})"
+          for k, o, g in edges]  # fmt: skip
+    return L + [""]
+
+
+def _findings(problems, res, stats, keys, label) -> list[str]:
+    ref = res.get("reference", "adamw")
+    opts = [o for o in dict.fromkeys(o for k in keys for o in stats[k]) if o != ref]
+    L = ["## Findings (generated from the numbers below)", ""]
+    if not keys or not any("vs_ref" in stats[k].get(o, {}) for k in keys for o in opts):
+        return L + [f"No paired comparison: {label(ref)} was not run.", ""]
+    rows = []
+    for o in opts:
+        have = [k for k in keys if "vs_ref" in stats[k].get(o, {})]
+        if not have:
+            continue
+        steps = {k: _outcome(problems[k], stats[k][o], "steps") for k in have}
+        times = {k: _outcome(problems[k], stats[k][o], "time") for k in have}
+        ms = [stats[k][o]["vs_ref"]["ms"].median for k in have if stats[k][o]["vs_ref"]["ms"].n]
+        cost = median_ci(ms)[0] if ms else math.nan
+        fewer = [k for k in have if stats[k][o]["vs_ref"]["steps"].median < 1]
+        rows.append((o, steps, times, cost, fewer, have))
+    L += [f"Against {label(ref)}, per problem (\"better\": the paired interval excludes no difference; when neither",
+          "reached the target, the final validation metric decides):", "",
+          "| optimizer | fewer steps (better/worse/unclear) | less time (better/worse/unclear) "
+          "| median steps ratio < 1 on | per-step cost × ref (median over problems) |",
+          "|---|---|---|---|---|"]  # fmt: skip
+    for o, steps, times, cost, fewer, have in rows:
+        c = lambda d, v: sum(x == v for x in d.values())  # noqa: E731
+        L.append(f"| {label(o)} | {c(steps, 'better')}/{c(steps, 'worse')}/{c(steps, 'unclear')} | "
+                 f"{c(times, 'better')}/{c(times, 'worse')}/{c(times, 'unclear')} | {len(fewer)} of {len(have)} | "
+                 f"{_num(cost, '.2f')} |")  # fmt: skip
+    L.append("")
+    main = next((r for r in rows if r[0] == MAIN), None)
+    if main is not None:
+        o, steps, times, cost, fewer, have = main
+        ftime = [k for k in have if stats[k][o]["vs_ref"]["time"].median < 1]
+        ok_s, ok_t = len(fewer) >= GOAL_STEPS * len(have), len(ftime) >= GOAL_TIME * len(have)
+        L += [f"**Goal** (issue 15): {label(o)} needs fewer steps than {label(ref)} on at least two thirds of the "
+              f"problems and less wall-clock on at least half. Measured (median paired ratio < 1): fewer steps on "
+              f"{len(fewer)} of {len(have)} ({'met' if ok_s else 'not met'}), less wall-clock on {len(ftime)} of "
+              f"{len(have)} ({'met' if ok_t else 'not met'}); with the paired interval below 1: "
+              f"{sum(v == 'better' for v in steps.values())} and {sum(v == 'better' for v in times.values())}."
+              + ("" if any(k.startswith("lm") for k in have) else " The LM part of the goal (within 10 % of the best "
+                 "baseline's steps on the language model) needs the LM problems, not in this run."), ""]  # fmt: skip
+        wins = [k for k in have if steps[k] == "better"]
+        losses = [k for k in have if steps[k] == "worse"]
+        L.append(f"Where {label(o)} wins on steps: {', '.join(wins) or 'nowhere'}; where it loses: "
+                 f"{', '.join(losses) or 'nowhere'}.")  # fmt: skip
+        slow = [k for k in have if stats[k][o]["vs_ref"]["steps"].median < 1 <= stats[k][o]["vs_ref"]["time"].median]
+        if slow:
+            L.append(f"Fewer steps but not less time on {', '.join(slow)}: its per-step cost there is "
+                     + ", ".join(f"{stats[k][o]['vs_ref']['ms'].median:.2f}×" for k in slow)
+                     + f" {label(ref)}'s, more than the step saving.")  # fmt: skip
+        L.append("")
+    best = []
+    for k in keys:
+        cand = {o: s["steps"][0] for o, s in stats[k].items()}
+        finite = {o: v for o, v in cand.items() if math.isfinite(v)}
+        if finite:
+            b = min(finite, key=finite.get)
+            f = finite.get(MAIN, math.inf)
+            best.append(f"{k}: {label(b)} ({finite[b]:.0f} steps" + (f"; {label(MAIN)} {f / finite[b]:.2f}× that)"
+                        if MAIN in cand and math.isfinite(f) else ")"))  # fmt: skip
+        else:
+            best.append(f"{k}: no optimizer reached the target in half its seeds")
+    L += ["Fewest median steps to target per problem: " + "; ".join(best) + ".", ""]
+    return L
+
+
+def _summary(problems, stats, keys, label, ref) -> list[str]:
+    opts = list(dict.fromkeys(o for k in keys for o in stats[k]))
+    L = [f"## Summary: median steps to target (paired ratio of steps to {label(ref)})", "",
+         "| optimizer | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+    for o in opts:
+        cells = []
+        for k in keys:
+            s = stats[k].get(o)
+            if s is None:
+                cells.append("not run")
+                continue
+            cell = _num(s["steps"][0], ".0f")
+            if "vs_ref" in s and s["vs_ref"]["steps"].n:
+                cell += f" ({_num(s['vs_ref']['steps'].median, '.2f')}×)"
+            cells.append(cell)
+        L.append(f"| {label(o)} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _fisher_scale(res, stats, problems) -> list[str]:
+    fs = res.get("fisher_scale")
+    if not fs:
+        return []
+    r = median_ci(fs["ratio"])
+    c = median_ci(fs["coord_median"])
+    L = ["## mc1 versus exact: the size of the Fisher at the first refresh", "",
+         f"On `{fs['problem']}`, {len(fs['ratio'])} seeds, the same initial parameters and batch for both: the mean "
+         f"over coordinates of √F̃ from mc1 is {_ci(r, '.3f')} × exact's (median per-coordinate ratio "
+         f"{_ci(c, '.3f')}). A smaller √F̃ divides the momentum by less, so at the same lr mc1 takes steps about "
+         f"{_num(1 / r[0], '.2f')}× exact's on average (before the clip); E[F̂] = F with E[√F̂] ≤ √F (Jensen) is the "
+         "cause."]  # fmt: skip
+    k = fs["problem"]
+    if k in stats and {"fisher_adam_mc1", "fisher_adam_exact"} <= set(stats[k]):
+        grids = res["problems"][k]["grids"]
+        L.append(f"Tuned lr on `{k}`: mc1 {grids['fisher_adam_mc1']['chosen']:.3g}, exact "
+                 f"{grids['fisher_adam_exact']['chosen']:.3g}; median steps to target: mc1 "
+                 f"{_num(stats[k]['fisher_adam_mc1']['steps'][0], '.0f')}, exact "
+                 f"{_num(stats[k]['fisher_adam_exact']['steps'][0], '.0f')}.")  # fmt: skip
+    return L + [""]
+
+
+def _problem_section(prob: Problem, res: dict, st: dict, key: str, label, ref: str) -> list[str]:
+    pr = res["problems"][key]
+    goal = "≥" if prob.higher_is_better else "≤"
+    mf = _metric_fmt(prob)
+    L = [f"## {key}: {prob.title}", "",
+         f"Likelihood `{prob.likelihood}`; target: validation {prob.metric} {goal} {prob.target:g}; budget "
+         f"{pr['budget_steps']} steps (batch {pr['batch_size']}, {pr['n_train']} training inputs); validation every "
+         f"{prob.eval_every} steps. {prob.notes}", "",
+         f"| optimizer | lr (tried) | reached | steps to target | s to target | final val {prob.metric} | ms/step | "
+         f"steps ÷ {label(ref)} | ms/step ÷ {label(ref)} | Δ final val vs {label(ref)} |",
+         "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for o, s in st.items():
+        g = pr["grids"][o]
+        extra = f" ({s['diverged']} diverged)" if s["diverged"] else ""
+        extra += f" ({s['capped']} capped)" if s["capped"] else ""
+        extra += f" (errors: {'; '.join(s['errors'])})" if s["errors"] else ""
+        vs = s.get("vs_ref")
+        paired = [_paired(vs["steps"]), _paired(vs["ms"]), _paired(vs["final"], "+.4f")] if vs else ["ref"] * 3
+        L.append(f"| {label(o)} | {g['chosen']:.3g} ({', '.join(f'{v:.3g}' for v in g['lrs'])}){_edge_flag(g)} | "
+                 f"{s['reached']}/{s['n']}{extra} | {_ci(s['steps'], '.0f')} | {_ci(s['time'], '.2f')} | "
+                 f"{_ci(s['final'], mf)} | {_ci(s['ms'], '.2f')} | " + " | ".join(paired) + " |")  # fmt: skip
+    for o, note in pr.get("notes", {}).items():
+        L.append(f"\n{label(o)}: {note}.")
+    L += ["", "<details><summary>tuning runs (seed 0): lr: steps to target / final validation metric</summary>", ""]
+    for o in pr["tuning"]:
+        cells = []
+        for r in sorted(runs_of(res, key, "tuning", o), key=lambda r: r.lr):
+            state = "error" if r.error else "diverged" if r.diverged else _num(r.final_val, mf)
+            state += f" (capped at step {r.steps})" if r.capped else ""
+            cells.append(f"{r.lr:.3g}: {_num(r.steps_to_target, '.0f')} / {state}")
+        L.append(f"- {label(o)}: " + "; ".join(cells))
+    return L + ["", "</details>", ""]
+
+
+# -- plots -----------------------------------------------------------------------------------------------
+def _median_curve(points: list[list[tuple]]) -> tuple[list[float], list[float]]:
+    """Median over runs of ``(step, value)`` curves, at steps a majority of the runs reached."""
+    by: dict[float, list[float]] = {}
+    for pts in points:
+        for s, v in pts:
+            by.setdefault(s, []).append(v)
+    keep = [s for s in sorted(by) if len(by[s]) * 2 > len(points)]
+    return keep, [float(sorted(by[s])[len(by[s]) // 2]) if len(by[s]) % 2 else
+                  0.5 * sum(sorted(by[s])[len(by[s]) // 2 - 1: len(by[s]) // 2 + 1]) for s in keep]  # fmt: skip
+
+
+_STYLE = {"first-order": ":", "matrix": "-.", "curvature": "--", "fisher_optim": "-"}
+
+
+def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out: Path, stem: str) -> list[Path]:
+    """``{stem}_<problem>.png`` (validation metric and training loss against steps) and ``{stem}_ratios.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(res["problems"])
+    opts = list(dict.fromkeys(o for k in keys for o in res["problems"][k]["final"]))
+    cmap = plt.get_cmap("tab20")
+    color = {o: cmap(i % 20) for i, o in enumerate(opts)}
+    fam = lambda o: specs[o].family if o in specs else "first-order"  # noqa: E731
+    label = lambda o: specs[o].label if o in specs else o  # noqa: E731
+    paths = []
+    for k in keys:
+        prob = problems[k]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for o in res["problems"][k]["final"]:
+            runs = runs_of(res, k, "final", o)
+            s, v = _median_curve([[(c[0], c[2]) for c in r.curve] for r in runs])
+            kw = dict(color=color[o], ls=_STYLE[fam(o)], lw=2.2 if o == MAIN else 1.2, label=label(o))
+            a1.plot(s, v, **kw)
+            s, v = _median_curve([r.losses for r in runs])
+            a2.plot(s, v, **kw)
+        a1.axhline(prob.target, color="k", ls="--", lw=0.8)
+        a1.set(xlabel="step", ylabel=f"validation {prob.metric}", title=f"{k}: validation (median over seeds)")
+        a2.set(xlabel="step", ylabel="training loss (mean since last eval)", yscale="log", title=f"{k}: training loss")
+        if prob.higher_is_better:
+            a1.set_ylim(max(0.0, prob.target - 0.3), 1.0)
+        a2.legend(fontsize=7, loc="upper right", ncol=2)
+        fig.tight_layout()
+        path = out / f"{stem}_{k}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    ref = res.get("reference", "adamw")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(opts) * max(1, len(keys)) ** 0.5 + 2.5))
+    for ax, what in zip(axes, ("steps", "ms")):
+        for j, k in enumerate(keys):
+            st = problem_stats(problems[k], res, k)
+            for i, o in enumerate(opts):
+                p = st.get(o, {}).get("vs_ref", {}).get(what)
+                if p is None or not p.n or not (0 < p.median < math.inf):
+                    continue
+                y = i + (j - (len(keys) - 1) / 2) * 0.8 / max(1, len(keys))
+                lo, hi = min(max(p.low, 1e-3), p.median), max(min(p.high, 1e3), p.median)
+                ax.errorbar(p.median, y, xerr=[[p.median - lo], [hi - p.median]], fmt="o", ms=4,
+                            color=plt.get_cmap("tab10")(j % 10))  # fmt: skip
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(opts)), [label(o) for o in opts], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{'steps to target' if what == 'steps' else 'ms per step'} ÷ {label(ref)} (paired, 95 % CI)")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=plt.get_cmap("tab10")(j % 10)) for j in range(len(keys))]
+    axes[1].legend(handles, keys, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = out / f"{stem}_ratios.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return paths + [path]
