@@ -364,7 +364,7 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("torch", "pytorch_optimizer", "schedulefree", "sophia-opt", "numpy", "fisher_optim"):
+    for name in ("torch", "pytorch_optimizer", "schedulefree", "sophia-opt", "opt_einsum", "numpy", "fisher_optim"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"Invalid threads: {args.threads}")
     if args.max_grid < 3:
         raise ValueError(f"Invalid max_grid: {args.max_grid} (at least 3)")
-    chosen_p = args.problems or list(PROBLEMS)
+    chosen_p = args.problems or list(problems)  # the built-in problems and every registered one
     chosen_o = args.optimizers or list(DEFAULT_OPTIMIZERS)
     if set(chosen_p) - set(problems):
         raise ValueError(f"Invalid problems: {sorted(set(chosen_p) - set(problems))}")

@@ -157,13 +157,16 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
 
 
 def _edges(res: dict, keys: list[str], label) -> list[str]:
-    edges = [(k, o, g) for k in keys for o, g in res["problems"][k]["grids"].items() if g["edge"]]
-    if not edges:
-        return ["**Edge choices: none** (every chosen learning rate has a tried neighbour on both sides).", ""]
-    L = [f"**Edge choices: {sum(g['edge'] in ('low', 'high') for _, _, g in edges)}** "
-         f"(plus {sum(g['edge'] == 'single' for _, _, g in edges)} with a single tried value):", ""]  # fmt: skip
-    L += [f"- {k} / {label(o)}: chose {g['chosen']:.3g} of {', '.join(f'{v:.3g}' for v in g['lrs'])} ({g['edge']})"
-          for k, o, g in edges]  # fmt: skip
+    grids = [(k, o, g) for k in keys for o, g in res["problems"][k]["grids"].items()]
+    edges = [(k, o, g) for k, o, g in grids if g["edge"] in ("low", "high")]
+    single = [(k, o) for k, o, g in grids if g["edge"] == "single"]
+    L = [f"**Edge choices: {len(edges) or 'none'}**" + (" (every chosen learning rate has a tried neighbour on both "
+         "sides)" if not edges and not single else ":" if edges else ".")]  # fmt: skip
+    L += [f"- {k} / {label(o)}: chose {g['chosen']:.3g} of {', '.join(f'{v:.3g}' for v in g['lrs'])} ({g['edge']} "
+          "edge; the grid reached its size limit)" for k, o, g in edges]  # fmt: skip
+    if single:
+        L += ["", f"A single learning rate was tried in {len(single)} cells (smoke mode, or a run stopped by the time "
+              "cap): " + ", ".join(f"{k}/{o}" for k, o in single[:12]) + (" ..." if len(single) > 12 else "") + "."]
     return L + [""]
 
 

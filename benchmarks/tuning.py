@@ -92,7 +92,8 @@ class GridSearch:
 
     @property
     def done(self) -> bool:
-        return not self.pending and (bool(self.stopped) or not self.extend())
+        """Nothing left to run: stopped, or no value pending and no extension due (queues one if it is due)."""
+        return bool(self.stopped) or (not self.pending and not self.extend())
 
 
 def run_grid(search: GridSearch, train: Callable[[float], tuple]) -> GridSearch:
