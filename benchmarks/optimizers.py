@@ -372,6 +372,26 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One results dict from runs of different problems (same protocol): problems joined, commands listed."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    out["problems"] = {}
+    for r in results:
+        clash = set(out["problems"]) & set(r["problems"])
+        if clash:
+            raise ValueError(f"Invalid merge: problems {sorted(clash)} are in more than one file")
+        out["problems"].update(r["problems"])
+        out["skipped"] = {**out.get("skipped", {}), **r.get("skipped", {})}
+        out["fisher_scale"] = out.get("fisher_scale") or r.get("fisher_scale")
+    out["command"] = " ; ".join(r["command"] for r in results)
+    out["elapsed_s"] = sum(r["elapsed_s"] for r in results)
+    out["git"] = ", ".join(dict.fromkeys(r.get("git", "n/a") for r in results))
+    out["finished"] = results[-1].get("finished", "n/a")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.optimizers_report import plot, write_markdown
 
@@ -391,20 +411,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="folder for the report (default benchmarks/results)")
     parser.add_argument("--name", default="optimizers", help="file stem of the report (default optimizers)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--from-json", type=Path, default=None, metavar="JSON",
-                        help="re-render the report and plots of a saved run into --out, without training")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="re-render the report and plots of saved runs into --out, without training (several "
+                        "files: runs of different problems, merged into one report named by --name)")
     parser.add_argument("--note", default="", help="a sentence put at the top of the report (e.g. 'partial run')")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     problems, specs = make_problems(), make_optimizers()
     if args.from_json is not None:
-        res = json.loads(args.from_json.read_text())
-        out = args.out if args.out is not None else args.from_json.parent
+        res = merge_results([json.loads(f.read_text()) for f in args.from_json])
+        if args.note:
+            res["note"] = args.note
+        out = args.out if args.out is not None else args.from_json[0].parent
         out.mkdir(parents=True, exist_ok=True)
-        stem = args.from_json.stem
+        stem = args.from_json[0].stem if len(args.from_json) == 1 else args.name
         write_markdown(problems, res, specs, out / f"{stem}.md", shlex.join([*COMMAND.split(), *argv]))
         plot(problems, res, specs, out, stem)
-        log(f"re-rendered {out}/{stem}.md and its plots from {args.from_json}")
+        if len(args.from_json) > 1:
+            (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        log(f"re-rendered {out}/{stem}.md and its plots from {', '.join(map(str, args.from_json))}")
         return res
     seeds = args.seeds if args.seeds is not None else (1 if args.smoke else 5)
     max_steps = args.max_steps if args.max_steps is not None else (3 if args.smoke else None)

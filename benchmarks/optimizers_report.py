@@ -201,23 +201,30 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
     main = next((r for r in rows if r[0] == MAIN), None)
     if main is not None:
         o, steps, times, cost, fewer, have = main
-        ftime = [k for k in have if stats[k][o]["vs_ref"]["time"].median < 1]
+        vs = {k: stats[k][o]["vs_ref"] for k in have}
+        defined = [k for k in have if vs[k]["steps"].n]
+        ftime = [k for k in have if vs[k]["time"].median < 1]
         ok_s, ok_t = len(fewer) >= GOAL_STEPS * len(have), len(ftime) >= GOAL_TIME * len(have)
+        sure = lambda what: [k for k in defined if vs[k][what].verdict == "less"]  # noqa: E731
         L += [f"**Goal** (issue 15): {label(o)} needs fewer steps than {label(ref)} on at least two thirds of the "
               f"problems and less wall-clock on at least half. Measured (median paired ratio < 1): fewer steps on "
               f"{len(fewer)} of {len(have)} ({'met' if ok_s else 'not met'}), less wall-clock on {len(ftime)} of "
-              f"{len(have)} ({'met' if ok_t else 'not met'}); with the paired interval below 1: "
-              f"{sum(v == 'better' for v in steps.values())} and {sum(v == 'better' for v in times.values())}."
+              f"{len(have)} ({'met' if ok_t else 'not met'}); with the whole paired interval below 1: "
+              f"{len(sure('steps'))} and {len(sure('time'))}."
+              + (f" On {len(have) - len(defined)} problem(s) neither reached the target in any seed, so no steps "
+                 "ratio exists there." if len(defined) < len(have) else "")
               + ("" if any(k.startswith("lm") for k in have) else " The LM part of the goal (within 10 % of the best "
                  "baseline's steps on the language model) needs the LM problems, not in this run."), ""]  # fmt: skip
         wins = [k for k in have if steps[k] == "better"]
         losses = [k for k in have if steps[k] == "worse"]
-        L.append(f"Where {label(o)} wins on steps: {', '.join(wins) or 'nowhere'}; where it loses: "
-                 f"{', '.join(losses) or 'nowhere'}.")  # fmt: skip
-        slow = [k for k in have if stats[k][o]["vs_ref"]["steps"].median < 1 <= stats[k][o]["vs_ref"]["time"].median]
+        L.append(f"Where {label(o)} is clearly ahead of {label(ref)} (paired interval; final validation metric where "
+                 f"neither reached the target): {', '.join(wins) or 'nowhere'}; clearly behind: "
+                 f"{', '.join(losses) or 'nowhere'}; unclear: "
+                 f"{', '.join(k for k in have if steps[k] == 'unclear') or 'nowhere'}.")  # fmt: skip
+        slow = [k for k in have if vs[k]["steps"].median < 1 <= vs[k]["time"].median]
         if slow:
             L.append(f"Fewer steps but not less time on {', '.join(slow)}: its per-step cost there is "
-                     + ", ".join(f"{stats[k][o]['vs_ref']['ms'].median:.2f}×" for k in slow)
+                     + ", ".join(f"{vs[k]['ms'].median:.2f}×" for k in slow)
                      + f" {label(ref)}'s, more than the step saving.")  # fmt: skip
         L.append("")
     best = []

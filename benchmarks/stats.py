@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MIN_PAIRS = 3  # fewer seed pairs than this never give a verdict (the bootstrap interval would be degenerate)
+
 __all__ = ["median_ci", "paired_ratio", "paired_difference", "Paired", "sign_test"]
 
 
@@ -61,11 +63,12 @@ class Paired:
 
     @property
     def verdict(self) -> str:
-        """``"less"`` / ``"more"`` when the whole interval is on one side of the null value, else ``"unclear"``."""
+        """``"less"`` / ``"more"`` when the whole interval is on one side of the null value (with at least
+        ``MIN_PAIRS`` pairs), else ``"unclear"``."""
         return self._verdict(1.0)
 
     def _verdict(self, null: float) -> str:
-        if not self.n or math.isnan(self.median):
+        if self.n < MIN_PAIRS or math.isnan(self.median):
             return "unclear"
         return "less" if self.high < null else "more" if self.low > null else "unclear"
 
