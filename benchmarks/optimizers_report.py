@@ -142,6 +142,10 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
           "time cap only stops runaway runs. Cells: median over seeds [95 % bootstrap interval]; '—': not reached",
           f"by half or more of the seeds. Paired columns compare each seed with {label(ref)}'s same seed:",
           "median per-seed ratio [interval] (seeds with fewer / more, of n, sign-test p).", ""]  # fmt: skip
+    L += ["Optimizers (`benchmarks/optimizers_baselines.py`): "
+          + "; ".join(f"{label(o)} ({specs[o].family}{', ' + specs[o].note if specs[o].note else ''})"
+                      for o in dict.fromkeys(o for k in keys for o in res["problems"][k]["final"]) if o in specs)
+          + ".", ""]  # fmt: skip
     if res["skipped"]:
         L += ["**Not run**: " + "; ".join(f"`{k}` ({v})" for k, v in res["skipped"].items()), ""]
     L += _edges(res, keys, label)
@@ -329,6 +333,7 @@ def _median_curve(points: list[list[tuple]]) -> tuple[list[float], list[float]]:
                   0.5 * sum(sorted(by[s])[len(by[s]) // 2 - 1: len(by[s]) // 2 + 1]) for s in keep]  # fmt: skip
 
 
+LIMITS = (0.1, 10.0)  # ratios outside are drawn at the limit (an interval reaching "never" ends there)
 _STYLE = {"first-order": ":", "matrix": "-.", "curvature": "--", "fisher_optim": "-"}
 
 
@@ -338,6 +343,7 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     keys = list(res["problems"])
     opts = list(dict.fromkeys(o for k in keys for o in res["problems"][k]["final"]))
@@ -377,11 +383,14 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
                 if p is None or not p.n or not (0 < p.median < math.inf):
                     continue
                 y = i + (j - (len(keys) - 1) / 2) * 0.8 / max(1, len(keys))
-                lo, hi = min(max(p.low, 1e-3), p.median), max(min(p.high, 1e3), p.median)
-                ax.errorbar(p.median, y, xerr=[[p.median - lo], [hi - p.median]], fmt="o", ms=4,
+                m = min(max(p.median, LIMITS[0]), LIMITS[1])
+                lo, hi = min(max(p.low, LIMITS[0]), m), max(min(p.high, LIMITS[1]), m)
+                ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="o", ms=4,
                             color=plt.get_cmap("tab10")(j % 10))  # fmt: skip
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(LIMITS[0] / 1.2, LIMITS[1] * 1.2)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(opts)), [label(o) for o in opts], fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{'steps to target' if what == 'steps' else 'ms per step'} ÷ {label(ref)} (paired, 95 % CI)")
