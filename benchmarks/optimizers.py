@@ -372,19 +372,23 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _as_list(fs: dict | list | None) -> list[dict]:
+    return [] if fs is None else [fs] if isinstance(fs, dict) else list(fs)
+
+
 def merge_results(results: list[dict]) -> dict:
     """One results dict from runs of different problems (same protocol): problems joined, commands listed."""
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
-    out["problems"] = {}
+    out["problems"], out["fisher_scale"] = {}, []
     for r in results:
         clash = set(out["problems"]) & set(r["problems"])
         if clash:
             raise ValueError(f"Invalid merge: problems {sorted(clash)} are in more than one file")
         out["problems"].update(r["problems"])
         out["skipped"] = {**out.get("skipped", {}), **r.get("skipped", {})}
-        out["fisher_scale"] = out.get("fisher_scale") or r.get("fisher_scale")
+        out["fisher_scale"] = [*_as_list(out.get("fisher_scale")), *_as_list(r.get("fisher_scale"))]
     out["command"] = " ; ".join(r["command"] for r in results)
     out["elapsed_s"] = sum(r["elapsed_s"] for r in results)
     out["git"] = ", ".join(dict.fromkeys(r.get("git", "n/a") for r in results))

@@ -283,3 +283,13 @@ def test_sophia_g_official_update_against_a_hand_computation():
 def test_invalid_arguments(argv, msg):
     with pytest.raises(ValueError, match=msg):
         bench.main(argv)
+
+
+def test_merge_results_of_different_problems():
+    a = {"problems": {"logreg": {}}, "skipped": {}, "command": "A", "elapsed_s": 60.0, "fisher_scale": {"x": 1}}
+    b = {"problems": {"cnn": {}}, "skipped": {"kron": "why"}, "command": "B", "elapsed_s": 30.0, "fisher_scale": None}
+    m = bench.merge_results([a, b])
+    assert list(m["problems"]) == ["logreg", "cnn"] and m["skipped"] == {"kron": "why"}
+    assert m["command"] == "A ; B" and m["elapsed_s"] == 90.0 and m["fisher_scale"] == [{"x": 1}]
+    with pytest.raises(ValueError, match="more than one file"):
+        bench.merge_results([a, a])
