@@ -364,6 +364,7 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
     opts = list(dict.fromkeys(o for k in keys for o in res["problems"][k]["final"]))
     cmap = plt.get_cmap("tab20")
     color = {o: cmap(i % 20) for i, o in enumerate(opts)}
+    color[MAIN] = "black"  # the optimizer the goal is about
     fam = lambda o: specs[o].family if o in specs else "first-order"  # noqa: E731
     label = lambda o: specs[o].label if o in specs else o  # noqa: E731
     paths = []
