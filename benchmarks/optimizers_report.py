@@ -259,7 +259,8 @@ def _summary(problems, stats, keys, label, ref) -> list[str]:
                 continue
             cell = _num(s["steps"][0], ".0f")
             if "vs_ref" in s and s["vs_ref"]["steps"].n:
-                cell += f" ({_num(s['vs_ref']['steps'].median, '.2f')}×)"
+                r = s["vs_ref"]["steps"].median
+                cell += f" ({_num(r, '.2f')}×)" if math.isfinite(r) else " (—)"
             cells.append(cell)
         L.append(f"| {label(o)} | " + " | ".join(cells) + " |")
     return L + [""]
