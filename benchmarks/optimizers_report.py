@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from benchmarks.optimizers import Run, runs_of
-from benchmarks.optimizers_baselines import OptSpec
+from benchmarks.optimizers_baselines import OptSpec, hidden_matrices
 from benchmarks.optimizers_problems import Problem
 from benchmarks.stats import Paired, median_ci, paired_difference, paired_ratio
 
@@ -326,6 +326,12 @@ def _problem_section(prob: Problem, res: dict, st: dict, key: str, label, ref: s
                  f"{_ci(s['final'], mf)} | {_ci(s['ms'], '.2f')} | " + " | ".join(paired) + " |")  # fmt: skip
     for o, note in pr.get("notes", {}).items():
         L.append(f"\n{label(o)}: {note}.")
+    if "muon" in st:
+        hidden = hidden_matrices(prob.model())[0]
+        L.append(f"\n{label('muon')}: " + (f"Muon on {len(hidden)} hidden weight matrices ("
+                 + ", ".join("×".join(map(str, p.shape)) for p in hidden) + "), AdamW on the rest." if hidden else
+                 "this model has no 2-D hidden weight (one linear layer, or convolutions and a linear head), so it "
+                 "is AdamW with Muon's lr grid."))  # fmt: skip
     L += ["", "<details><summary>tuning runs (seed 0): lr: steps to target / final validation metric</summary>", ""]
     for o in pr["tuning"]:
         cells = []
