@@ -392,7 +392,7 @@ def merge_results(results: list[dict]) -> dict:
     out["command"] = " ; ".join(r["command"] for r in results)
     out["elapsed_s"] = sum(r["elapsed_s"] for r in results)
     out["git"] = ", ".join(dict.fromkeys(r.get("git", "n/a") for r in results))
-    out["finished"] = results[-1].get("finished", "n/a")
+    out["finished"] = max(r.get("finished", "n/a") for r in results)  # the last to finish
     return out
 
 

@@ -355,7 +355,7 @@ def _median_curve(points: list[list[tuple]]) -> tuple[list[float], list[float]]:
                   0.5 * sum(sorted(by[s])[len(by[s]) // 2 - 1: len(by[s]) // 2 + 1]) for s in keep]  # fmt: skip
 
 
-LIMITS = (0.1, 10.0)  # ratios outside are drawn at the limit (an interval reaching "never" ends there)
+LIMITS = {"steps": (0.1, 10.0), "ms": (0.1, 100.0)}  # ratios outside are drawn at the limit ("never" ends there)
 _STYLE = {"first-order": ":", "matrix": "-.", "curvature": "--", "fisher_optim": "-"}
 
 
@@ -387,9 +387,17 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
             a2.plot(s, v, **kw)
         a1.axhline(prob.target, color="k", ls="--", lw=0.8)
         a1.set(xlabel="step", ylabel=f"validation {prob.metric}", title=f"{k}: validation (median over seeds)")
-        a2.set(xlabel="step", ylabel="training loss (mean since last eval)", yscale="log", title=f"{k}: training loss")
+        positive = all(v > 0 for ln in a2.get_lines() for v in ln.get_ydata() if math.isfinite(v))
+        a2.set(xlabel="step", ylabel="training loss (mean since last eval)", title=f"{k}: training loss",
+               yscale="log" if positive else "linear")  # a Poisson NLL without log y! can be negative
         if prob.higher_is_better:
             a1.set_ylim(max(0.0, prob.target - 0.3), 1.0)
+        else:  # NLL: from just below the best value to a few times the target (early spikes cut off)
+            finite = [v for ln in a1.get_lines() for v in ln.get_ydata() if math.isfinite(v)]
+            a1.set_ylim(0.97 * min(finite + [prob.target]), 2.5 * prob.target)
+        first = sorted(ln.get_ydata()[0] for ln in a2.get_lines() if len(ln.get_ydata()))
+        if first and first[len(first) // 2] > 0:  # cut a diverging run's spike off: 3x the typical first loss
+            a2.set_ylim(top=3 * first[len(first) // 2])
         a2.legend(fontsize=7, loc="upper right", ncol=2)
         fig.tight_layout()
         path = out / f"{stem}_{k}.png"
@@ -406,13 +414,14 @@ def plot(problems: dict[str, Problem], res: dict, specs: dict[str, OptSpec], out
                 if p is None or not p.n or not (0 < p.median < math.inf):
                     continue
                 y = i + (j - (len(keys) - 1) / 2) * 0.8 / max(1, len(keys))
-                m = min(max(p.median, LIMITS[0]), LIMITS[1])
-                lo, hi = min(max(p.low, LIMITS[0]), m), max(min(p.high, LIMITS[1]), m)
+                a, b = LIMITS[what]
+                m = min(max(p.median, a), b)
+                lo, hi = min(max(p.low, a), m), max(min(p.high, b), m)
                 ax.errorbar(m, y, xerr=[[m - lo], [hi - m]], fmt="o", ms=4,
                             color=plt.get_cmap("tab10")(j % 10))  # fmt: skip
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
-        ax.set_xlim(LIMITS[0] / 1.2, LIMITS[1] * 1.2)
+        ax.set_xlim(LIMITS[what][0] / 1.2, LIMITS[what][1] * 1.2)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(opts)), [label(o) for o in opts], fontsize=8)
         ax.invert_yaxis()
