@@ -242,13 +242,9 @@ def run_benchmark(problems: list[Problem], specs: list[OptSpec], seeds: int, epo
             notes: dict[str, str] = {}
             # round-robin over the optimizers, one grid value each in turn, so that a change of the machine's load
             # during the problem hits every optimizer alike
-            while True:
-                todo = [s for s in active if not searches[s.key].done]
-                if not todo:
-                    break
-                for spec in todo:
+            while todo := [(s, e) for s in active if (e := searches[s.key].next()) is not None]:
+                for spec, e in todo:
                     gs = searches[spec.key]
-                    e = gs.pending[0]
                     bar.set_postfix_str(f"{prob.key} {spec.key} lr={lr_of(e):.3g} seed=0 (tuning)")
                     run = train(prob, data, spec, lr_of(e), 0, max_steps, epochs_scale, batch)
                     tuning[spec.key].append(run)

@@ -48,8 +48,9 @@ def selection_key(steps_to_target: float, final_val: float, higher_is_better: bo
 class GridSearch:
     """The tuning state of one (problem, optimizer): tried exponents and their keys, and what to try next.
 
-    ``pending`` holds the exponents still to run (the caller runs them in order and calls :meth:`record`); when it
-    is empty, :meth:`extend` adds one beyond the edge where the best sits, if any and if ``max_values`` allows.
+    The caller runs :meth:`next` and reports its key with :meth:`record` until :meth:`next` says None; ``pending``
+    holds the exponents still to run, and once it is empty :meth:`extend` adds one beyond the edge where the best
+    sits, if any and if ``max_values`` allows.
     """
 
     default_lr: float
@@ -90,15 +91,17 @@ class GridSearch:
         self.pending.append(min(self.keys) - 1 if side == "low" else max(self.keys) + 1)
         return True
 
-    @property
-    def done(self) -> bool:
-        """Nothing left to run: stopped, or no value pending and no extension due (queues one if it is due)."""
-        return bool(self.stopped) or (not self.pending and not self.extend())
+    def next(self) -> int | None:
+        """The next exponent to run (queuing an extension when one is due), or None when tuning is over."""
+        if self.stopped:
+            return None
+        if not self.pending:
+            self.extend()
+        return self.pending[0] if self.pending else None
 
 
 def run_grid(search: GridSearch, train: Callable[[float], tuple]) -> GridSearch:
     """Run ``search`` to completion with ``train(lr) -> selection key`` (one optimizer alone; tests, scripts)."""
-    while not search.done:
-        e = search.pending[0]
+    while (e := search.next()) is not None:
         search.record(e, train(lr_of(e)))
     return search
