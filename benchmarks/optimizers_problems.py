@@ -21,11 +21,24 @@ key                 problem
 ``poisson``         Poisson regression (log link), 20 features on heterogeneous scales, seeded counts
 ``resnet18``        torchvision ResNet-18, conv1 a 1-channel 7x7/2 convolution, 1,280 digits at 28x28
 ==================  ==================================================================================
+
+Adding a problem (the hook for the language-model, ResNet and ViT problems of later issues): write a factory
+returning a :class:`Problem` in its own module, decorate it with :func:`register_problem`, and add the module's
+name to ``PROBLEM_MODULES``; :func:`make_problems` imports those modules, so the benchmark, its ``--problems``
+choices and its smoke test (every problem, every optimizer) pick the problem up with no other change::
+
+    @register_problem("lm_char")
+    def lm_char() -> Problem:
+        return Problem("lm_char", "char-level Transformer LM ...", "categorical", lm_data, tiny_transformer,
+                       "nll", 1.9, epochs=2, batch_size=32, eval_every=20)
+
+A sequence model's output ``(batch, time, classes)`` must reach the likelihood as rows (``Likelihood.flatten``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +48,7 @@ from torch import Tensor, nn
 
 from fisher_optim.likelihoods import get_likelihood
 
-__all__ = ["Data", "Problem", "PROBLEMS", "make_problems", "evaluate"]
+__all__ = ["Data", "Problem", "PROBLEMS", "PROBLEM_MODULES", "make_problems", "register_problem", "evaluate"]
 
 
 @dataclass
@@ -277,7 +290,34 @@ def make_problems() -> dict[str, Problem]:
     ]  # fmt: skip
     out = {p.key: p for p in probs}
     out["poisson"].target = round(poisson_oracle_nll() + 0.01, 4)
+    for module in PROBLEM_MODULES:
+        importlib.import_module(module)  # registers its problems
+    for key, factory in REGISTRY.items():
+        prob = factory()
+        if prob.key != key:
+            raise ValueError(f"Invalid problem: registered as {key!r}, built with key {prob.key!r}")
+        out[key] = prob
     return out
 
 
-PROBLEMS = ("logreg", "mlp_sigmoid", "mlp_relu", "cnn", "mnist1d", "autoencoder", "poisson", "resnet18")
+REGISTRY: dict[str, Callable[[], Problem]] = {}
+"""Problems added by :func:`register_problem` (key -> factory), after the built-in ones."""
+
+PROBLEM_MODULES: tuple[str, ...] = ()
+"""Modules that register problems when imported (e.g. ``"benchmarks.optimizers_problems_lm"``)."""
+
+
+def register_problem(key: str) -> Callable[[Callable[[], Problem]], Callable[[], Problem]]:
+    """Decorator: add a problem factory to the benchmark under ``key`` (see the module docstring)."""
+
+    def add(factory: Callable[[], Problem]) -> Callable[[], Problem]:
+        if key in REGISTRY or key in BUILT_IN:
+            raise ValueError(f"Invalid problem key: {key!r} is already registered")
+        REGISTRY[key] = factory
+        return factory
+
+    return add
+
+
+BUILT_IN = ("logreg", "mlp_sigmoid", "mlp_relu", "cnn", "mnist1d", "autoencoder", "poisson", "resnet18")
+PROBLEMS = BUILT_IN  # the built-in problems; make_problems() has these and the registered ones (all run by default)
