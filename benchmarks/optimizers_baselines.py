@@ -34,6 +34,7 @@ reason (``OptSpec.unavailable``), never silently.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -99,10 +100,19 @@ class ScheduleFreeRunner(Runner):
 
 
 class HutchinsonRunner(Runner):
-    """AdaHessian / SophiaH: ``backward(create_graph=True)`` on the steps that refresh the Hessian estimate."""
+    """AdaHessian / SophiaH: ``backward(create_graph=True)`` on the steps that refresh the Hessian estimate.
+
+    Attention runs on PyTorch's math kernel on those steps: the fused CPU kernel has no double backward (as a user of
+    these optimizers must do on attention models)."""
 
     def step(self, x: Tensor, y: Tensor) -> float:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         refresh = self.t % self.opt.update_period == 0  # their rule: (step - 1) % update_period == 0
+        with sdpa_kernel([SDPBackend.MATH]) if refresh else contextlib.nullcontext():
+            return self._step(x, y, refresh)
+
+    def _step(self, x: Tensor, y: Tensor, refresh: bool) -> float:
         loss, _ = self.loss(x, y)
         value = float(loss.detach())
         if math.isfinite(value):

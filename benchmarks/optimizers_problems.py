@@ -22,7 +22,9 @@ key                 problem
 ``resnet18``        torchvision ResNet-18, conv1 a 1-channel 7x7/2 convolution, 1,280 digits at 28x28
 ==================  ==================================================================================
 
-Adding a problem (the hook for the language-model, ResNet and ViT problems of later issues): write a factory
+Registered problems: ``lm_transformer``, ``lm_lstm`` and ``vit`` (:mod:`benchmarks.optimizers_problems_lm`).
+
+Adding a problem: write a factory
 returning a :class:`Problem` in its own module, decorate it with :func:`register_problem`, and add the module's
 name to ``PROBLEM_MODULES``; :func:`make_problems` imports those modules, so the benchmark, its ``--problems``
 choices and its smoke test (every problem, every optimizer) pick the problem up with no other change::
@@ -303,7 +305,7 @@ def make_problems() -> dict[str, Problem]:
 REGISTRY: dict[str, Callable[[], Problem]] = {}
 """Problems added by :func:`register_problem` (key -> factory), after the built-in ones."""
 
-PROBLEM_MODULES: tuple[str, ...] = ()
+PROBLEM_MODULES: tuple[str, ...] = ("benchmarks.optimizers_problems_lm",)
 """Modules that register problems when imported (e.g. ``"benchmarks.optimizers_problems_lm"``)."""
 
 

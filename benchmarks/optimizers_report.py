@@ -239,7 +239,7 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
             b = min(finite, key=finite.get)
             f = finite.get(MAIN, math.inf)
             best.append(f"{k}: {label(b)} ({finite[b]:.0f} steps" + (f"; {label(MAIN)} {f / finite[b]:.2f}× that)"
-                        if MAIN in cand and math.isfinite(f) else ")"))  # fmt: skip
+                        if MAIN in cand and math.isfinite(f) and finite[b] > 0 else ")"))  # fmt: skip
         else:
             best.append(f"{k}: no optimizer reached the target in half its seeds")
     L += ["Fewest median steps to target per problem: " + "; ".join(best) + ".", ""]

@@ -83,7 +83,10 @@ def paired_ratio(a: dict[int, float], b: dict[int, float], **kw) -> Paired:
     for x, y in _pairs(a, b):
         if math.isinf(x) and math.isinf(y):
             continue
-        ratios.append(0.0 if math.isinf(y) else math.inf if math.isinf(x) else x / y)
+        if y == 0:  # the reference reached the target before its first step (a smoke run's easy target)
+            ratios.append(1.0 if x == 0 else math.inf)
+        else:
+            ratios.append(0.0 if math.isinf(y) else math.inf if math.isinf(x) else x / y)
         less += x < y
         more += x > y
     med, lo, hi = median_ci(ratios, **kw)
