@@ -10,6 +10,7 @@ Layout (imports flow downwards only)::
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation
+    schedule      when to refresh and re-select: counters, plan in use, back-off, cost cache
     optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
     ewc           EWC regularisation on the same estimates
 """
@@ -19,6 +20,7 @@ from .estimators import ESTIMATORS, diagonal_fisher
 from .ewc import EWC
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
 from .optim import FisherAdam, FisherReport, NaturalGradient
+from .schedule import Schedule
 from .selection import Choice, estimate_plan, select
 from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 
@@ -46,5 +48,6 @@ __all__ = [
     "FisherAdam",
     "NaturalGradient",
     "FisherReport",
+    "Schedule",
     "EWC",
 ]

@@ -72,9 +72,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, check_output_spec
+from ._checks import check_estimator, check_n_samples, check_output_spec, check_positive_int
+from .batch import Batch
 from .engine import Probe, trainable_parameters
-from .estimators import check_estimator, check_n_samples, diagonal_fisher
+from .estimators import diagonal_fisher
 from .likelihoods import Categorical, Likelihood, get_likelihood
 
 __all__ = ["EWC", "EWC_ESTIMATORS", "EWC_MODES"]
@@ -243,10 +244,7 @@ class EWC:
 
     def _batches(self, inputs, targets, batch_size):
         """``(iterable of (x, y_or_None), number of batches or None)``."""
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"Invalid batch_size: {batch_size}")
+        check_positive_int("batch_size", batch_size, allow_none=True)
         if _one_batch(inputs):
             try:
                 batch = Batch.of(inputs)

@@ -6,22 +6,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .._checks import check_clip, check_decay, check_nonnegative
 from ..likelihoods import Likelihood
 from .base import FisherOptimizer
 
 __all__ = ["FisherAdam"]
-
-
-def check_lr(lr) -> None:
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_common(weight_decay, clip) -> None:
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if clip is not None and not clip > 0.0:
-        raise ValueError(f"Invalid clip value: {clip}")
 
 
 class FisherAdam(FisherOptimizer):
@@ -139,16 +128,13 @@ class FisherAdam(FisherOptimizer):
         output=None,
         foreach: bool | None = None,
     ):
-        check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= damping:
-            raise ValueError(f"Invalid damping value: {damping}")
-        check_common(weight_decay, clip)
+        check_nonnegative("learning rate", lr)
+        check_nonnegative("epsilon value", eps)
+        check_decay("beta parameter at index 0", betas[0])
+        check_decay("beta parameter at index 1", betas[1])
+        check_nonnegative("damping value", damping)
+        check_nonnegative("weight_decay value", weight_decay)
+        check_clip(clip)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping, clip=clip,
                         foreach=foreach)  # fmt: skip
         super().__init__(

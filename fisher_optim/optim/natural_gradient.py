@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .._checks import check_clip, check_decay, check_nonnegative
 from ..likelihoods import Likelihood
 from .base import FisherOptimizer
-from .fisher_adam import check_common, check_lr
 
 __all__ = ["NaturalGradient"]
 
@@ -85,14 +85,13 @@ class NaturalGradient(FisherOptimizer):
         output=None,
         foreach: bool | None = None,
     ):
-        check_lr(lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
+        check_nonnegative("learning rate", lr)
+        check_decay("momentum value", momentum)
         if not damping > 0.0:
             raise ValueError(f"Invalid damping value: {damping}")
-        if not 0.0 <= fisher_decay < 1.0:
-            raise ValueError(f"Invalid fisher_decay value: {fisher_decay}")
-        check_common(weight_decay, clip)
+        check_decay("fisher_decay value", fisher_decay)
+        check_nonnegative("weight_decay value", weight_decay)
+        check_clip(clip)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
                         weight_decay=weight_decay, clip=clip, foreach=foreach)  # fmt: skip
         super().__init__(
