@@ -93,7 +93,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
-from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
+from fisher_optim import FisherAdam, FisherSettings, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
 from fisher_optim.schedule import COST_REUSE, Schedule  # noqa: E402
 from fisher_optim.selection import COST_TIE, run_selection  # noqa: E402
 
@@ -124,15 +124,17 @@ PLAN, SEL_MEASURED, SEL_CACHED = "plan", "selection, measured costs", "selection
 
 
 def fisher_adam_defaults() -> dict:
-    """The defaults of :class:`~fisher_optim.FisherAdam` this benchmark simulates (read from its signature)."""
+    """The defaults of :class:`~fisher_optim.FisherAdam` this benchmark simulates (read from its signature and
+    from :class:`~fisher_optim.FisherSettings`; ``variance_interval``: refreshes between selections)."""
     sig = {k: v.default for k, v in inspect.signature(FisherAdam.__init__).parameters.items()}
+    settings = FisherSettings()
     return {
         "beta2": float(sig["betas"][1]),
-        "fisher_batch": int(sig["fisher_batch"]),
-        "target_rse": float(sig["target_rse"]),
-        "variance_interval": int(sig["variance_interval"]),
-        "max_samples": int(sig["max_samples"]),
-        "cost_model": sig["cost_model"],
+        "fisher_batch": int(settings.fisher_batch),
+        "target_rse": float(settings.target_rse),
+        "variance_interval": int(settings.select_refreshes),
+        "max_samples": int(settings.max_samples),
+        "cost_model": settings.cost_model,
     }
 
 

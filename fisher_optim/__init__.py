@@ -10,6 +10,7 @@ Layout (imports flow downwards only)::
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation
+    settings      FisherSettings: the optimizers' estimation settings, one validated value
     schedule      when to refresh and re-select: counters, plan in use, back-off, cost cache
     optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
     ewc           EWC regularisation on the same estimates
@@ -22,6 +23,7 @@ from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, 
 from .optim import FisherAdam, FisherReport, NaturalGradient
 from .schedule import Schedule
 from .selection import Choice, estimate_plan, select
+from .settings import FisherSettings
 from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 
 __version__ = "0.1.0"
@@ -49,5 +51,6 @@ __all__ = [
     "NaturalGradient",
     "FisherReport",
     "Schedule",
+    "FisherSettings",
     "EWC",
 ]

@@ -54,6 +54,7 @@ buffers (BatchNorm running statistics) that its forward changed, so one bad batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -64,12 +65,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .._checks import check_choice, check_estimator, check_output_spec, check_positive_float, check_positive_int
-from ..batch import NonFiniteError, OutputSpec
-from ..estimators import ESTIMATORS
+from ..batch import NonFiniteError
 from ..likelihoods import Categorical, Likelihood, get_likelihood
 from ..schedule import Schedule
 from ..selection import estimate_plan, run_selection
+from ..settings import FisherSettings
 from . import distributed
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
@@ -98,57 +98,65 @@ class FisherOptimizer(Optimizer):
         likelihood: str | Likelihood,
         params: Iterable | None,
         defaults: dict,
-        *,
-        estimator: str,
-        n_samples: int,
-        fisher_interval: int,
-        fisher_batch: int | None,
-        target_rse: float,
-        variance_interval: int,
-        max_samples: int,
-        cost_model: str,
-        nonfinite: str,
-        seed: int | None,
-        output: OutputSpec = None,
+        settings: FisherSettings,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
-        check_estimator(estimator, ("auto", *ESTIMATORS))
-        for name, value in (("n_samples", n_samples), ("fisher_interval", fisher_interval),
-                            ("variance_interval", variance_interval), ("max_samples", max_samples)):  # fmt: skip
-            check_positive_int(name, value)
-        check_positive_int("fisher_batch", fisher_batch, allow_none=True)
-        check_positive_float("target_rse", target_rse)
-        check_choice("cost_model", cost_model, ("measured", "flops"))
-        check_choice("nonfinite", nonfinite, ("skip", "raise"))
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid seed: {seed}")
+        if not isinstance(settings, FisherSettings):
+            raise TypeError(f"settings must be a FisherSettings, got {type(settings).__name__}")
+        self._settings = settings
         self._lik = get_likelihood(likelihood)
-        self.output = check_output_spec(output)
         self._net, self._pg = distributed.unwrap(model)
         self._names = {id(p): n for n, p in self._net.named_parameters()}
-        self.estimator = estimator
-        self.n_samples = n_samples
-        self.fisher_interval = fisher_interval
-        self.fisher_batch = fisher_batch
-        self.target_rse = float(target_rse)
-        self.variance_interval = variance_interval
-        self.max_samples = max_samples
-        self.cost_model = cost_model
-        self.nonfinite = nonfinite
 
         super().__init__(self._net.parameters() if params is None else params, defaults)
 
         # label-sampling generator: on the model's device, seeded per rank
         device = next(chain((p.device for g in self.param_groups for p in g["params"]), [torch.device("cpu")]))
         rank = distributed.rank(self._pg)
-        base = torch.initial_seed() if seed is None else seed
+        base = torch.initial_seed() if settings.seed is None else settings.seed
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed((base + rank) % 2**63)
-        self._schedule = Schedule(fisher_interval, variance_interval)
+        self._schedule = Schedule(settings.fisher_interval, settings.select_refreshes)
 
         self._capture = InputCapture(model, output=self.output)
         self._finalizer = weakref.finalize(self, self._capture.remove)
+
+    # -- settings (read-only views of :attr:`settings`) ---------------------------------------------------
+    @property
+    def settings(self) -> FisherSettings:
+        """The estimation settings (:class:`fisher_optim.FisherSettings`, frozen)."""
+        return self._settings
+
+    estimator = property(lambda self: self._settings.estimator, doc="FisherSettings.estimator")
+    n_samples = property(lambda self: self._settings.n_samples, doc="FisherSettings.n_samples")
+    fisher_interval = property(lambda self: self._settings.fisher_interval, doc="FisherSettings.fisher_interval")
+    fisher_batch = property(lambda self: self._settings.fisher_batch, doc="FisherSettings.fisher_batch")
+    target_rse = property(lambda self: self._settings.target_rse, doc="FisherSettings.target_rse")
+    select_interval = property(lambda self: self._settings.select_interval, doc="FisherSettings.select_interval")
+    max_samples = property(lambda self: self._settings.max_samples, doc="FisherSettings.max_samples")
+    cost_model = property(lambda self: self._settings.cost_model, doc="FisherSettings.cost_model")
+    output = property(lambda self: self._settings.output, doc="FisherSettings.output")
+
+    @property
+    def variance_interval(self) -> int:
+        """0.1.0's name: refreshes between selections (``settings.select_refreshes``)."""
+        return self._settings.select_refreshes
+
+    @property
+    def nonfinite(self) -> str:
+        """``"skip"`` or ``"raise"`` (FisherSettings.nonfinite); may be changed during training."""
+        return self._settings.nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        self._settings = dataclasses.replace(self._settings, nonfinite=value)
+
+    @property
+    def fisher_decay(self) -> float:
+        """Decay per refresh of the running Fisher (FisherAdam's ``betas[1]``, NaturalGradient's ``fisher_decay``;
+        the smallest over parameter groups), the ``ema_decay`` that auto mode's selection assumes."""
+        return min(self._refresh_kwargs(g)["beta2"] for g in self.param_groups)
 
     @property
     def schedule(self) -> Schedule:
@@ -244,10 +252,6 @@ class FisherOptimizer(Optimizer):
 
     def _refresh_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def _ema_decay(self) -> float:
-        """Decay of the running Fisher handed to ``select`` (the smallest over groups: the noisiest EMA)."""
-        return min(self._refresh_kwargs(g)["beta2"] for g in self.param_groups)
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -392,7 +396,7 @@ class FisherOptimizer(Optimizer):
             sel = run_selection(
                 self._net, x, likelihood=self._lik, output=self.output, generator=self._generator,
                 target_rse=self.target_rse,
-                ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
+                ema_decay=self.fisher_decay, max_samples=self.max_samples, names=names, cost_model=self.cost_model,
                 costs=cached, current=self._schedule.plan, targets=targets,
             )  # fmt: skip
             self._schedule.remember_costs(key, sel.costs, reused=cached is not None)
@@ -477,6 +481,7 @@ class FisherOptimizer(Optimizer):
         the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
         """
         rep = FisherReport()
+        rep.cost_unit = self._settings.cost_unit
         for name, p in self._fisher_params().items():
             if self.estimator == "auto":
                 c = self._schedule.choices.get(name)

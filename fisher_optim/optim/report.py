@@ -11,7 +11,8 @@ class FisherReport(dict):
     """``{parameter name: {estimator, n_samples, rse, cost, reason, fisher_mean}}`` plus run counters.
 
     ``rse`` is the predicted relative standard error of the running estimate and ``cost`` the predicted
-    cost of one refresh for that tensor, both from :func:`fisher_optim.selection.select` (``nan`` for a
+    cost of one refresh for that tensor (in ``cost_unit``: ``"s"`` with the measured cost model,
+    ``"param-units"`` with the flops model), both from :func:`fisher_optim.selection.select` (``nan`` for a
     fixed estimator); ``fisher_mean`` is the mean entry of the bias-corrected running Fisher.  Attributes:
     ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps), and in
     auto mode ``plan_cost`` / ``exact_cost`` (the last selection's predicted seconds of one refresh with its plan
@@ -28,11 +29,13 @@ class FisherReport(dict):
     exact_cost: float = math.nan
     select_every: int = 0
     summary: str = ""
+    cost_unit: str = "s"
 
     def table(self) -> str:
         """The report as a fixed-width text table."""
         w = max([len("parameter"), *map(len, self)])
-        lines = [f"{'parameter':<{w}}  estimator  N   rse       cost      mean F     reason"]
+        cost = f"cost [{self.cost_unit}]"
+        lines = [f"{'parameter':<{w}}  estimator  N   rse       {cost:<9} mean F     reason"]
         for name, r in self.items():
             lines.append(
                 f"{name:<{w}}  {r['estimator']:<9}  {r['n_samples']:<3} {r['rse']:<9.3g} {r['cost']:<9.3g} "
