@@ -169,8 +169,7 @@ class Probe:
         return self.batch.first
 
     @property
-    def output_layer_input(self) -> Tensor:
-        """The input of the output layer ``fast[output_index]`` (only when :attr:`output_index` is set)."""
+    def output_layer_input(self) -> Tensor:  # the input of fast[output_index] (only when output_index is set)
         return self._ins[self.output_index]
 
     def param_name(self, p: Tensor) -> str | None:

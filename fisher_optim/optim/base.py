@@ -16,9 +16,9 @@ One ``step()``:
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
    fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
    In auto mode the first refresh is exact; at the second, :func:`fisher_optim.selection.run_selection` first
-   chooses a plan on the same inputs, and again after ``variance_interval`` refreshes; the plan in use is kept
+   chooses a plan on the same inputs, and again every ``select_interval`` steps; the plan in use is kept
    unless the new one beats it by the tie margin, and each selection that keeps it doubles the interval to the
-   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it;
+   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``select_interval``; a change resets it;
    :class:`fisher_optim.schedule.Schedule`).  The selection's
    variance pass computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as
    ``estimate_plan``) instead of a second estimation pass: a selection's refresh is exact and draws no labels.
@@ -73,6 +73,7 @@ from ..settings import FisherSettings
 from . import distributed
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
+from .finite import all_finite
 from .report import FisherReport
 
 __all__ = ["FisherOptimizer", "FisherReport"]
@@ -296,7 +297,7 @@ class FisherOptimizer(Optimizer):
             checked.append(loss.detach().reshape(-1))
         bad = (
             nonfinite_input is not None
-            or not self._all_finite(checked)
+            or not all_finite(checked)
             or (isinstance(loss, float) and not math.isfinite(loss))
         )
         if bad:
@@ -441,30 +442,12 @@ class FisherOptimizer(Optimizer):
             )
         self._schedule.after_refresh()
 
-    # -- non-finite values ---------------------------------------------------------------------------
-    @staticmethod
-    def _all_finite(tensors: list[Tensor]) -> bool:
-        """One fused L2-norm reduction (``torch._foreach_norm``) per (device, dtype), one host sync per device.
-
-        A NaN or infinity makes its tensor's norm non-finite.  So does a finite tensor whose norm overflows
-        (above ~1.8e19 in float32; bf16/fp16 norms are accumulated and returned in float32): such a step counts
-        as non-finite too.  The L2 norm is used because it is a vectorised reduction (the max-abs norm is ~15x
-        slower on the CPU)."""
-        groups: dict[tuple, list[Tensor]] = {}
-        for t in tensors:
-            if t.numel():
-                groups.setdefault((t.device, t.dtype), []).append(t)
-        flags: dict[torch.device, list[Tensor]] = {}
-        for (device, dtype), ts in groups.items():
-            norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
-            flags.setdefault(device, []).append(torch.stack(norms).isfinite().all().reshape(1))
-        return all(bool(torch.cat(f).all()) for f in flags.values())
-
+    # -- non-finite values (the check itself: optim/finite.py) and report ---------------------------
     def _describe_nonfinite(self, work, estimates, loss) -> str:
         """Which values were non-finite (only called on failure; may synchronise freely)."""
-        if isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all()):
-            return "loss"
-        if isinstance(loss, float) and not math.isfinite(loss):
+        if (isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all())) or (
+            isinstance(loss, float) and not math.isfinite(loss)
+        ):
             return "loss"
         for _, ps, grads in work:
             for p, g in zip(ps, grads):
@@ -475,7 +458,6 @@ class FisherOptimizer(Optimizer):
                 return f"Fisher estimate of {self._names[id(p)]!r}"
         return "value"
 
-    # -- report --------------------------------------------------------------------------------------
     def fisher_report(self) -> FisherReport:
         """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason and
         the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
