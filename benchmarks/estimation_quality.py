@@ -918,7 +918,7 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         f"- FisherAdam defaults (read from its signature): β₂ = {d['beta2']} (EMA decay per refresh), fisher_batch "
         f"M = {d['fisher_batch']}, target_rse = {d['target_rse']}, variance_interval = {d['variance_interval']}, "
         f"max_samples = {d['max_samples']}, cost_model = {d['cost_model']!r}; cost reuse COST_REUSE = {COST_REUSE} "
-        "(`fisher_optim/optim/base.py`).",
+        "(`fisher_optim/schedule.py`).",
         f"- Refresh stream: refresh k estimates on M = {cfg.m} training inputs drawn at random (without replacement "
         "within a refresh, independently across refreshes, as when FisherAdam refreshes on the first M inputs of "
         "every fisher_interval-th shuffled batch), the same inputs for every strategy; the estimate is folded into "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "check_positive_int",
     "check_positive_float",
     "check_nonnegative",
+    "check_finite_nonnegative",
     "check_decay",
     "check_clip",
     "check_output_spec",
@@ -71,6 +73,13 @@ def check_nonnegative(label: str, value) -> float:
     if not 0.0 <= value:
         raise ValueError(f"Invalid {label}: {value}")
     return value
+
+
+def check_finite_nonnegative(name: str, value) -> float:
+    """A finite real number ``>= 0`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
 
 
 def check_decay(label: str, value) -> float:

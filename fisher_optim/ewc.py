@@ -64,7 +64,6 @@ optimizer (``torch.optim.Adam``, SGD, or fisher_optim's own).
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping
@@ -72,7 +71,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_estimator, check_n_samples, check_output_spec, check_positive_int
+from ._checks import (
+    check_choice,
+    check_estimator,
+    check_finite_nonnegative,
+    check_n_samples,
+    check_output_spec,
+    check_positive_int,
+)
 from .batch import Batch
 from .engine import Probe, trainable_parameters
 from .estimators import diagonal_fisher
@@ -88,18 +94,6 @@ EWC_MODES = ("separate", "online")
 
 #: ``progress=None`` shows a tqdm bar (if tqdm is installed) for passes with at least this many batches
 PROGRESS_MIN_BATCHES = 50
-
-
-def _check_lam(lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"Invalid lam: {lam}")
-    return float(lam)
-
-
-def _check_mode(mode) -> str:
-    if mode not in EWC_MODES:
-        raise ValueError(f"Invalid mode: {mode!r}. Must be one of {list(EWC_MODES)}")
-    return mode
 
 
 def _check_decay(decay, mode: str) -> float:
@@ -191,7 +185,7 @@ class EWC:
         self.output = check_output_spec(output)
         self.lam = lam  # validated by the property
         self.estimator = check_estimator(estimator, EWC_ESTIMATORS)
-        self.mode = _check_mode(mode)
+        self.mode = check_choice("mode", mode, EWC_MODES)
         self.decay = _check_decay(decay, self.mode)
         self.n_samples = check_n_samples(n_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -216,7 +210,7 @@ class EWC:
 
     @lam.setter
     def lam(self, value: float) -> None:
-        self._lam = _check_lam(value)
+        self._lam = check_finite_nonnegative("lam", value)
 
     @property
     def n_tasks(self) -> int:
@@ -454,9 +448,9 @@ class EWC:
         missing = keys - set(state_dict)
         if missing:
             raise ValueError(f"Invalid state_dict: missing keys {sorted(missing)}")
-        lam = _check_lam(state_dict["lam"])
+        lam = check_finite_nonnegative("lam", state_dict["lam"])
         estimator = check_estimator(state_dict["estimator"], EWC_ESTIMATORS)
-        mode = _check_mode(state_dict["mode"])
+        mode = check_choice("mode", state_dict["mode"], EWC_MODES)
         decay = _check_decay(state_dict["decay"], mode)
         n_samples = check_n_samples(state_dict["n_samples"])
         tasks_in = list(state_dict["tasks"])
