@@ -27,14 +27,15 @@ frozen weights so that only the estimation differs between strategies:
   N=4, mc2 (Î₂) N=1 (``mlp`` only), empirical (observed labels; the autoencoder's are its binary pixels; biased,
   its error does not vanish); and **auto**, as ``FisherAdam(estimator="auto")`` runs it: its first refresh is
   exact (``estimate_plan``); at the second, then after ``variance_interval`` refreshes, doubled each time a
-  selection keeps the plan in use (up to 8x; reset when it changes: ``selection.next_select_interval``), the
+  selection keeps the plan in use (up to 8x; reset when it changes), the
   refresh is a *selection*: ``run_selection`` on the
   current batch with ``FisherAdam``'s defaults (``target_rse``, ``ema_decay = betas[1]``, ``max_samples``,
   ``cost_model``), the plan in use as ``current=`` (kept unless beaten by the tie margin), and the optimizer's
   cost cache (costs measured at the first selection of a stream, passed back
   by the next ``COST_REUSE`` selections, then measured again), and that refresh's estimate is ``sel.fisher``, the
   exact Fisher of the batch (no ``estimate_plan`` call, no label draw); the other refreshes call ``estimate_plan``
-  with the latest plan.
+  with the latest plan.  Auto's stream runs the optimizer's own schedule object
+  (:class:`fisher_optim.schedule.Schedule`, one refresh per batch), not a copy of it.
 * **Errors.**  Per parameter tensor the relative error :math:`\lVert\tilde F - F\rVert_2/\lVert F\rVert_2` and the
   model-wide mean over the tensors, against two references:
 
@@ -92,11 +93,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
-from fisher_optim import FisherAdam, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
-from fisher_optim.optim.base import COST_REUSE  # noqa: E402
-from fisher_optim.selection import COST_TIE, next_select_interval, run_selection  # noqa: E402
+from fisher_optim import FisherAdam, FisherSettings, diagonal_fisher, estimate_plan, fisher_moments  # noqa: E402
+from fisher_optim.schedule import COST_REUSE, Schedule  # noqa: E402
+from fisher_optim.selection import COST_TIE, run_selection  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COST_KEY = "stream"  # the schedule's cost-cache key: every batch of a stream has the same shape
 PROBLEMS = ("mlp", "autoencoder", "cnn")
 #: fixed strategies: label -> (estimator, n_samples)
 FIXED = {
@@ -122,15 +124,17 @@ PLAN, SEL_MEASURED, SEL_CACHED = "plan", "selection, measured costs", "selection
 
 
 def fisher_adam_defaults() -> dict:
-    """The defaults of :class:`~fisher_optim.FisherAdam` this benchmark simulates (read from its signature)."""
+    """The defaults of :class:`~fisher_optim.FisherAdam` this benchmark simulates (read from its signature and
+    from :class:`~fisher_optim.FisherSettings`; ``variance_interval``: refreshes between selections)."""
     sig = {k: v.default for k, v in inspect.signature(FisherAdam.__init__).parameters.items()}
+    settings = FisherSettings()
     return {
         "beta2": float(sig["betas"][1]),
-        "fisher_batch": int(sig["fisher_batch"]),
-        "target_rse": float(sig["target_rse"]),
-        "variance_interval": int(sig["variance_interval"]),
-        "max_samples": int(sig["max_samples"]),
-        "cost_model": sig["cost_model"],
+        "fisher_batch": int(settings.fisher_batch),
+        "target_rse": float(settings.target_rse),
+        "variance_interval": int(settings.select_refreshes),
+        "max_samples": int(settings.max_samples),
+        "cost_model": settings.cost_model,
     }
 
 
@@ -456,12 +460,11 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
     on both clocks.  With ``cfg.stream_reference`` the exact Fisher of every batch is computed anyway: it is the
     same-stream reference.
 
-    Auto follows ``FisherAdam._estimate``/``_select``: an exact first refresh, then a selection at the second and
-    after every ``variance_interval`` refreshes (grown while the plan holds), whose estimate is
-    ``run_selection``'s ``fisher`` (timed: the ``run_selection`` call), with the costs of the previous selection
-    passed back unless they are new to this stream or were reused ``COST_REUSE`` times
-    (``FisherAdam._cost_cache`` with its single key: every batch has the same shape); ``estimate_plan`` with the
-    latest plan in between.
+    Auto runs as ``FisherAdam(estimator="auto")``, driven by the optimizer's schedule
+    (:class:`fisher_optim.schedule.Schedule`, every batch one refresh): an exact first refresh, then a selection at
+    the second and after every ``variance_interval`` refreshes (grown while the plan holds), whose estimate is
+    ``run_selection``'s ``fisher`` (timed: the ``run_selection`` call), with the schedule's cached costs (one key:
+    every batch has the same shape); ``estimate_plan`` with the plan in use in between.
     """
     d = cfg.defaults
     names = ref["names"]
@@ -477,8 +480,7 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
     budget: dict[str, float] = {}
     plans = {s: {n: FIXED[s] for n in names} for s in cfg.fixed}
     exact_plan = {n: FIXED["exact"] for n in names}
-    auto_plan, since_select, select_every = None, 0, d["variance_interval"]
-    cost_cache: list | None = None  # [Costs, reuses] as FisherAdam keeps them
+    schedule = Schedule(fisher_interval=1, select_interval=d["variance_interval"])  # auto's: one refresh a batch
     selections: list[dict] = []
     order = [s for s in strategies if s != "exact"]
     reference = RunningFisher(beta) if cfg.stream_reference else None
@@ -523,25 +525,21 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
         for s in order[shift:] + order[:shift]:
             if not active(s):
                 continue
-            if s == AUTO and traces[AUTO].refreshes > 0 and (auto_plan is None or since_select >= select_every):
-                # FisherAdam._select: cached costs unless new or reused COST_REUSE times already
-                cached = cost_cache if cost_cache is not None and cost_cache[1] < COST_REUSE else None
+            if s == AUTO and schedule.select_due(names):
+                cached = schedule.cached_costs(COST_KEY)
                 sel, w, c = timed(
-                    lambda xb=xb, cached=cached, cur=auto_plan: run_selection(
-                        model, xb, generator=gens[AUTO], costs=None if cached is None else cached[0],
-                        current=cur, **select_kw
+                    lambda xb=xb, cached=cached, cur=schedule.plan: run_selection(
+                        model, xb, generator=gens[AUTO], costs=cached, current=cur, **select_kw
                     )
                 )
-                # FisherAdam._apply_refresh: the interval doubles while the plan holds, resets when it changes
-                select_every = next_select_interval(select_every, d["variance_interval"], sel.changed)
-                cost_cache = [sel.costs, cached[1] + 1 if cached is not None else 0]  # FisherAdam._cache_costs
+                schedule.remember_costs(COST_KEY, sel.costs, reused=cached is not None)
+                chosen = {n: ch.as_dict() for n, ch in sel.choices.items()}
+                schedule.after_selection(chosen, sel.changed, sel.plan_cost, sel.exact_cost, sel.summary)
                 est, kind = sel.fisher, (SEL_MEASURED if cached is None else SEL_CACHED)
-                auto_plan = {n: (ch.estimator, ch.n_samples) for n, ch in sel.choices.items()}
-                selections.append({n: ch.as_dict() for n, ch in sel.choices.items()})
-                since_select = 0
+                selections.append(chosen)
             else:
-                # FisherAdam._estimate: auto's first refresh is exact, its first selection is at the second
-                plan = (exact_plan if auto_plan is None else auto_plan) if s == AUTO else plans[s]
+                # auto's first refresh is exact (the schedule's plan before any selection)
+                plan = schedule.plan_for(names) if s == AUTO else plans[s]
                 needs_targets = any(e == "empirical" for e, _ in plan.values())
                 est, w, c = timed(
                     lambda plan=plan, s=s, xb=xb, t=(yb if needs_targets else None): estimate_plan(
@@ -550,7 +548,7 @@ def run_stream(model: nn.Module, x: Tensor, y: Tensor, ref: dict, cfg: Config, s
                 )
                 kind = PLAN
             if s == AUTO:
-                since_select += 1
+                schedule.after_refresh()
             run[s].update(est)
             now = run[s].value()
             traces[s].add(w, c, kind, rel_errors(now, full, names),
@@ -920,7 +918,7 @@ def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path
         f"- FisherAdam defaults (read from its signature): β₂ = {d['beta2']} (EMA decay per refresh), fisher_batch "
         f"M = {d['fisher_batch']}, target_rse = {d['target_rse']}, variance_interval = {d['variance_interval']}, "
         f"max_samples = {d['max_samples']}, cost_model = {d['cost_model']!r}; cost reuse COST_REUSE = {COST_REUSE} "
-        "(`fisher_optim/optim/base.py`).",
+        "(`fisher_optim/schedule.py`).",
         f"- Refresh stream: refresh k estimates on M = {cfg.m} training inputs drawn at random (without replacement "
         "within a refresh, independently across refreshes, as when FisherAdam refreshes on the first M inputs of "
         "every fisher_interval-th shuffled batch), the same inputs for every strategy; the estimate is folded into "

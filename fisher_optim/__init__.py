@@ -10,6 +10,8 @@ Layout (imports flow downwards only)::
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
     selection     per-layer estimator / sample-count choice; mixed-plan estimation
+    settings      FisherSettings: the optimizers' estimation settings, one validated value
+    schedule      when to refresh and re-select: counters, plan in use, back-off, cost cache
     optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
     ewc           EWC regularisation on the same estimates
 """
@@ -19,7 +21,9 @@ from .estimators import ESTIMATORS, diagonal_fisher
 from .ewc import EWC
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
 from .optim import FisherAdam, FisherReport, NaturalGradient
+from .schedule import Schedule
 from .selection import Choice, estimate_plan, select
+from .settings import FisherSettings
 from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 
 __version__ = "0.1.0"
@@ -46,5 +50,7 @@ __all__ = [
     "FisherAdam",
     "NaturalGradient",
     "FisherReport",
+    "Schedule",
+    "FisherSettings",
     "EWC",
 ]

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-__all__ = ["Batch", "NonFiniteError", "select_output", "OutputSpec"]
+from ._checks import check_output_spec
+
+__all__ = ["Batch", "NonFiniteError", "select_output", "OutputSpec", "check_output_spec"]
 
 #: what ``output=`` accepts: ``None`` (the default rule), a key, an index or a callable
 OutputSpec = str | int | Callable[[Any], Tensor] | None
@@ -212,10 +214,3 @@ def select_output(out: Any, output: OutputSpec = None) -> Tensor:
     if not isinstance(picked, Tensor):
         raise TypeError(f"{how} picked a {type(picked).__name__} from the model output, not a Tensor")
     return picked
-
-
-def check_output_spec(output: OutputSpec) -> OutputSpec:
-    """Validate ``output=`` at construction time (the torch.optim message form)."""
-    if output is None or (isinstance(output, (str, int)) and not isinstance(output, bool)) or callable(output):
-        return output
-    raise ValueError(f"Invalid output: {output!r}")

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
 
+from ._checks import check_estimator, check_n_samples
 from .batch import OutputSpec
 from .engine import Probe, reduce_records
-from .estimators import check_estimator, check_n_samples, exact_from_probe, exact_records, exact_reducer
+from .estimators import exact_from_probe, exact_records, exact_reducer
 from .hessian import residual_records
 from .likelihoods import Categorical, Likelihood, get_likelihood
 from .variance import unit_seeds

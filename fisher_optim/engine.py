@@ -178,6 +178,10 @@ class Probe:
         """The first batched input tensor (shape, dtype and device of the batch)."""
         return self.batch.first
 
+    @property
+    def output_layer_input(self) -> Tensor:  # the input of fast[output_index] (only when output_index is set)
+        return self._ins[self.output_index]
+
     def param_name(self, p: Tensor) -> str | None:
         """The name of parameter ``p`` in this probe (None if it is not one of :attr:`params`)."""
         return self._pname.get(id(p))

@@ -50,12 +50,12 @@ Train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
 
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import ESTIMATORS, check_estimator, check_n_samples, check_reduction
 from .batch import OutputSpec
 from .engine import Probe, reduce_records, trainable_parameters
 from .hessian import plan as hessian_plan
@@ -69,27 +69,6 @@ __all__ = [
     "check_n_samples",
     "sum_of_squares",
 ]
-
-ESTIMATORS = ("exact", "mc1", "mc2", "empirical", "hutchinson", "hutchinson_batch", "gnb")
-
-
-def check_estimator(estimator: str, allowed=ESTIMATORS) -> str:
-    if estimator not in allowed:
-        raise ValueError(f"Invalid estimator: {estimator!r}. Must be one of {list(allowed)}")
-    return estimator
-
-
-def check_n_samples(n_samples) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 1:
-        raise ValueError(f"Invalid n_samples: {n_samples}")
-    return int(n_samples)
-
-
-def check_reduction(reduction: str) -> str:
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"Invalid reduction: {reduction!r}. Must be 'mean' or 'sum'")
-    return reduction
-
 
 def square_sum(x: Tensor, n: int | None = None) -> Tensor:
     """``sum_{k < n} x_k^2`` over the leading axis (default all of it), accumulated in place with ``addcmul_``:

@@ -64,7 +64,6 @@ optimizer (``torch.optim.Adam``, SGD, or fisher_optim's own).
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Iterable, Mapping
@@ -72,9 +71,17 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .batch import Batch, check_output_spec
+from ._checks import (
+    check_choice,
+    check_estimator,
+    check_finite_nonnegative,
+    check_n_samples,
+    check_output_spec,
+    check_positive_int,
+)
+from .batch import Batch
 from .engine import Probe, trainable_parameters
-from .estimators import check_estimator, check_n_samples, diagonal_fisher
+from .estimators import diagonal_fisher
 from .likelihoods import Categorical, Likelihood, get_likelihood
 
 __all__ = ["EWC", "EWC_ESTIMATORS", "EWC_MODES"]
@@ -87,18 +94,6 @@ EWC_MODES = ("separate", "online")
 
 #: ``progress=None`` shows a tqdm bar (if tqdm is installed) for passes with at least this many batches
 PROGRESS_MIN_BATCHES = 50
-
-
-def _check_lam(lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"Invalid lam: {lam}")
-    return float(lam)
-
-
-def _check_mode(mode) -> str:
-    if mode not in EWC_MODES:
-        raise ValueError(f"Invalid mode: {mode!r}. Must be one of {list(EWC_MODES)}")
-    return mode
 
 
 def _check_decay(decay, mode: str) -> float:
@@ -190,7 +185,7 @@ class EWC:
         self.output = check_output_spec(output)
         self.lam = lam  # validated by the property
         self.estimator = check_estimator(estimator, EWC_ESTIMATORS)
-        self.mode = _check_mode(mode)
+        self.mode = check_choice("mode", mode, EWC_MODES)
         self.decay = _check_decay(decay, self.mode)
         self.n_samples = check_n_samples(n_samples)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -215,7 +210,7 @@ class EWC:
 
     @lam.setter
     def lam(self, value: float) -> None:
-        self._lam = _check_lam(value)
+        self._lam = check_finite_nonnegative("lam", value)
 
     @property
     def n_tasks(self) -> int:
@@ -243,10 +238,7 @@ class EWC:
 
     def _batches(self, inputs, targets, batch_size):
         """``(iterable of (x, y_or_None), number of batches or None)``."""
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"Invalid batch_size: {batch_size}")
+        check_positive_int("batch_size", batch_size, allow_none=True)
         if _one_batch(inputs):
             try:
                 batch = Batch.of(inputs)
@@ -456,9 +448,9 @@ class EWC:
         missing = keys - set(state_dict)
         if missing:
             raise ValueError(f"Invalid state_dict: missing keys {sorted(missing)}")
-        lam = _check_lam(state_dict["lam"])
+        lam = check_finite_nonnegative("lam", state_dict["lam"])
         estimator = check_estimator(state_dict["estimator"], EWC_ESTIMATORS)
-        mode = _check_mode(state_dict["mode"])
+        mode = check_choice("mode", state_dict["mode"], EWC_MODES)
         decay = _check_decay(state_dict["decay"], mode)
         n_samples = check_n_samples(state_dict["n_samples"])
         tasks_in = list(state_dict["tasks"])

@@ -57,14 +57,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_estimator, check_n_samples
 from .batch import OutputSpec
 from .engine import Probe, reduce_records
 from .estimators import (
     ESTIMATORS,
     _identity_sum,
     batch_squares,
-    check_estimator,
-    check_n_samples,
     empirical_seeds,
     exact_sum,
     hutchinson_seeds,
@@ -305,16 +304,6 @@ class Selection:
     exact_cost: float = float("nan")
     #: one line: the plan against exact everywhere and against the best plan with Î₁ on every layer that takes seeds
     summary: str = ""
-
-
-#: a plan that holds doubles the interval between selections, up to this many times the base interval
-SELECT_BACKOFF_MAX = 8
-
-
-def next_select_interval(interval: int, base: int, changed: bool) -> int:
-    """Refreshes until the next selection: back to ``base`` when the plan changed, else doubled (at most
-    ``SELECT_BACKOFF_MAX * base``): a plan that keeps winning is re-checked less and less often."""
-    return base if changed else min(2 * interval, SELECT_BACKOFF_MAX * base)
 
 
 def _module_units(probe: Probe) -> list[list[str]]:

@@ -43,9 +43,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_estimator, check_n_samples, check_reduction
 from .batch import OutputSpec
 from .engine import Probe
-from .estimators import check_estimator, check_n_samples, check_reduction, check_targets_use, target_mask
+from .estimators import check_targets_use, target_mask
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .layers import LinearRecord, linear_reduce
@@ -178,7 +179,7 @@ def moments_from_probe(
         var = lik.unit_variance(h) if mask is None else lik.unit_variance(h) * mask
         m4 = (lik.unit_moment4(h) if mask is None else lik.unit_moment4(h) * mask) if with_v1 else None
         unit = {"fisher": (var, 2), "fisher_sq": (var * var, 4), "v1": (m4, 4)}
-        vals = linear_reduce(probe._ins[probe.output_index], [unit[k] for k in keys_on], "bias" in out_keys)
+        vals = linear_reduce(probe.output_layer_input, [unit[k] for k in keys_on], "bias" in out_keys)
         for k, v in zip(keys_on, vals):
             store(k, v, out_keys)
 

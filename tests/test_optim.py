@@ -465,7 +465,7 @@ def test_auto_mode_report_and_log(caplog):
     assert "4.weight" in rep.table() and "last selection: plan: 3 of 3 layers exact" in rep.table()
     assert rep.summary.startswith("plan: 3 of 3 layers exact") and rep.summary in rep.table()
     plan = {n: (r["estimator"], r["n_samples"]) for n, r in rep.items()}
-    costs = next(iter(opt._cost_cache.values()))[0]
+    costs = next(iter(opt.schedule.cost_cache.values()))[0]
     assert rep.plan_cost == pytest.approx(costs.refresh_cost(plan)) and rep.select_every == 4
     assert rep.exact_cost == pytest.approx(costs.refresh_cost({n: ("exact", 1) for n in plan}))
     opt.close()
@@ -482,7 +482,7 @@ def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed)
 
     def spy(*args, **kwargs):
         sel = real(*args, **kwargs)
-        at.append(opt._refreshes + 1)
+        at.append(opt.schedule.refreshes + 1)
         currents.append(kwargs.get("current"))
         sel.changed = changed or kwargs.get("current") is None
         return sel
@@ -493,7 +493,7 @@ def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed)
     train(net, opt, 40)
     # the first refresh is exact; selections from the second: intervals 2, 4, 8, 16, 16 (= 8 x 2), or 2 throughout
     assert at == (list(range(2, 41, 2)) if changed else [2, 4, 8, 16, 32])
-    assert currents[0] is None and all(c == opt._plan for c in currents[1:])
+    assert currents[0] is None and all(c == opt.schedule.plan for c in currents[1:])
     sd = opt.state_dict()
     assert sd["fisher_optim"]["counters"]["select_every"] == (2 if changed else 16)
     opt.close()
@@ -527,8 +527,10 @@ def _count_cost_measurements(monkeypatch) -> list:
 
 @pytest.mark.parametrize("cost_model", ["measured", "flops"])
 def test_auto_mode_reuses_selection_costs_until_the_shape_changes(monkeypatch, cost_model):
-    monkeypatch.setattr(base_mod, "COST_REUSE", 3)
-    monkeypatch.setattr(base_mod, "next_select_interval", lambda interval, base, changed: base)  # no back-off
+    import fisher_optim.schedule as schedule_mod
+
+    monkeypatch.setattr(schedule_mod, "COST_REUSE", 3)
+    monkeypatch.setattr(schedule_mod, "next_select_interval", lambda interval, base, changed: base)  # no back-off
     calls = _count_cost_measurements(monkeypatch)
     net = make_mlp()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=1, cost_model=cost_model, seed=0)
@@ -558,7 +560,7 @@ def test_refresh_at_a_selection_is_the_selections_exact_fisher(monkeypatch, para
     optimized = [n for n, p in net.named_parameters() if chosen is None or any(p is q for q in chosen)]
     plans, real = [], base_mod.estimate_plan
     monkeypatch.setattr(base_mod, "estimate_plan", lambda *a, **k: plans.append(k["plan"]) or real(*a, **k))
-    gen_state = opt._generator.get_state()
+    gen_state = opt.generator.get_state()
     expected = diagonal_fisher(net, batch(0)[0][:5], likelihood="categorical", estimator="exact")
     train(net, opt, 1)  # the first refresh: exact, by estimate_plan
     assert plans == [{n: ("exact", 1) for n in optimized}] and opt.fisher_report().selections == 0
@@ -572,7 +574,7 @@ def test_refresh_at_a_selection_is_the_selections_exact_fisher(monkeypatch, para
     expected = diagonal_fisher(net, batch(1)[0][:5], likelihood="categorical", estimator="exact")
     train(net, opt, 1, start=1)  # the first selection: its exact Fisher is the refresh
     assert len(plans) == 1 and opt.fisher_report().selections == 1
-    assert torch.equal(opt._generator.get_state(), gen_state)  # no label drawn so far
+    assert torch.equal(opt.generator.get_state(), gen_state)  # no label drawn so far
     for n, p in net.named_parameters():
         if n in optimized:
             torch.testing.assert_close(opt.state[p]["fisher_ema"], 0.5 * before[n] + 0.5 * expected[n], rtol=1e-12,
@@ -621,10 +623,10 @@ def test_nonfinite_gradient_skip_and_raise(kind):
     nn.functional.cross_entropy(net(x), y).backward()
     _nan_grad(net)
     before = snapshot(net, opt)
-    gstate = opt._generator.get_state()
+    gstate = opt.generator.get_state()
     opt.step()  # a refresh step (since_refresh == 2): the generator is rewound as well
     assert_same(before, snapshot(net, opt))
-    assert torch.equal(gstate, opt._generator.get_state())
+    assert torch.equal(gstate, opt.generator.get_state())
     assert opt.fisher_report().skipped_steps == 1 and opt.fisher_report().steps == 3
 
     opt.nonfinite = "raise"

@@ -287,12 +287,6 @@ def test_current_plan_is_kept_within_the_tie_margin():
     assert "(flops units)" in third.summary and "on every layer with seeds" in third.summary
 
 
-def test_next_select_interval():
-    assert sel_mod.next_select_interval(50, 50, changed=False) == 100
-    assert sel_mod.next_select_interval(400, 50, changed=False) == 400
-    assert sel_mod.next_select_interval(400, 50, changed=True) == 50
-
-
 def test_unit_stats_match_direct_sums():
     """Per tensor a_t = sum_i Var_x F_i / sum_i F_i^2 and l_t = sum_i E_x v1_i / sum_i F_i^2 (batch means), from
     the fused sums, against a direct float64 computation from the moments."""

@@ -5,8 +5,10 @@ r"""Fisher optimizers: drop-in :mod:`torch.optim` optimizers preconditioned by a
 
 Both are thin classes over one functional core (:mod:`fisher_optim.optim._functional`: the per-step update
 and the refresh of the preconditioner, each with a for-loop and a ``torch._foreach_*`` path) and one base
-class (:mod:`fisher_optim.optim.base`: input capture, Fisher refresh and per-layer estimator selection,
-non-finite handling, checkpoints, DDP).
+class (:mod:`fisher_optim.optim.base`: Fisher refresh and per-layer estimator selection, non-finite handling,
+checkpoints), with the input capture in :mod:`~fisher_optim.optim.capture`, the DDP helpers in
+:mod:`~fisher_optim.optim.distributed`, the report in :mod:`~fisher_optim.optim.report` and the refresh and
+selection schedule in :mod:`fisher_optim.schedule`.
 
 Usage (the loop is unchanged; the optimizer captures the inputs with a forward hook)::
 
@@ -21,9 +23,10 @@ Usage (the loop is unchanged; the optimizer captures the inputs with a forward h
 """
 
 from ._functional import fisher_adam, natural_gradient, preconditioned_update, refresh_preconditioner
-from .base import FisherOptimizer, FisherReport
+from .base import FisherOptimizer
 from .fisher_adam import FisherAdam
 from .natural_gradient import NaturalGradient
+from .report import FisherReport
 
 __all__ = [
     "FisherAdam",

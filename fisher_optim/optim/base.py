@@ -1,5 +1,7 @@
-r"""Machinery shared by the Fisher optimizers: input capture, Fisher refresh, auto selection, non-finite
-handling, checkpoints and DDP.
+r"""Machinery shared by the Fisher optimizers: Fisher refresh, auto selection, non-finite handling and
+checkpoints.  Input capture is in :mod:`~fisher_optim.optim.capture`, the DDP helpers in
+:mod:`~fisher_optim.optim.distributed`, the report in :mod:`~fisher_optim.optim.report` and the refresh/selection
+schedule (counters, plan in use, back-off, cost cache) in :mod:`fisher_optim.schedule`.
 
 :class:`FisherOptimizer` is a :class:`torch.optim.Optimizer` that owns everything except the update rule.
 A subclass only validates its own hyperparameters and gives two sets of constants: those of
@@ -14,9 +16,10 @@ One ``step()``:
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
    fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
    In auto mode the first refresh is exact; at the second, :func:`fisher_optim.selection.run_selection` first
-   chooses a plan on the same inputs, and again after ``variance_interval`` refreshes; the plan in use is kept
+   chooses a plan on the same inputs, and again every ``select_interval`` steps; the plan in use is kept
    unless the new one beats it by the tie margin, and each selection that keeps it doubles the interval to the
-   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``variance_interval``; a change resets it).  The selection's
+   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``select_interval``; a change resets it;
+   :class:`fisher_optim.schedule.Schedule`).  The selection's
    variance pass computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as
    ``estimate_plan``) instead of a second estimation pass: a selection's refresh is exact and draws no labels.
    Under DDP only rank 0 selects (its choices are broadcast) and the other ranks compute their exact estimate
@@ -32,7 +35,7 @@ One ``step()``:
    Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
 
 Selection costs: ``cost_model="measured"`` times whole-model passes (see :mod:`fisher_optim.selection`).  The
-optimizer keeps the :class:`~fisher_optim.selection.Costs` of its latest selections in a small cache keyed by
+optimizer keeps the :class:`~fisher_optim.selection.Costs` of its latest selections in its schedule's cache keyed by
 the selection batch's shape and dtype and the selected parameters, and passes them back to ``run_selection``: a
 selection measures only on a new key, and every ``COST_REUSE`` (10) reuses, to follow drifts of the machine's
 speed.  The cache is not part of ``state_dict`` (timings belong to the machine, not the run): a resumed run
@@ -51,6 +54,7 @@ buffers (BatchNorm running statistics) that its forward changed, so one bad batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -58,17 +62,19 @@ from collections.abc import Iterable
 from itertools import chain
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.optim import Optimizer
 
-from ..batch import NonFiniteError, OutputSpec, check_output_spec
-from ..estimators import ESTIMATORS
+from ..batch import NonFiniteError
 from ..likelihoods import Categorical, Likelihood, get_likelihood
-from ..selection import Costs, estimate_plan, next_select_interval, run_selection
+from ..schedule import Schedule
+from ..selection import estimate_plan, run_selection
+from ..settings import FisherSettings
+from . import distributed
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
+from .finite import all_finite
+from .report import FisherReport
 
 __all__ = ["FisherOptimizer", "FisherReport"]
 
@@ -77,60 +83,6 @@ logger = logging.getLogger("fisher_optim")
 _EXTRA = "fisher_optim"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _COUNTERS = ("step", "fisher_count")
-#: a cached selection cost is re-measured after this many reuses (timings drift with the machine's load)
-COST_REUSE = 10
-#: at most this many cached selection costs (input shapes) are kept, the oldest dropped first
-_COST_CACHE_SIZE = 8
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, object | None]:
-    """``(module that runs the estimation, DDP process group or None)``."""
-    if isinstance(model, DistributedDataParallel):
-        return model.module, getattr(model, "process_group", None) or dist.group.WORLD
-    if isinstance(model, DataParallel):
-        return model.module, None
-    return model, None
-
-
-class FisherReport(dict):
-    """``{parameter name: {estimator, n_samples, rse, cost, reason, fisher_mean}}`` plus run counters.
-
-    ``rse`` is the predicted relative standard error of the running estimate and ``cost`` the predicted
-    cost of one refresh for that tensor, both from :func:`fisher_optim.selection.select` (``nan`` for a
-    fixed estimator); ``fisher_mean`` is the mean entry of the bias-corrected running Fisher.  Attributes:
-    ``steps`` (successful steps), ``refreshes``, ``selections``, ``skipped_steps`` (non-finite steps), and in
-    auto mode ``plan_cost`` / ``exact_cost`` (the last selection's predicted seconds of one refresh with its plan
-    and with exact everywhere, :meth:`fisher_optim.selection.Costs.refresh_cost`; ``nan`` before it) and
-    ``select_every`` (refreshes from one selection to the next, grown while the plan holds) and ``summary``
-    (:attr:`fisher_optim.selection.Selection.summary`: the plan against exact everywhere and all-Î₁).
-    """
-
-    steps: int = 0
-    refreshes: int = 0
-    selections: int = 0
-    skipped_steps: int = 0
-    plan_cost: float = math.nan
-    exact_cost: float = math.nan
-    select_every: int = 0
-    summary: str = ""
-
-    def table(self) -> str:
-        """The report as a fixed-width text table."""
-        w = max([len("parameter"), *map(len, self)])
-        lines = [f"{'parameter':<{w}}  estimator  N   rse       cost      mean F     reason"]
-        for name, r in self.items():
-            lines.append(
-                f"{name:<{w}}  {r['estimator']:<9}  {r['n_samples']:<3} {r['rse']:<9.3g} {r['cost']:<9.3g} "
-                f"{r['fisher_mean']:<10.3g} {r['reason']}"
-            )
-        lines.append(
-            f"steps {self.steps}, refreshes {self.refreshes}, selections {self.selections}, "
-            f"skipped (non-finite) {self.skipped_steps}"
-        )
-        if self.plan_cost == self.plan_cost:
-            lines.append(f"last selection: {self.summary}; next selection {self.select_every} refreshes after it")
-        return "\n".join(lines)
-
 
 class FisherOptimizer(Optimizer):
     """Base class of the Fisher optimizers (see the module docstring).  Not used directly.
@@ -147,78 +99,76 @@ class FisherOptimizer(Optimizer):
         likelihood: str | Likelihood,
         params: Iterable | None,
         defaults: dict,
-        *,
-        estimator: str,
-        n_samples: int,
-        fisher_interval: int,
-        fisher_batch: int | None,
-        target_rse: float,
-        variance_interval: int,
-        max_samples: int,
-        cost_model: str,
-        nonfinite: str,
-        seed: int | None,
-        output: OutputSpec = None,
+        settings: FisherSettings,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
-        allowed = ("auto", *ESTIMATORS)
-        if estimator not in allowed:
-            raise ValueError(f"Invalid estimator: {estimator!r}. Must be one of {list(allowed)}")
-        for name, value in (("n_samples", n_samples), ("fisher_interval", fisher_interval),
-                            ("variance_interval", variance_interval), ("max_samples", max_samples)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value}")
-        if fisher_batch is not None and (
-            isinstance(fisher_batch, bool) or not isinstance(fisher_batch, int) or fisher_batch < 1
-        ):
-            raise ValueError(f"Invalid fisher_batch: {fisher_batch}")
-        if isinstance(target_rse, bool) or not isinstance(target_rse, (int, float)) or not target_rse > 0:
-            raise ValueError(f"Invalid target_rse: {target_rse}")
-        if cost_model not in ("measured", "flops"):
-            raise ValueError(f"Invalid cost_model: {cost_model!r}. Must be 'measured' or 'flops'")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"Invalid nonfinite: {nonfinite!r}. Must be 'skip' or 'raise'")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Invalid seed: {seed}")
+        if not isinstance(settings, FisherSettings):
+            raise TypeError(f"settings must be a FisherSettings, got {type(settings).__name__}")
+        self._settings = settings
         self._lik = get_likelihood(likelihood)
-        self.output = check_output_spec(output)
-        self._net, self._pg = _unwrap(model)
+        self._net, self._pg = distributed.unwrap(model)
         self._names = {id(p): n for n, p in self._net.named_parameters()}
-        self.estimator = estimator
-        self.n_samples = n_samples
-        self.fisher_interval = fisher_interval
-        self.fisher_batch = fisher_batch
-        self.target_rse = float(target_rse)
-        self.variance_interval = variance_interval
-        self.max_samples = max_samples
-        self.cost_model = cost_model
-        self.nonfinite = nonfinite
 
         super().__init__(self._net.parameters() if params is None else params, defaults)
 
         # label-sampling generator: on the model's device, seeded per rank
         device = next(chain((p.device for g in self.param_groups for p in g["params"]), [torch.device("cpu")]))
-        rank = dist.get_rank(self._pg) if self._pg is not None else 0
-        base = torch.initial_seed() if seed is None else seed
+        rank = distributed.rank(self._pg)
+        base = torch.initial_seed() if settings.seed is None else settings.seed
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed((base + rank) % 2**63)
-        self._plan: dict[str, tuple[str, int]] | None = None  # auto mode: the last selection's plan
-        self._choices: dict[str, dict] = {}
-        self._steps = 0
-        self._refreshes = 0
-        self._selections = 0
-        self._since_refresh = 0
-        self._since_select = 0
-        self._select_every = variance_interval  # grows while the plan holds (selection.next_select_interval)
-        self._plan_costs = (math.nan, math.nan)  # the last selection's predicted refresh costs: plan, all exact
-        self._plan_summary = ""
-        self._skipped = 0
-        # auto mode: selection costs by (input shape, dtype, parameter names) -> [Costs, reuses]; not in state_dict
-        self._cost_cache: dict[tuple, list] = {}
+        self._schedule = Schedule(settings.fisher_interval, settings.select_refreshes)
 
         self._capture = InputCapture(model, output=self.output)
         self._finalizer = weakref.finalize(self, self._capture.remove)
+
+    # -- settings (read-only views of :attr:`settings`) ---------------------------------------------------
+    @property
+    def settings(self) -> FisherSettings:
+        """The estimation settings (:class:`fisher_optim.FisherSettings`, frozen)."""
+        return self._settings
+
+    estimator = property(lambda self: self._settings.estimator, doc="FisherSettings.estimator")
+    n_samples = property(lambda self: self._settings.n_samples, doc="FisherSettings.n_samples")
+    fisher_interval = property(lambda self: self._settings.fisher_interval, doc="FisherSettings.fisher_interval")
+    fisher_batch = property(lambda self: self._settings.fisher_batch, doc="FisherSettings.fisher_batch")
+    target_rse = property(lambda self: self._settings.target_rse, doc="FisherSettings.target_rse")
+    select_interval = property(lambda self: self._settings.select_interval, doc="FisherSettings.select_interval")
+    max_samples = property(lambda self: self._settings.max_samples, doc="FisherSettings.max_samples")
+    cost_model = property(lambda self: self._settings.cost_model, doc="FisherSettings.cost_model")
+    output = property(lambda self: self._settings.output, doc="FisherSettings.output")
+
+    @property
+    def variance_interval(self) -> int:
+        """0.1.0's name: refreshes between selections (``settings.select_refreshes``)."""
+        return self._settings.select_refreshes
+
+    @property
+    def nonfinite(self) -> str:
+        """``"skip"`` or ``"raise"`` (FisherSettings.nonfinite); may be changed during training."""
+        return self._settings.nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        self._settings = dataclasses.replace(self._settings, nonfinite=value)
+
+    @property
+    def fisher_decay(self) -> float:
+        """Decay per refresh of the running Fisher (FisherAdam's ``betas[1]``, NaturalGradient's ``fisher_decay``;
+        the smallest over parameter groups), the ``ema_decay`` that auto mode's selection assumes."""
+        return min(self._refresh_kwargs(g)["beta2"] for g in self.param_groups)
+
+    @property
+    def schedule(self) -> Schedule:
+        """The refresh/selection schedule: counters, the plan in use, the selection interval, the cost cache
+        (:class:`fisher_optim.schedule.Schedule`; read it, do not change it)."""
+        return self._schedule
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The label-sampling generator (saved in :meth:`state_dict`)."""
+        return self._generator
 
     # -- torch.optim plumbing ------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -266,19 +216,7 @@ class FisherOptimizer(Optimizer):
         sd = super().state_dict()
         sd[_EXTRA] = {
             "generator_state": self._generator.get_state(),
-            "plan": None if self._plan is None else {n: [e, k] for n, (e, k) in self._plan.items()},
-            "choices": {n: dict(c) for n, c in self._choices.items()},
-            "counters": {
-                "steps": self._steps,
-                "refreshes": self._refreshes,
-                "selections": self._selections,
-                "since_refresh": self._since_refresh,
-                "since_select": self._since_select,
-                "select_every": self._select_every,
-                "plan_costs": list(self._plan_costs),
-                "plan_summary": self._plan_summary,
-                "skipped": self._skipped,
-            },
+            **self._schedule.state_dict(),
             "estimator": self.estimator,
         }
         return sd
@@ -307,14 +245,7 @@ class FisherOptimizer(Optimizer):
                     for k, v in saved[i].items()
                 }
         self._generator.set_state(extra["generator_state"].cpu())
-        self._plan = None if extra["plan"] is None else {n: (e, int(k)) for n, (e, k) in extra["plan"].items()}
-        self._choices = {n: dict(c) for n, c in extra["choices"].items()}
-        c = extra["counters"]
-        self._steps, self._refreshes, self._selections = c["steps"], c["refreshes"], c["selections"]
-        self._since_refresh, self._since_select, self._skipped = c["since_refresh"], c["since_select"], c["skipped"]
-        self._select_every = int(c.get("select_every", self.variance_interval))
-        self._plan_costs = tuple(float(v) for v in c.get("plan_costs", (math.nan, math.nan)))
-        self._plan_summary = str(c.get("plan_summary", ""))
+        self._schedule.load_state_dict(extra)
 
     # -- subclass interface --------------------------------------------------------------------------
     def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
@@ -322,10 +253,6 @@ class FisherOptimizer(Optimizer):
 
     def _refresh_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def _ema_decay(self) -> float:
-        """Decay of the running Fisher handed to ``select`` (the smallest over groups: the noisiest EMA)."""
-        return min(self._refresh_kwargs(g)["beta2"] for g in self.param_groups)
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -356,11 +283,8 @@ class FisherOptimizer(Optimizer):
             self._capture.reset()
             return loss
         with_grad = [p for _, ps, _ in work for p in ps]
-        due = (
-            self._refreshes == 0
-            or self._since_refresh >= self.fisher_interval
-            or any("fisher_count" not in self.state[p] for p in with_grad)
-        )
+        # (the state lookups only after the schedule: self.state is a defaultdict and must not grow on a failed step)
+        due = self._schedule.refresh_due() or any("fisher_count" not in self.state[p] for p in with_grad)
         gen_state = self._generator.get_state()
         nonfinite_input = None
         try:
@@ -373,7 +297,7 @@ class FisherOptimizer(Optimizer):
             checked.append(loss.detach().reshape(-1))
         bad = (
             nonfinite_input is not None
-            or not self._all_finite(checked)
+            or not all_finite(checked)
             or (isinstance(loss, float) and not math.isfinite(loss))
         )
         if bad:
@@ -383,11 +307,11 @@ class FisherOptimizer(Optimizer):
             what = nonfinite_input or self._describe_nonfinite(work, estimates, loss)
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    f"{type(self).__name__}: non-finite {what} at step {self._steps}; no parameter or state "
+                    f"{type(self).__name__}: non-finite {what} at step {self._schedule.steps}; no parameter or state "
                     "was changed (use nonfinite='skip' to skip such steps)"
                 )
-            self._skipped += 1
-            logger.warning("%s: skipped step %d (non-finite %s)", type(self).__name__, self._steps, what)
+            self._schedule.after_skip()
+            logger.warning("%s: skipped step %d (non-finite %s)", type(self).__name__, self._schedule.steps, what)
             return loss
 
         if estimates is not None:
@@ -404,8 +328,7 @@ class FisherOptimizer(Optimizer):
                 **self._update_kwargs(group),
             )
         self._capture.reset()
-        self._steps += 1
-        self._since_refresh += 1
+        self._schedule.after_step()
         return loss
 
     # -- refresh -------------------------------------------------------------------------------------
@@ -434,19 +357,14 @@ class FisherOptimizer(Optimizer):
             est = None
             # categorical targets mask the positions labelled ignore_index out of every estimator
             mask_targets = targets is not None and isinstance(self._lik, Categorical)
-            if self.estimator == "auto" and self._plan is None and self._refreshes == 0:
+            if self.estimator == "auto" and self._schedule.select_due(names):
+                pending, est = self._select(x, names, targets if mask_targets else None)
+                if est is None:  # a DDP rank other than 0: the exact Fisher of its own inputs
+                    plan = {n: ("exact", 1) for n in names}
+            elif self.estimator == "auto":
                 # the first refresh is exact: an estimate at once, and the selection at the next refresh times a
                 # warm exact pass (a first call is up to several times slower)
-                plan = {n: ("exact", 1) for n in names}
-            elif self.estimator == "auto":
-                if self._plan is None or self._since_select >= self._select_every or any(
-                    n not in self._plan for n in names
-                ):
-                    pending, est = self._select(x, names, targets if mask_targets else None)
-                    if est is None:  # a DDP rank other than 0: the exact Fisher of its own inputs
-                        plan = {n: ("exact", 1) for n in names}
-                else:
-                    plan = {n: self._plan[n] for n in names}
+                plan = self._schedule.plan_for(names)
             else:
                 plan = {n: (self.estimator, self.n_samples) for n in names}
             if est is None:
@@ -462,8 +380,8 @@ class FisherOptimizer(Optimizer):
                 )  # fmt: skip
         finally:
             self._capture.enabled = True
-        if self._pg is not None and dist.get_world_size(self._pg) > 1:
-            est = self._all_reduce(est, names)
+        if distributed.is_distributed(self._pg):
+            est = distributed.all_reduce_mean(est, names, self._pg)
         return {fparams[n]: est[n] for n in names}, pending, gen_state
 
     def _select(
@@ -471,20 +389,18 @@ class FisherOptimizer(Optimizer):
     ) -> tuple[dict[str, dict], dict[str, Tensor] | None]:
         """Auto mode: per-layer choices from :func:`fisher_optim.selection.run_selection` (rank 0's under DDP)
         and the exact Fisher of ``x`` it computed (``None`` on the other DDP ranks, which do not select)."""
-        distributed = self._pg is not None and dist.get_world_size(self._pg) > 1
+        spread = distributed.is_distributed(self._pg)
         info, fisher = None, None
-        if not distributed or dist.get_rank(self._pg) == 0:
+        if not spread or distributed.rank(self._pg) == 0:
             key = (tuple(x.first.shape), x.first.dtype, tuple(sorted(names)))
-            cached = self._cost_cache.get(key)
-            if cached is not None and cached[1] >= COST_REUSE:
-                cached = None
+            cached = self._schedule.cached_costs(key)
             sel = run_selection(
                 self._net, x, likelihood=self._lik, output=self.output, generator=self._generator,
                 target_rse=self.target_rse,
-                ema_decay=self._ema_decay(), max_samples=self.max_samples, names=names, cost_model=self.cost_model,
-                costs=None if cached is None else cached[0], current=self._plan, targets=targets,
+                ema_decay=self.fisher_decay, max_samples=self.max_samples, names=names, cost_model=self.cost_model,
+                costs=cached, current=self._schedule.plan, targets=targets,
             )  # fmt: skip
-            self._cache_costs(key, sel.costs, reused=cached is not None)
+            self._schedule.remember_costs(key, sel.costs, reused=cached is not None)
             info = {
                 "choices": {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
                             for n, c in sel.choices.items()},
@@ -492,50 +408,25 @@ class FisherOptimizer(Optimizer):
                 "summary": sel.summary,
             }  # fmt: skip
             fisher = sel.fisher
-        if distributed:
-            box = [info]
-            dist.broadcast_object_list(box, src=dist.get_global_rank(self._pg, 0), group=self._pg)
-            info = box[0]
+        if spread:
+            info = distributed.broadcast_from_first(info, self._pg)
         return info, fisher
-
-    def _cache_costs(self, key: tuple, costs: Costs, reused: bool) -> None:
-        """Remember ``costs`` for ``key``, counting reuses (see the module docstring); keep the newest few."""
-        entry = self._cost_cache.pop(key, None)
-        self._cost_cache[key] = [costs, entry[1] + 1 if reused and entry is not None else 0]
-        while len(self._cost_cache) > _COST_CACHE_SIZE:
-            del self._cost_cache[next(iter(self._cost_cache))]
-
-    def _all_reduce(self, est: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
-        """Average the estimates over the DDP ranks (one flat ``all_reduce``)."""
-        dtype = est[names[0]].dtype
-        for n in names[1:]:
-            dtype = torch.promote_types(dtype, est[n].dtype)
-        flat = torch.cat([est[n].reshape(-1).to(dtype) for n in names])
-        dist.all_reduce(flat, group=self._pg)
-        flat.div_(dist.get_world_size(self._pg))
-        out, i = {}, 0
-        for n in names:
-            k = est[n].numel()
-            out[n] = flat[i : i + k].view_as(est[n]).to(est[n].dtype)
-            i += k
-        return out
 
     def _apply_refresh(self, estimates: dict[Tensor, Tensor], pending: dict | None) -> None:
         if pending is not None:
-            self._select_every = next_select_interval(self._select_every, self.variance_interval, pending["changed"])
-            self._plan_costs, self._plan_summary = (pending["plan_cost"], pending["exact_cost"]), pending["summary"]
+            self._schedule.after_selection(
+                pending["choices"], pending["changed"], pending["plan_cost"], pending["exact_cost"], pending["summary"]
+            )
             pending = pending["choices"]
-            self._choices = pending
-            self._plan = {n: (c["estimator"], c["n_samples"]) for n, c in pending.items()}
-            self._selections += 1
-            self._since_select = 0
             if logger.isEnabledFor(logging.INFO):
                 rows = [
                     f"  {n}: {c['estimator']} N={c['n_samples']} rse={c['rse']:.3g} cost={c['cost']:.3g} "
                     f"({c['reason']})"
                     for n, c in pending.items()
                 ]
-                logger.info("%s step %d: estimator selection\n%s", type(self).__name__, self._steps, "\n".join(rows))
+                logger.info(
+                    "%s step %d: estimator selection\n%s", type(self).__name__, self._schedule.steps, "\n".join(rows)
+                )
         for group in self.param_groups:
             ps = [p for p in group["params"] if p in estimates]
             if not ps:
@@ -549,34 +440,14 @@ class FisherOptimizer(Optimizer):
                 foreach=group["foreach"],
                 **self._refresh_kwargs(group),
             )
-        self._refreshes += 1
-        self._since_refresh = 0
-        self._since_select += 1
+        self._schedule.after_refresh()
 
-    # -- non-finite values ---------------------------------------------------------------------------
-    @staticmethod
-    def _all_finite(tensors: list[Tensor]) -> bool:
-        """One fused L2-norm reduction (``torch._foreach_norm``) per (device, dtype), one host sync per device.
-
-        A NaN or infinity makes its tensor's norm non-finite.  So does a finite tensor whose norm overflows
-        (above ~1.8e19 in float32; bf16/fp16 norms are accumulated and returned in float32): such a step counts
-        as non-finite too.  The L2 norm is used because it is a vectorised reduction (the max-abs norm is ~15x
-        slower on the CPU)."""
-        groups: dict[tuple, list[Tensor]] = {}
-        for t in tensors:
-            if t.numel():
-                groups.setdefault((t.device, t.dtype), []).append(t)
-        flags: dict[torch.device, list[Tensor]] = {}
-        for (device, dtype), ts in groups.items():
-            norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype in _LOW_PRECISION else None)
-            flags.setdefault(device, []).append(torch.stack(norms).isfinite().all().reshape(1))
-        return all(bool(torch.cat(f).all()) for f in flags.values())
-
+    # -- non-finite values (the check itself: optim/finite.py) and report ---------------------------
     def _describe_nonfinite(self, work, estimates, loss) -> str:
         """Which values were non-finite (only called on failure; may synchronise freely)."""
-        if isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all()):
-            return "loss"
-        if isinstance(loss, float) and not math.isfinite(loss):
+        if (isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all())) or (
+            isinstance(loss, float) and not math.isfinite(loss)
+        ):
             return "loss"
         for _, ps, grads in work:
             for p, g in zip(ps, grads):
@@ -587,15 +458,15 @@ class FisherOptimizer(Optimizer):
                 return f"Fisher estimate of {self._names[id(p)]!r}"
         return "value"
 
-    # -- report --------------------------------------------------------------------------------------
     def fisher_report(self) -> FisherReport:
         """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason and
         the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
         """
         rep = FisherReport()
+        rep.cost_unit = self._settings.cost_unit
         for name, p in self._fisher_params().items():
             if self.estimator == "auto":
-                c = self._choices.get(name)
+                c = self._schedule.choices.get(name)
                 row = (
                     dict(c)
                     if c is not None
@@ -612,13 +483,14 @@ class FisherOptimizer(Optimizer):
             else:
                 row["fisher_mean"] = math.nan
             rep[name] = row
+        sch = self._schedule
         rep.steps, rep.refreshes, rep.selections, rep.skipped_steps = (
-            self._steps, self._refreshes, self._selections, self._skipped,
+            sch.steps, sch.refreshes, sch.selections, sch.skipped,
         )  # fmt: skip
         if self.estimator == "auto":
-            rep.plan_cost, rep.exact_cost = self._plan_costs
-            rep.summary = self._plan_summary
-            rep.select_every = self._select_every
+            rep.plan_cost, rep.exact_cost = sch.plan_costs
+            rep.summary = sch.plan_summary
+            rep.select_every = sch.select_every
         return rep
 
     def _group_of(self, p: Tensor) -> dict:

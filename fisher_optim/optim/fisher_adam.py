@@ -6,22 +6,12 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .._checks import check_clip, check_decay, check_nonnegative
 from ..likelihoods import Likelihood
+from ..settings import FisherSettings
 from .base import FisherOptimizer
 
 __all__ = ["FisherAdam"]
-
-
-def check_lr(lr) -> None:
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_common(weight_decay, clip) -> None:
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if clip is not None and not clip > 0.0:
-        raise ValueError(f"Invalid clip value: {clip}")
 
 
 class FisherAdam(FisherOptimizer):
@@ -71,30 +61,25 @@ class FisherAdam(FisherOptimizer):
         damping: :math:`\lambda` added to the Fisher under the square root (default 0).
         weight_decay: decoupled weight decay :math:`w` (AdamW-style, default 0).
         clip: per-coordinate bound ``c`` of the preconditioned step (default 1.0; ``None``: no clip).
-        estimator: ``"auto"`` (default: per-layer choice of estimator and sample count, see
-            :func:`fisher_optim.selection.select`, which chooses among ``exact`` and ``mc1``), or a fixed
+        settings: the estimation settings, a :class:`~fisher_optim.FisherSettings` (default: its defaults):
+            ``estimator`` (``"auto"``, the default: per-layer choice of estimator and sample count, see
+            :func:`fisher_optim.selection.select`, which chooses among ``exact`` and ``mc1``; or a fixed
             ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂), ``"empirical"`` (needs ``opt.step(targets=y)`` with the
             batch's observed labels), ``"hutchinson"``, ``"hutchinson_batch"`` or ``"gnb"`` (Sophia's estimate;
-            see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over inputs).
-        n_samples: labels (or Rademacher probes) drawn per input for a fixed sampled estimator.
-        fisher_interval: steps between Fisher refreshes (default 10).
-        fisher_batch: number of captured inputs the estimation uses (default 32; ``None``: all).
-        target_rse: auto mode's bound on the relative standard error of the running estimate.
-        variance_interval: auto mode's first refresh is exact and its first selection at the second; it re-selects
-            after this many refreshes (default 50), doubled after each selection that keeps the plan in use (up to
-            8x; reset when the plan changes).  A selection's refresh
-            reuses the exact Fisher of its variance pass, and its measured costs are cached per input shape
-            (:mod:`fisher_optim.optim.base`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU) a selection
-            and its refresh cost about 2.5-2.7 exact refreshes with cached costs and 4-6 when it measures them,
-            3 % of auto's estimation time over 400 refreshes (``benchmarks/results/estimation_quality.md``, "Cost per
-            refresh").
-        max_samples: auto mode's largest Î₁ sample count.
-        cost_model: auto mode's cost model, ``"measured"`` (time the passes) or ``"flops"`` (deterministic,
-            for bit-reproducible runs).
-        nonfinite: ``"skip"`` (default) or ``"raise"`` on a non-finite loss, gradient or estimate.
-        seed: seed of the label-sampling generator (default ``torch.initial_seed()``; plus the rank under DDP).
-        output: picks the natural parameters out of the model's output (default: the tensor itself, the first
-            element of a tuple/list, the ``"logits"`` entry or attribute); a key, an index or a callable.
+            see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over inputs)),
+            ``n_samples``, ``fisher_interval`` (steps between refreshes, default 10), ``fisher_batch`` (captured
+            inputs the estimation uses, default 32), ``target_rse``, ``select_interval``, ``max_samples``,
+            ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is exact and its
+            first selection at the second; it re-selects every ``select_interval`` steps (default 50 refreshes),
+            doubled after each selection that keeps the plan in use (up to 8x; reset when the plan changes).  A
+            selection's refresh reuses the exact Fisher of its variance pass, and its measured costs are cached
+            per input shape (:mod:`fisher_optim.schedule`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU)
+            a selection and its refresh cost about 2.5-2.7 exact refreshes with cached costs and 4-6 when it
+            measures them, 3 % of auto's estimation time over 400 refreshes
+            (``benchmarks/results/estimation_quality.md``, "Cost per refresh").
+        **kwargs: any field of :class:`~fisher_optim.FisherSettings` as a keyword (``estimator="exact"``), over
+            ``settings``; 0.1.0's ``variance_interval`` (refreshes between selections) is converted to
+            ``select_interval``.  Unknown keywords raise :class:`TypeError`.
         foreach: ``torch._foreach_*`` update (``None``: only when every parameter is on CUDA, as torch.optim).
 
     Example:
@@ -126,37 +111,21 @@ class FisherAdam(FisherOptimizer):
         *,
         damping: float = 0.0,
         clip: float | None = 1.0,
-        estimator: str = "auto",
-        n_samples: int = 1,
-        fisher_interval: int = 10,
-        fisher_batch: int | None = 32,
-        target_rse: float = 0.1,
-        variance_interval: int = 50,
-        max_samples: int = 16,
-        cost_model: str = "measured",
-        nonfinite: str = "skip",
-        seed: int | None = None,
-        output=None,
+        settings: FisherSettings | None = None,
         foreach: bool | None = None,
+        **kwargs,
     ):
-        check_lr(lr)
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= damping:
-            raise ValueError(f"Invalid damping value: {damping}")
-        check_common(weight_decay, clip)
+        settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
+        check_nonnegative("learning rate", lr)
+        check_nonnegative("epsilon value", eps)
+        check_decay("beta parameter at index 0", betas[0])
+        check_decay("beta parameter at index 1", betas[1])
+        check_nonnegative("damping value", damping)
+        check_nonnegative("weight_decay value", weight_decay)
+        check_clip(clip)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping, clip=clip,
                         foreach=foreach)  # fmt: skip
-        super().__init__(
-            model, likelihood, params, defaults, estimator=estimator, n_samples=n_samples,
-            fisher_interval=fisher_interval, fisher_batch=fisher_batch, target_rse=target_rse,
-            variance_interval=variance_interval, max_samples=max_samples, cost_model=cost_model,
-            nonfinite=nonfinite, seed=seed, output=output,
-        )  # fmt: skip
+        super().__init__(model, likelihood, params, defaults, settings)
 
     def _update_kwargs(self, group: dict) -> dict:
         return dict(lr=group["lr"], beta1=group["betas"][0], bias_correction=True,

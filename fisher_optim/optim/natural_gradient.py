@@ -6,9 +6,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .._checks import check_clip, check_decay, check_nonnegative
 from ..likelihoods import Likelihood
+from ..settings import FisherSettings
 from .base import FisherOptimizer
-from .fisher_adam import check_common, check_lr
 
 __all__ = ["NaturalGradient"]
 
@@ -34,15 +35,14 @@ class NaturalGradient(FisherOptimizer):
     (the same numbers as heavy-ball momentum, one fused ``lerp_`` per step).
 
     Args:
-        model, likelihood, params, estimator, n_samples, fisher_interval, fisher_batch, target_rse,
-        variance_interval, max_samples, cost_model, nonfinite, seed, output, foreach: as in
-            :class:`~fisher_optim.optim.FisherAdam`.
+        model, likelihood, params, settings, foreach, **kwargs: as in :class:`~fisher_optim.optim.FisherAdam`.
         lr: learning rate :math:`\eta` (default 5e-3, chosen on sklearn digits like FisherAdam's: with momentum
             0.9 the long-run step is ``10 lr`` times the natural-gradient direction).
         momentum: :math:`\mu` (default 0.9).
         damping: :math:`\lambda > 0` (default 1e-3), the Levenberg-Marquardt damping: it bounds the step
             where the Fisher is small.
-        fisher_decay: :math:`\beta`, decay per refresh of the running Fisher (default 0.99).
+        fisher_decay: :math:`\beta`, decay per refresh of the running Fisher (default 0.99; FisherAdam's
+            ``betas[1]``; both optimizers expose it as the read-only ``opt.fisher_decay``).
         weight_decay: decoupled weight decay :math:`w` (default 0).
         clip: per-coordinate bound of :math:`m/(\tilde F+\lambda)` (default 1.0, ``None``: no clip).
 
@@ -72,35 +72,21 @@ class NaturalGradient(FisherOptimizer):
         *,
         fisher_decay: float = 0.99,
         clip: float | None = 1.0,
-        estimator: str = "auto",
-        n_samples: int = 1,
-        fisher_interval: int = 10,
-        fisher_batch: int | None = 32,
-        target_rse: float = 0.1,
-        variance_interval: int = 50,
-        max_samples: int = 16,
-        cost_model: str = "measured",
-        nonfinite: str = "skip",
-        seed: int | None = None,
-        output=None,
+        settings: FisherSettings | None = None,
         foreach: bool | None = None,
+        **kwargs,
     ):
-        check_lr(lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
+        settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
+        check_nonnegative("learning rate", lr)
+        check_decay("momentum value", momentum)
         if not damping > 0.0:
             raise ValueError(f"Invalid damping value: {damping}")
-        if not 0.0 <= fisher_decay < 1.0:
-            raise ValueError(f"Invalid fisher_decay value: {fisher_decay}")
-        check_common(weight_decay, clip)
+        check_decay("fisher_decay value", fisher_decay)
+        check_nonnegative("weight_decay value", weight_decay)
+        check_clip(clip)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
                         weight_decay=weight_decay, clip=clip, foreach=foreach)  # fmt: skip
-        super().__init__(
-            model, likelihood, params, defaults, estimator=estimator, n_samples=n_samples,
-            fisher_interval=fisher_interval, fisher_batch=fisher_batch, target_rse=target_rse,
-            variance_interval=variance_interval, max_samples=max_samples, cost_model=cost_model,
-            nonfinite=nonfinite, seed=seed, output=output,
-        )  # fmt: skip
+        super().__init__(model, likelihood, params, defaults, settings)
 
     def _update_kwargs(self, group: dict) -> dict:
         mu = group["momentum"]
