@@ -1,0 +1,352 @@
+r"""Do FisherAdam's and NaturalGradient's defaults hold beyond MLPs?  A hyperparameter sweep (issue 11, part 7).
+
+For every model below, each optimizer trains ``--steps`` steps (default 100) from the same initial weights on
+the same mini-batches (batch 16, sampled with replacement from a fixed training set); the score is the
+**training loss**: the mean cross-entropy over the whole training set after the last step, computed with the
+model as it was trained (BatchNorm with each batch's own statistics, batches of 16; dropout off).  The goal
+(issue 11): with their defaults, FisherAdam and NaturalGradient reach at most AdamW(lr=1e-3)'s final loss.
+
+The sweep varies one hyperparameter at a time around the defaults (lr, clip, damping, fisher_interval; the
+other arguments as in the constructors), plus the learning-rate transfer from Adam:
+
+* ``FisherAdam lr=1e-3`` is Adam's lr used as is;
+* ``FisherAdam lr=1e-3*sqrt(B), clip=1/sqrt(B)`` is *exactly* Adam-scaled preconditioning by :math:`\sqrt{F/B}`,
+  the Fisher of the mini-batch mean loss (B = the training batch size): dividing by :math:`\sqrt{F/B}` instead of
+  :math:`\sqrt F` multiplies the step by :math:`\sqrt B`, clip included.
+
+Models (all 10 classes, sklearn's 8x8 digits, pixels/16; 256 training inputs):
+
+==============  ==================================================================================
+key             model
+==============  ==================================================================================
+``logreg``      ``nn.Linear(64, 10)`` on the flattened digits (the optimizer suite's ``logreg``)
+``cnn``         the optimizer suite's small CNN (``optimizers_problems.small_cnn``), digits upsampled to 28x28
+``resnet18``    torchvision ``resnet18(num_classes=10)``, train mode (BatchNorm), digits upsampled to 3x32x32
+``mobilenet``   torchvision ``mobilenet_v3_small(num_classes=10)``, train mode, 3x32x32
+``vit``         torchvision ``VisionTransformer`` image 16, patch 4, 2 layers, 2 heads, hidden 32, MLP 64; 3x16x16
+``transformer`` ``nn.TransformerEncoder`` (d=32, 2 heads, 2 layers, FF 64, no dropout) over the 8 pixel rows
+                as 8 tokens (+ learned positions), mean-pooled, linear head
+``lstm``        ``nn.LSTM(8, 64)`` over the 8 pixel rows, last hidden state, linear head
+==============  ==================================================================================
+
+Run: ``python -m benchmarks.defaults_sweep`` (about 20 minutes on one thread) writes
+``benchmarks/results/defaults_sweep.md``; ``--smoke`` runs every model for a few steps in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_info  # noqa: E402
+from benchmarks.optimizers_problems import small_cnn  # noqa: E402
+from fisher_optim.optim import FisherAdam, NaturalGradient  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "defaults_sweep.md"
+BATCH = 16
+N_TRAIN = 256
+
+
+# -- data and models -------------------------------------------------------------------------------------
+def digits(n: int = N_TRAIN) -> tuple[Tensor, Tensor]:
+    """The first ``n`` of sklearn's digits after a fixed shuffle: (n, 8, 8) in [0, 1] and labels."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:n]
+    return torch.as_tensor(X, dtype=torch.float32)[perm].reshape(-1, 8, 8) / 16.0, torch.as_tensor(y)[perm].long()
+
+
+def as_image(x: Tensor, size: int, channels: int) -> Tensor:
+    x = F.interpolate(x.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - 0.3) / 0.4).expand(-1, channels, -1, -1).contiguous()
+
+
+class SeqTransformer(nn.Module):
+    def __init__(self, d_in: int = 8, length: int = 8, d: int = 32, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(d_in, d)
+        self.pos = nn.Parameter(torch.randn(1, length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
+
+
+class SeqLSTM(nn.Module):
+    def __init__(self, d_in: int = 8, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.lstm = nn.LSTM(d_in, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def _resnet18() -> nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=10)
+
+
+def _mobilenet() -> nn.Module:
+    from torchvision.models import mobilenet_v3_small
+
+    return mobilenet_v3_small(num_classes=10)
+
+
+def _vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=10)  # fmt: skip
+
+
+@dataclass
+class Model:
+    key: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[Tensor], Tensor]  # (n, 8, 8) digits -> model inputs
+    note: str = ""
+
+
+MODELS = {
+    m.key: m
+    for m in [
+        Model("logreg", lambda: nn.Linear(64, 10), lambda x: x.reshape(len(x), 64)),
+        Model("cnn", small_cnn, lambda x: as_image(x, 28, 1)),
+        Model("resnet18", _resnet18, lambda x: as_image(x, 32, 3)),
+        Model("mobilenet", _mobilenet, lambda x: as_image(x, 32, 3)),
+        Model("vit", _vit, lambda x: as_image(x, 16, 3)),
+        Model("transformer", SeqTransformer, lambda x: x),
+        Model("lstm", SeqLSTM, lambda x: x),
+    ]
+}
+
+
+# -- configurations ---------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    name: str
+    kind: str  # "adamw", "fisher_adam", "natural_gradient"
+    kwargs: dict = field(default_factory=dict)
+    smoke: bool = False  # run in --smoke mode too
+
+
+def configs(estimator: str) -> list[Config]:
+    sq = math.sqrt(BATCH)
+    fa = lambda name, smoke=False, **kw: Config(f"FisherAdam {name}", "fisher_adam", {"estimator": estimator, **kw},
+                                                smoke)  # fmt: skip
+    ng = lambda name, smoke=False, **kw: Config(f"NaturalGradient {name}", "natural_gradient",
+                                                {"estimator": estimator, **kw}, smoke)  # fmt: skip
+    return [
+        Config("AdamW lr=1e-3", "adamw", {"lr": 1e-3}, True),
+        Config("AdamW lr=3e-3", "adamw", {"lr": 3e-3}),
+        fa("defaults", True),
+        fa("lr=5e-3", lr=5e-3),
+        fa("lr=1e-2", lr=1e-2),
+        fa("lr=5e-2", lr=5e-2),
+        fa("clip=0.3", clip=0.3),
+        fa("clip=None", clip=None),
+        fa("damping=1e-4", damping=1e-4),
+        fa("damping=1e-2", damping=1e-2),
+        fa("fisher_interval=1", fisher_interval=1),
+        fa("fisher_interval=50", fisher_interval=50),
+        fa("lr=1e-3 (Adam's, as is)", lr=1e-3),
+        fa(f"lr=1e-3*sqrt(B), clip=1/sqrt(B) (Adam's lr via F/B, B={BATCH})", True, lr=1e-3 * sq, clip=1 / sq),
+        ng("defaults", True),
+        ng("lr=1e-3", lr=1e-3),
+        ng("lr=2e-3", lr=2e-3),
+        ng("lr=1e-2", lr=1e-2),
+        ng("clip=0.3", clip=0.3),
+        ng("clip=None", clip=None),
+        ng("damping=1e-4", damping=1e-4),
+        ng("damping=1e-2", damping=1e-2),
+        ng("fisher_interval=1", fisher_interval=1),
+        ng("fisher_interval=50", fisher_interval=50),
+    ]
+
+
+def make_optimizer(cfg: Config, model: nn.Module):
+    if cfg.kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), **cfg.kwargs)
+    cls = FisherAdam if cfg.kind == "fisher_adam" else NaturalGradient
+    return cls(model, "categorical", seed=0, **cfg.kwargs)
+
+
+# -- training ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def train_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Mean cross-entropy over the training set, in train mode (batch statistics) with dropout off; buffers
+    restored."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    drop = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in drop:
+        m.eval()
+    try:
+        total = sum(float(F.cross_entropy(model(x[i : i + BATCH]), y[i : i + BATCH], reduction="sum"))
+                    for i in range(0, len(x), BATCH))  # fmt: skip
+        return total / len(x)
+    finally:
+        for m in drop:
+            m.train()
+        model.load_state_dict(buffers, strict=False)
+
+
+def run(model_def: Model, cfg: Config, x: Tensor, y: Tensor, steps: int, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    model = model_def.build()
+    model.train()
+    opt = make_optimizer(cfg, model)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    first_step = math.nan
+    skipped = 0
+    for t in range(steps):
+        idx = torch.randint(0, len(x), (BATCH,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            skipped = -1  # diverged
+            break
+        loss.backward()
+        s0 = time.perf_counter()
+        opt.step()
+        if t == 0:
+            first_step = time.perf_counter() - s0
+    wall = time.perf_counter() - t0
+    final = train_loss(model, x, y) if skipped == 0 else math.nan
+    if hasattr(opt, "close"):
+        opt.close()
+    return {"loss": final if math.isfinite(final) else math.nan, "wall_s": wall, "first_step_s": first_step}
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def fmt(v: float) -> str:
+    return "diverged" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def report(results: dict, cfgs: list[Config], args, argv: list[str], total_s: float, auto: dict) -> str:
+    import torchvision
+
+    import fisher_optim
+
+    keys = list(results)
+    lines = [
+        "# Defaults beyond MLPs: FisherAdam and NaturalGradient hyperparameter sweep",
+        "",
+        f"Made by `python -m benchmarks.defaults_sweep {' '.join(argv)}` (`benchmarks/defaults_sweep.py`), "
+        f"{total_s / 60:.1f} min in all.",
+        "",
+        f"Machine: {machine_info()}; torchvision {torchvision.__version__}; fisher_optim "
+        f"{getattr(fisher_optim, '__version__', '?')}.",
+        "",
+        f"Protocol: {args.steps} steps, batch {BATCH} sampled with replacement from {N_TRAIN} sklearn digits "
+        f"(the same batches and initial weights for every optimizer; seed 0, one seed). Score: the training loss "
+        f"after the last step, mean cross-entropy over the {N_TRAIN} training inputs in train mode (BatchNorm "
+        f"batch statistics, batches of {BATCH}, dropout off). Fisher optimizers use `estimator=\"{args.estimator}\"`"
+        f" unless said; every other argument is the constructor default. **Bold**: at most AdamW(lr=1e-3)'s loss "
+        f"(the goal of issue 11 part 7 for the defaults rows).",
+        "",
+        "| optimizer | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    base = {k: results[k]["AdamW lr=1e-3"]["loss"] for k in keys}
+    for cfg in cfgs:
+        if not all(cfg.name in results[k] for k in keys):
+            continue
+        cells = []
+        for k in keys:
+            v = results[k][cfg.name]["loss"]
+            s = fmt(v)
+            cells.append(f"**{s}**" if cfg.kind != "adamw" and math.isfinite(v) and v <= base[k] else s)
+        lines.append(f"| {cfg.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Wall-clock seconds per run (training steps, one thread):", "",
+              "| optimizer | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]  # fmt: skip
+    for name in ("AdamW lr=1e-3", "FisherAdam defaults", "NaturalGradient defaults", "FisherAdam fisher_interval=1"):
+        if all(name in results[k] for k in keys):
+            lines.append(f"| {name} | " + " | ".join(f"{results[k][name]['wall_s']:.1f}" for k in keys) + " |")
+    if auto:
+        lines += ["", '`estimator="auto"` (the constructors\' default) with the defaults otherwise: final loss, '
+                  "seconds of the first `step()` (auto's first refresh is exact) and of the whole run:", "",
+                  "| optimizer | " + " | ".join(auto) + " |", "|---|" + "---:|" * len(auto)]  # fmt: skip
+        for name in next(iter(auto.values())):
+            row = []
+            for k in auto:
+                r = auto[k][name]
+                row.append(f"{fmt(r['loss'])} ({r['first_step_s']:.1f} s / {r['wall_s']:.0f} s)")
+            lines.append(f"| {name} auto | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a few steps, a few configurations: seconds")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 100; smoke 3)")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--estimator", default="mc1", help="estimator of the sweep (default mc1)")
+    p.add_argument("--auto", default=None, help="models that also run the defaults with estimator='auto' "
+                   "(comma-separated; default: all but resnet18/mobilenet in a full run, none in smoke)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None, help="report path (default benchmarks/results/defaults_sweep.md; "
+                   "smoke: no report unless given)")  # fmt: skip
+    args = p.parse_args(argv)
+    args.steps = args.steps or (3 if args.smoke else 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        t_all = time.perf_counter()
+        x8, y = digits(32 if args.smoke else N_TRAIN)
+        cfgs = [c for c in configs(args.estimator) if c.smoke or not args.smoke]
+        keys = [k for k in args.models.split(",") if k]
+        results: dict = {}
+        for key in keys:
+            m = MODELS[key]
+            x = m.inputs(x8)
+            results[key] = {}
+            for cfg in cfgs:
+                r = run(m, cfg, x, y, args.steps)
+                results[key][cfg.name] = r
+                print(f"{key:12s} {cfg.name:60s} loss {fmt(r['loss']):>9s}  {r['wall_s']:6.1f} s", flush=True)
+        auto_keys = args.auto.split(",") if args.auto is not None else (
+            [] if args.smoke else [k for k in keys if k not in ("resnet18", "mobilenet")])  # fmt: skip
+        auto: dict = {}
+        for key in [k for k in auto_keys if k]:
+            m = MODELS[key]
+            x = m.inputs(x8)
+            auto[key] = {}
+            for kind, name in (("fisher_adam", "FisherAdam defaults"), ("natural_gradient", "NaturalGradient defaults")):
+                r = run(m, Config(name, kind, {"estimator": "auto"}), x, y, args.steps)
+                auto[key][name] = r
+                print(f"{key:12s} {name + ' auto':60s} loss {fmt(r['loss']):>9s}  first step {r['first_step_s']:.1f} s"
+                      f"  {r['wall_s']:6.1f} s", flush=True)  # fmt: skip
+        text = report(results, cfgs, args, argv, time.perf_counter() - t_all, auto)
+        out = args.out or (None if args.smoke else str(RESULTS))
+        if out:
+            path = Path(out)
+            if path.is_dir():
+                path = path / "defaults_sweep.md"
+            path.write_text(text)
+        return {"results": results, "auto": auto, "report": text}
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
