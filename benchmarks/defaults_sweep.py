@@ -247,7 +247,7 @@ def run(model_def: Model, cfg: Config, x: Tensor, y: Tensor, steps: int, seed: i
 
 # -- report -----------------------------------------------------------------------------------------------
 def fmt(v: float) -> str:
-    return "diverged" if not math.isfinite(v) else f"{v:.3f}"
+    return "diverged" if not math.isfinite(v) else f"{v:.3f}" if v < 1e3 else f"{v:.2g}"
 
 
 def report(results: dict, cfgs: list[Config], args, argv: list[str], total_s: float, auto: dict) -> str:
@@ -368,6 +368,14 @@ def main(argv: list[str] | None = None) -> dict:
                 r = run(m, cfg, x, y, args.steps, args.seed)
                 results[key][cfg.name] = r
                 print(f"{key:12s} {cfg.name:60s} loss {fmt(r['loss']):>9s}  {r['wall_s']:6.1f} s", flush=True)
+        out = args.out or (None if args.smoke else str(RESULTS))
+        path = None
+        if out:
+            path = Path(out)
+            if path.is_dir():
+                path = path / "defaults_sweep.md"
+            # written now and again after the auto runs (an exact first refresh can be slow on big models)
+            path.write_text(report(results, cfgs, args, argv, time.perf_counter() - t_all, {}))
         auto_keys = args.auto.split(",") if args.auto is not None else ([] if args.smoke else keys)
         auto: dict = {}
         for key in [k for k in auto_keys if k]:
@@ -382,11 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{key:12s} {name + ' auto':60s} loss {fmt(r['loss']):>9s}  first step {r['first_step_s']:.2f} s"
                       f"  {r['wall_s']:6.1f} s", flush=True)  # fmt: skip
         text = report(results, cfgs, args, argv, time.perf_counter() - t_all, auto)
-        out = args.out or (None if args.smoke else str(RESULTS))
-        if out:
-            path = Path(out)
-            if path.is_dir():
-                path = path / "defaults_sweep.md"
+        if path is not None:
             path.write_text(text)
         return {"results": results, "auto": auto, "report": text, "configs": cfgs}
     finally:
