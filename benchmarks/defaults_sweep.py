@@ -368,8 +368,10 @@ preconditioning by it is exactly FisherAdam with ``lr = lr_adam * sqrt(B)`` and 
 ``Adam's lr=1e-3 via F/B``).  It lands within 0.98x-1.11x AdamW's loss on logreg, CNN, ViT, Transformer and LSTM,
 0.70x on ResNet-18 and 1.9x on MobileNetV3: the lr transfers, and the result is about Adam's, not better.
 
-**auto.**  ``estimator="auto"``'s first refresh is exact: 1.5 s on ResNet-18 (about 8 AdamW steps of 0.19 s)
-and 0.3 s on MobileNetV3 (about 6 steps), milliseconds on the others; affordable at these sizes.  Its
+**auto.**  ``estimator="auto"``'s first refresh is exact: 1.3-1.5 s on ResNet-18 (8-11 AdamW steps of
+0.12-0.19 s, over two runs of this script) and 0.3 s on MobileNetV3 (about 6 steps), milliseconds on the others;
+affordable at these sizes.  With ``mc1`` and ``fisher_interval=10`` a 100-step run costs about AdamW's on the
+two BatchNorm networks and up to 2x on the tiny models, where a step costs milliseconds (the cost table).  Its
 100-step losses are in the table above (ResNet-18 and MobileNetV3: first step only, to keep the sweep short).
 """
 
