@@ -1,0 +1,53 @@
+"""Smoke test of the defaults sweep (``python -m benchmarks.defaults_sweep --smoke``), so it cannot rot.
+
+Every model of the sweep (torchvision ResNet-18, MobileNetV3-small and a small ViT, a Transformer and an LSTM
+classifier, the optimizer suite's logistic regression and CNN) trains 3 steps with AdamW, FisherAdam and
+NaturalGradient with their defaults and the Adam-lr-via-F/B configuration; the report is written and names the
+goal of every model.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs the library alone
+pytest.importorskip("sklearn")
+pytest.importorskip("torchvision")
+
+from benchmarks import defaults_sweep as bench  # noqa: E402
+from fisher_optim.optim import FisherAdam, NaturalGradient  # noqa: E402
+
+
+def test_defaults_sweep_smoke(tmp_path):
+    threads = torch.get_num_threads()
+    out = bench.main(["--smoke", "--auto", "logreg", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads  # restored
+    results = out["results"]
+    assert list(results) == list(bench.MODELS)
+    names = [c.name for c in out["configs"]]
+    assert len(names) == 4 and names[0] == "AdamW lr=1e-3"
+    for key, rows in results.items():
+        assert set(rows) == set(names), key
+        for name, r in rows.items():
+            assert math.isfinite(r["loss"]) and r["loss"] > 0, (key, name)
+            assert r["wall_s"] > 0 and r["steps"] == 3
+    assert set(out["auto"]["logreg"]) == {"FisherAdam defaults", "NaturalGradient defaults"}
+    md = (tmp_path / "defaults_sweep.md").read_text()
+    assert "Machine: CPU" in md and "--smoke" in md and "torchvision" in md
+    for key in bench.MODELS:
+        assert f"| {key} |" in md
+
+
+def test_defaults_rows_follow_the_constructors():
+    cfgs = bench.configs("mc1")
+    for cls in (FisherAdam, NaturalGradient):
+        d = bench.constructor_defaults(cls)
+        row = next(c for c in cfgs if c.name.startswith(f"{cls.__name__} defaults"))
+        assert row.kwargs == {"estimator": "mc1"}  # nothing but the estimator: the constructor's defaults
+        assert f"lr={d['lr']:g}" in row.name
+        # one hyperparameter changed at a time, never to its default value
+        for c in cfgs:
+            if c.name.startswith(cls.__name__) and c is not row and "sqrt(B)" not in c.name:
+                (k, v), = [(k, v) for k, v in c.kwargs.items() if k != "estimator"]
+                assert v != d[k], c.name
