@@ -26,7 +26,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batch import Batch, NonFiniteError, OutputSpec, select_output
-from .layers import DenseRecord, Reducer, is_fast, linear_reduce, make_record
+from .layers import DenseRecord, Reducer, call_is_batched, is_fast, linear_reduce, make_record
 from .likelihoods import Likelihood
 
 __all__ = ["Probe", "reduce_records", "trainable_parameters"]
@@ -268,6 +268,7 @@ class Probe:
                 or not isinstance(out, Tensor)
                 or out.grad_fn not in nodes
                 or any(uses.get(id(p), 0) != 1 for p in own)
+                or not call_is_batched(m, in_graph.get(mname), out, self.batch)
             ):
                 continue  # unused, reused, or a parameter used outside this call: autograd decides below
             self.fast.append((mname, m, has_bias))

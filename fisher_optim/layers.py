@@ -219,12 +219,131 @@ def batchnorm_is_fast(module: torch.nn.Module) -> bool:
     )
 
 
+def embedding_is_fast(module: torch.nn.Module) -> bool:
+    """``nn.Embedding`` without ``max_norm`` (it renormalises the weight in place during the forward) and without
+    ``scale_grad_by_freq`` (its backward divides by the token counts of the whole batch: not a per-input
+    derivative).  ``padding_idx`` is fine (that row gets no gradient), ``sparse`` too (no ``.grad`` is used)."""
+    return (
+        isinstance(module, torch.nn.Embedding)
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    )
+
+
+def layernorm_is_fast(module: torch.nn.Module) -> bool:
+    """``nn.LayerNorm`` with an elementwise affine map (``bias`` may be absent): ``y = w * xhat + b`` with
+    ``xhat`` the input normalised over the last ``len(normalized_shape)`` dimensions of one position of one input,
+    so the per-sample gradients are ``sum_positions g * xhat`` and ``sum_positions g``."""
+    return isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine and module.weight is not None
+
+
 def is_fast(module: torch.nn.Module) -> bool:
     if isinstance(module, torch.nn.Conv2d):
         return conv2d_is_fast(module)
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
         return batchnorm_is_fast(module)
+    if isinstance(module, torch.nn.Embedding):
+        return embedding_is_fast(module)
+    if isinstance(module, torch.nn.LayerNorm):
+        return layernorm_is_fast(module)
     return isinstance(module, torch.nn.Linear)
+
+
+def call_is_batched(module: torch.nn.Module, inp, out, batch) -> bool:
+    """Whether a fast module's call is per input: row ``b`` of its input and output belong to input ``b``.
+
+    Checked for the rules added with sequence models (Embedding, LayerNorm); the older rules are unchanged.  An
+    Embedding of a shared index (learned positions ``pos(torch.arange(T))``, broadcast over the batch) is not: its
+    output rows are positions, and its parameters take the general route.  Its index must be ``(B, ...)`` with at
+    least two dimensions, or be one of the batch's own (batched) tensors.  (A 2-D shared index whose first
+    dimension happens to equal ``B`` cannot be told apart; write learned positions as ``(T,)`` or expanded to
+    ``(B, T)``, both exact.)
+    """
+    if not isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)):
+        return True
+    b = batch.size
+    if not isinstance(inp, Tensor) or not isinstance(out, Tensor) or inp.dim() == 0 or out.dim() == 0:
+        return False
+    if inp.shape[0] != b or out.shape[0] != b:
+        return False
+    if isinstance(module, torch.nn.Embedding) and inp.dim() == 1:
+        return any(t is inp for t in batch.batched)
+    return True
+
+
+def first_occurrence(idx: Tensor) -> Tensor:
+    """``(B, T)`` -> ``(B, T)``: for every position, the first position of its row holding the same index
+    (a stable sort per row; no ``T x T`` comparison)."""
+    t = idx.shape[1]
+    srt, perm = idx.sort(dim=1, stable=True)
+    start = torch.ones_like(srt, dtype=torch.bool)
+    start[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    ar = torch.arange(t, device=idx.device).expand_as(srt)
+    run_start = torch.where(start, ar, torch.zeros_like(ar)).cummax(1).values
+    first = perm.gather(1, run_start)
+    rep = torch.empty_like(perm)
+    rep.scatter_(1, perm, first)
+    return rep
+
+
+@dataclass
+class EmbeddingRecord:
+    """``nn.Embedding``: per-sample gradient ``G[k,b,v,:] = sum_{t: idx[b,t] = v} g[k,b,t,:]`` (a scatter-add).
+
+    ``idx`` is ``(B, T)`` (positions flattened; ``padding_idx`` positions already dropped from ``g``), ``g`` is
+    ``(K, B, T, d)``.  Only the rows of the tokens an input uses are nonzero, so the ``(B, vocab, d)`` per-sample
+    tensor is never built: every position's gradient is added into the slot of the first position with the same
+    token (:func:`first_occurrence`), the reducer runs on that ``(K, B, T, d)`` tensor (other slots zero), and the
+    per-input statistics are added into the token rows.  Exact for every reducer the library uses: they act
+    elementwise on parameter coordinates and vanish at zero (homogeneous of degree >= 1).
+    """
+
+    idx: Tensor
+    g: Tensor
+    num_embeddings: int
+
+    def reduce(self, fn: Reducer, degree: int) -> dict[str, Tensor]:
+        return self.reduce_many(lambda x, idx: (fn(x, idx),), (degree,))[0]
+
+    def reduce_many(self, fn, degrees: tuple[int, ...]) -> list[dict[str, Tensor]]:
+        k, b, t, d = self.g.shape
+        rep = first_occurrence(self.idx)
+        step = max(1, CHUNK_ELEMENTS // max(1, k * t * d))
+        accs = [torch.zeros(self.num_embeddings, d, dtype=self.g.dtype, device=self.g.device) for _ in degrees]
+        for start in range(0, b, step):
+            sl = slice(start, min(b, start + step))
+            g = self.g[:, sl]
+            nb = g.shape[1]
+            r = rep[sl]
+            if bool((r == torch.arange(t, device=r.device)).all()):
+                compact = g  # no token repeats within an input: the per-position rows are the per-sample rows
+            else:
+                compact = torch.zeros_like(g).scatter_add_(2, r[None, :, :, None].expand(k, nb, t, d), g)
+            rows = self.idx[sl].reshape(-1)
+            for acc, st in zip(accs, fn(compact, sl)):
+                acc.index_add_(0, rows, st.reshape(nb * t, d).to(acc.dtype))
+        return [{"weight": acc} for acc in accs]
+
+
+def embedding_record(module: torch.nn.Embedding, inp: Tensor, out_grad: Tensor) -> EmbeddingRecord:
+    k, b = out_grad.shape[:2]
+    d = module.embedding_dim
+    idx = inp.reshape(b, -1)
+    g = out_grad.reshape(k, b, -1, d)
+    if module.padding_idx is not None:
+        g = g * (idx != module.padding_idx).unsqueeze(-1).to(g.dtype)  # that row gets no gradient
+    return EmbeddingRecord(idx=idx, g=g, num_embeddings=module.num_embeddings)
+
+
+def layernorm_record(module: torch.nn.LayerNorm, inp: Tensor, out_grad: Tensor, has_bias: bool) -> DenseRecord:
+    shape = tuple(module.normalized_shape)
+    xhat = torch.nn.functional.layer_norm(inp, shape, None, None, module.eps)  # the same normalisation
+    k, b = out_grad.shape[:2]
+    g = out_grad.reshape(k, b, -1, *shape)  # (K, B, positions, *normalized_shape)
+    values = {"weight": (g * xhat.reshape(b, -1, *shape).to(g.dtype)).sum(2)}
+    if has_bias:
+        values["bias"] = g.sum(2)
+    return DenseRecord(values)
 
 
 def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias: bool):
@@ -248,6 +367,10 @@ def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias
         X = unfold_conv2d_input(module, inp)
         g = out_grad.reshape(k, b, out_grad.shape[2], -1)
         return UnfoldRecord(X=X, g=g, has_bias=has_bias, weight_shape=module.weight.shape)
+    if isinstance(module, torch.nn.Embedding):
+        return embedding_record(module, inp, out_grad)
+    if isinstance(module, torch.nn.LayerNorm):
+        return layernorm_record(module, inp, out_grad, has_bias)
     if batchnorm_is_fast(module):
         shape = (1, -1) + (1,) * (inp.dim() - 2)
         xhat = (inp - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
