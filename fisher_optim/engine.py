@@ -26,7 +26,17 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batch import Batch, NonFiniteError, OutputSpec, select_output
-from .layers import DenseRecord, Reducer, call_is_batched, is_fast, linear_reduce, make_record
+from .layers import (
+    DenseRecord,
+    Reducer,
+    attention_is_fast,
+    call_is_batched,
+    in_projection_view,
+    is_fast,
+    linear_reduce,
+    make_record,
+    patch_attention,
+)
 from .likelihoods import Likelihood
 
 __all__ = ["Probe", "reduce_records", "trainable_parameters"]
@@ -222,6 +232,19 @@ class Probe:
             if bias is not None and bias.requires_grad and not has_bias:
                 continue  # bias trainable but not requested: keep it simple, general route for weight
             fast.append((mname, m, has_bias))
+        # nn.MultiheadAttention: its in-projection as an nn.Linear view over in_proj_weight/in_proj_bias, called by
+        # a patched forward (layers.attention_forward) that also calls out_proj as a module: both take the Linear rule
+        self._attention = []
+        for mname, m in self.model.named_modules():
+            if not attention_is_fast(m) or id(m.in_proj_weight) not in pname:
+                continue
+            bias = m.in_proj_bias
+            has_bias = bias is not None and id(bias) in pname
+            if bias is not None and bias.requires_grad and not has_bias:
+                continue
+            view = in_projection_view(m)
+            self._attention.append((m, view))
+            fast.append((f"{mname}.in_proj", view, has_bias))
         return fast, pname
 
     def _forward(self, clone: bool):
@@ -247,7 +270,7 @@ class Probe:
 
         handles = [m.register_forward_hook(make_hook(mname)) for mname, m, _ in fast]
         try:
-            with torch.enable_grad():  # under an optimizer's no_grad too: h stays on the graph
+            with torch.enable_grad(), patch_attention(self._attention):  # under no_grad too: h stays on the graph
                 self.h = self.outputs_of(self.batch)
         finally:
             for hd in handles:

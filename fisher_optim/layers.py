@@ -26,6 +26,7 @@ tensors (degrees ``degrees``), and every record builds its per-sample tensors on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -381,3 +382,101 @@ def make_record(module: torch.nn.Module, inp: Tensor, out_grad: Tensor, has_bias
             values["bias"] = g.sum(-1)
         return DenseRecord(values)
     raise TypeError(f"no fast rule for {type(module).__name__}")
+
+
+# -- nn.MultiheadAttention: its projections as Linear calls -------------------------------------------------------
+def attention_is_fast(module: torch.nn.Module) -> bool:
+    """``nn.MultiheadAttention`` whose projections the Probe can run as ``nn.Linear`` calls: one packed
+    ``in_proj_weight``, no ``bias_k``/``bias_v``, no ``add_zero_attn``, no instance-level ``forward``."""
+    return (
+        isinstance(module, torch.nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.in_proj_weight is not None
+        and module.bias_k is None
+        and module.bias_v is None
+        and not module.add_zero_attn
+        and "forward" not in module.__dict__
+    )
+
+
+def in_projection_view(module: torch.nn.MultiheadAttention) -> torch.nn.Linear:
+    """An ``nn.Linear`` (not registered in the model) whose parameters *are* the attention's ``in_proj_weight`` and
+    ``in_proj_bias``: the Probe records it like any Linear (input ``(B, T, E)``, output ``(B, T, 3E)``)."""
+    e = module.embed_dim
+    view = torch.nn.Linear(e, 3 * e, bias=module.in_proj_bias is not None, device="meta")
+    view.weight = module.in_proj_weight
+    if module.in_proj_bias is not None:
+        view.bias = module.in_proj_bias
+    return view
+
+
+def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+def attention_forward(module: torch.nn.MultiheadAttention, view: torch.nn.Linear, original):
+    """A forward for ``module`` (eval mode) that computes the same function as ``nn.MultiheadAttention`` with its
+    in-projection as the call ``view(query)`` and its out-projection as the call ``module.out_proj(...)``, so that
+    both take the Linear rule.  Self-attention on batched inputs only (``query is key is value``); any other call
+    runs ``original`` (the projections then take the general route)."""
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):  # fmt: skip
+        if (
+            query is not key
+            or key is not value
+            or query.dim() != 3
+            or module.training
+            or (is_causal and attn_mask is None and key_padding_mask is not None)
+        ):
+            return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        x = query if module.batch_first else query.transpose(0, 1)  # (B, T, E)
+        b, t, e = x.shape
+        heads = module.num_heads
+        hd = e // heads
+        q, k, v = view(x).reshape(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)  # each (B, H, T, hd)
+        mask = _float_mask(attn_mask, q.dtype)
+        if mask is not None:
+            mask = mask.reshape(b, heads, t, t) if mask.dim() == 3 else mask
+        kpm = _float_mask(key_padding_mask, q.dtype)
+        if kpm is not None:
+            kpm = kpm.reshape(b, 1, 1, t)
+            mask = kpm if mask is None else mask + kpm
+        causal = bool(is_causal and mask is None)
+        weights = None
+        if need_weights:
+            scores = (q / math.sqrt(hd)) @ k.transpose(-2, -1)
+            if causal:
+                mask = _float_mask(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), q.dtype)
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, -1)
+            out = weights @ v
+            if average_attn_weights:
+                weights = weights.mean(1)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = module.out_proj(out.transpose(1, 2).reshape(b, t, e))
+        return (out if module.batch_first else out.transpose(0, 1)), weights
+
+    return forward
+
+
+class patch_attention:
+    """Context manager: the given ``[(module, view)]`` run :func:`attention_forward` (instance ``forward``)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __enter__(self):
+        for m, view in self.pairs:
+            m.forward = attention_forward(m, view, type(m).forward.__get__(m))
+        return self
+
+    def __exit__(self, *exc):
+        for m, _ in self.pairs:
+            m.__dict__.pop("forward", None)
+        return False
