@@ -219,3 +219,63 @@ def test_shared_position_index_takes_the_general_route():
 def test_first_occurrence():
     idx = torch.tensor([[3, 1, 3, 3, 0, 1], [5, 5, 5, 5, 5, 5]])
     assert first_occurrence(idx).tolist() == [[0, 1, 0, 0, 4, 1], [0, 0, 0, 0, 0, 0]]
+
+
+class SeqFirstAttention(nn.Module):
+    """Self-attention with ``batch_first=False``, attention weights returned (``need_weights=True``), a boolean
+    causal mask and a key padding mask (token 0 is padding, never at position 0)."""
+
+    def __init__(self, d=4, heads=2):
+        super().__init__()
+        self.embed = nn.Embedding(V, d)
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.head = nn.Linear(d, C)
+
+    def forward(self, x):
+        z = self.embed(x)
+        t = x.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        pad = x == 0
+        pad[:, 0] = False
+        zt = z.transpose(0, 1)  # one tensor as query, key and value: self-attention
+        a, w = self.attn(zt, zt, zt, key_padding_mask=pad, attn_mask=causal)
+        assert w is not None
+        return self.head(torch.tanh(a.transpose(0, 1) + z))
+
+
+def test_attention_seq_first_weights_and_padding_mask():
+    torch.manual_seed(0)
+    model, x = init_(SeqFirstAttention(), 0, 1.0), tokens()
+    with Probe(model, x, Categorical()) as probe:
+        assert probe.general == []
+        assert {"attn.in_proj", "attn.out_proj"} <= {f[0] for f in probe.fast}
+    names, p, J = brute(model, x)
+    ref = split(model, names, exact_ref(p, J, weights(MASKED)))
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
+
+
+def test_cross_attention_takes_the_general_route():
+    """Query different from key/value: the original forward runs, its projections take the general route."""
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, 4)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, C)
+
+        def forward(self, x):
+            z = self.embed(x)
+            return self.head(self.attn(z, torch.tanh(z), torch.tanh(z), need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model, x = init_(Cross(), 0, 1.0), tokens()
+    with Probe(model, x, Categorical()) as probe:
+        assert "attn.in_proj_weight" in probe.general
+    names, p, J = brute(model, x)
+    ref = split(model, names, exact_ref(p, J, weights(None)))
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
