@@ -253,15 +253,14 @@ def is_fast(module: torch.nn.Module) -> bool:
 def call_is_batched(module: torch.nn.Module, inp, out, batch) -> bool:
     """Whether a fast module's call is per input: row ``b`` of its input and output belong to input ``b``.
 
-    Checked for the rules added with sequence models (Embedding, LayerNorm); the older rules are unchanged.  An
-    Embedding of a shared index (learned positions ``pos(torch.arange(T))``, broadcast over the batch) is not: its
-    output rows are positions, and its parameters take the general route.  Its index must be ``(B, ...)`` with at
-    least two dimensions, or be one of the batch's own (batched) tensors.  (A 2-D shared index whose first
-    dimension happens to equal ``B`` cannot be told apart; write learned positions as ``(T,)`` or expanded to
-    ``(B, T)``, both exact.)
+    Every fast rule reads dimension 0 of its module's input and output as the batch, so both must have the batch's
+    size: a layer applied to sequence-first activations ``(T, B, d)`` (``nn.Transformer*`` layers with
+    ``batch_first=False``) or to a tensor shared by the batch takes the general route.  An Embedding of a shared
+    index (learned positions ``pos(torch.arange(T))``, broadcast over the batch) is such a call: its index must be
+    ``(B, ...)`` with at least two dimensions, or be one of the batch's own (batched) tensors.  A shared or
+    sequence-first tensor whose leading size happens to equal ``B`` cannot be told apart by shapes (a 1-D
+    Embedding index excepted); write learned positions as ``(T,)`` or expanded to ``(B, T)``, both exact.
     """
-    if not isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)):
-        return True
     b = batch.size
     if not isinstance(inp, Tensor) or not isinstance(out, Tensor) or inp.dim() == 0 or out.dim() == 0:
         return False

@@ -279,3 +279,30 @@ def test_cross_attention_takes_the_general_route():
     got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
     for n in names:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
+
+
+def test_sequence_first_layers_take_the_general_route():
+    """Linear and LayerNorm applied to (T, B, d) activations: dimension 0 is not the batch, so no fast rule."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, 4)
+            self.lin = nn.Linear(4, 4)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, C)
+
+        def forward(self, x):
+            z = self.embed(x).transpose(0, 1)  # (T, B, d)
+            return self.head(self.norm(torch.tanh(self.lin(z))).transpose(0, 1))
+
+    torch.manual_seed(0)
+    model, x = init_(SeqFirst(), 0, 1.0), tokens()
+    with Probe(model, x, Categorical()) as probe:
+        assert {"lin.weight", "lin.bias", "norm.weight", "norm.bias"} <= set(probe.general)
+        assert {"embed", "head"} <= {f[0] for f in probe.fast}
+    names, p, J = brute(model, x)
+    ref = split(model, names, exact_ref(p, J, weights(None)))
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
