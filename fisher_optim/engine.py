@@ -5,9 +5,12 @@ this call only) and records the inputs and outputs of the layers that have fast 
 ``nn.Conv2d``).  :meth:`Probe.seeded` then backpropagates ``K`` seeds per input,
 ``seed[k, b] in R^C`` at the output ``h(x_b)``, and returns per-layer records of the per-sample
 gradients of ``seed[k, b]^T h(x_b)`` (:mod:`fisher_optim.layers`); BatchNorm with running statistics (an
-affine map per channel in eval mode) has a fast rule too.  Parameters of every other module (LayerNorm,
-Embedding, BatchNorm without running statistics, custom modules, layers reused twice in one forward) take the
-general ``torch.func`` route: ``vmap`` over inputs of a ``vjp`` over seeds.
+affine map per channel in eval mode), ``nn.Embedding``, ``nn.LayerNorm`` and the projections of self-attention
+``nn.MultiheadAttention`` (run as Linear calls during the probe's forward,
+:func:`~fisher_optim.layers.attention_forward`) have fast rules too.  Parameters of every other module
+(BatchNorm without running statistics, RNNs, custom modules, layers reused twice in one forward, layers applied to
+tensors whose dimension 0 is not the batch) take the general ``torch.func``
+route: ``vmap`` over inputs of a ``vjp`` over seeds.
 
 Every estimator is then ``reduce(records, fn, degree)`` for some per-input function of the seed stack:
 the exact diagonal Fisher uses the ``C`` columns of ``S`` (``S S^T = I(h)``) and ``fn = sum_k x_k^2``;
@@ -145,8 +148,10 @@ class Probe:
     The forward runs in eval mode (dropout off); BatchNorm layers in train mode use the estimation batch's own
     statistics, held constant, those in eval mode their running statistics (:class:`_ModeGuard`).  Compiled models
     run eagerly.  Which parameters the output depends on is read off the autograd graph: a fast rule
-    (``nn.Linear``, ``nn.Conv2d``, BatchNorm) covers a parameter only if its module ran once, its output reaches
-    ``h`` and that call is the parameter's only use; every other parameter on the graph takes the general route;
+    (``nn.Linear``, ``nn.Conv2d``, BatchNorm, ``nn.Embedding``, ``nn.LayerNorm``, attention projections) covers a
+    parameter only if its module ran once, on a tensor whose dimension 0 is the batch
+    (:func:`~fisher_optim.layers.call_is_batched`), its output reaches ``h`` and that call is the parameter's only
+    use; every other parameter on the graph takes the general route;
     only parameters off the graph get zeros (:attr:`unused`).  ``.grad`` fields are never touched.
 
     Non-finite inputs or outputs raise :class:`~fisher_optim.batch.NonFiniteError` (a ``ValueError``).
