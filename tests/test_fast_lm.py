@@ -306,3 +306,21 @@ def test_sequence_first_layers_take_the_general_route():
     got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
     for n in names:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("masked", [False, True])
+def test_mc1_variance_matches_bruteforce(name, masked):
+    """The closed-form variance of Î₁ (per input sum_t kappa_t + 2 F^2) through the new records' multi-reducer."""
+    from test_sequence import moments_per_input
+
+    from fisher_optim import fisher_variance
+
+    model, x = model_of(name), tokens()
+    targets = MASKED if masked else None
+    names, p, J = brute(model, x)
+    _, v1, _ = moments_per_input(p, J, weights(targets))
+    ref = split(model, names, v1.sum(0) / (3 * M * M))
+    got = fisher_variance(model, x, likelihood="categorical", estimator="mc1", n_samples=3, targets=targets)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-8, atol=1e-14)
