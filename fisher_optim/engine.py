@@ -250,6 +250,9 @@ class Probe:
             view = in_projection_view(m)
             self._attention.append((m, view))
             fast.append((f"{mname}.in_proj", view, has_bias))
+        if self._attention:  # module order (input to output), each in-projection just before its out_proj
+            order = {n: float(i) for i, (n, _) in enumerate(self.model.named_modules())}
+            fast.sort(key=lambda f: order[f[0]] if f[0] in order else order[f[0][: -len(".in_proj")]] + 0.5)
         return fast, pname
 
     def _forward(self, clone: bool):
