@@ -524,22 +524,6 @@ class LMCase:
     no_target: str = ""  # why it does not (report line)
 
 
-def shared_positions(model: nn.Module) -> nn.Module:
-    """The same Transformer with its learned positions indexed by a shared ``(T,)`` ``torch.arange`` (broadcast over
-    the batch, the nanoGPT way): that Embedding's call is not per input, so ``pos.weight`` takes the general route."""
-    from benchmarks.lm_data import CharTransformer
-
-    class SharedPositions(CharTransformer):
-        def forward(self, x: Tensor) -> Tensor:
-            t = x.shape[1]
-            z = self.embed(x) + self.pos(torch.arange(t, device=x.device))
-            mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device, dtype=z.dtype)
-            return self.head(self.norm(self.encoder(z, mask=mask, is_causal=True)))
-
-    model.__class__ = SharedPositions
-    return model
-
-
 def make_lm_cases(smoke: bool) -> list[LMCase]:
     """The char-level Transformer LM of issue 13 and a small LSTM LM (``benchmarks/lm_data.py``)."""
     from benchmarks.lm_data import VOCAB_SIZE, char_lstm, char_transformer
@@ -551,14 +535,13 @@ def make_lm_cases(smoke: bool) -> list[LMCase]:
                    char_transformer(d_model=8, n_heads=2, n_layers=1, max_len=8), 2, 8),
             LMCase("lm_lstm", "char LSTM LM (smoke)", char_lstm(d_embed=4, hidden=8), 2, 8),
         ]  # fmt: skip
-    torch.manual_seed(0)
-    shared = shared_positions(char_transformer())
     return [
         LMCase("lm_transformer", f"char Transformer LM: 2 pre-norm layers, d = 64, 4 heads, dim_ff 256, "
                f"{VOCAB_SIZE} characters; batch 16, 64 positions, all positions as outputs",
                char_transformer(), 16, 64,
-               notes=["Every parameter takes a fast per-layer rule: Embedding (tokens and learned positions, "
-                      "indexed per input), LayerNorm, the attention's in-/out-projections (Linear rule on "
+               notes=["Every parameter takes a fast per-layer rule: Embedding (tokens; the learned positions "
+                      "pos(arange(T)), shared by the batch, through the broadcast-add rule), LayerNorm, the "
+                      "attention's in-/out-projections (Linear rule on "
                       "(B, T, d) inputs), the feed-forward Linears and the head."]),
         LMCase("lm_lstm", f"char LSTM LM: Embedding({VOCAB_SIZE}, 32), LSTM(32, 64), Linear head; batch 16, "
                "64 positions, all positions as outputs", char_lstm(), 16, 64, target=False,
@@ -567,13 +550,6 @@ def make_lm_cases(smoke: bool) -> list[LMCase]:
                notes=["nn.LSTM has no per-layer rule: its parameters take the general route (torch.func vmap "
                       "over inputs, or a loop over inputs where the LSTM kernel has no vmap rule); the "
                       "Embedding and the head take fast rules."]),
-        LMCase("lm_transformer_shared_pos", "the same Transformer LM with learned positions pos(arange(T)) shared "
-               "by the batch", shared, 16, 64, target=False,
-               no_target="a variant that shows the cost of one parameter on the general route",
-               notes=["The positions' Embedding runs once for the whole batch (index (T,), output broadcast): "
-                      "not a per-input call, so pos.weight alone takes the general route (torch.func vmap over "
-                      "inputs of the whole model). Same function as lm_transformer, whose positions are indexed "
-                      "(B, T)."]),
     ]  # fmt: skip
 
 

@@ -114,11 +114,8 @@ class CharTransformer(nn.Module):
         self.head = nn.Linear(d_model, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t = x.shape
-        # positions indexed per input, (B, T): the same function as pos(arange(T)) broadcast over the batch, but
-        # each row of the Embedding's output belongs to one input, so its fast per-input rule applies (a shared
-        # (T,) index takes the general route)
-        z = self.embed(x) + self.pos(torch.arange(t, device=x.device).expand(b, t))
+        t = x.shape[1]
+        z = self.embed(x) + self.pos(torch.arange(t, device=x.device))
         mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device, dtype=z.dtype)
         z = self.encoder(z, mask=mask, is_causal=True)
         return self.head(self.norm(z))

@@ -132,6 +132,37 @@ def _graph_uses(root: Tensor) -> tuple[dict[int, int], set]:
     return counts, seen
 
 
+def _broadcast_partner(module, out: Tensor, outs: dict, calls: dict, nodes: set, b: int) -> str | None:
+    """For an ``nn.Embedding`` call shared by the batch (``pos(torch.arange(T))``, output ``(T, d)``): the name of the
+    recorded module whose per-input output ``(B, T, d)`` it is added to, ``z = other + out`` (``AddBackward0``,
+    alpha 1), when that sum is the only use of both.  Then ``dz/d other`` is the identity, so the gradient at
+    ``other`` row ``b`` is input ``b``'s gradient at the shared output (autograd sums it over the batch).  ``None``
+    for any other graph: the general route.  Read off the autograd graph only; no shapes guessed."""
+    if not isinstance(module, nn.Embedding) or out.grad_fn is None:
+        return None
+    node, nr = out.grad_fn, out.output_nr
+    users = [n for n in nodes if any(e[0] is node and e[1] == nr for e in n.next_functions)]
+    if len(users) != 1 or users[0].name() != "AddBackward0" or getattr(users[0], "_saved_alpha", 1) != 1:
+        return None
+    add = users[0]
+    other = [e for e in add.next_functions if not (e[0] is node and e[1] == nr)]
+    if len(other) != 1 or other[0][0] is None:
+        return None
+    onode, onr = other[0]
+    if sum(1 for n in nodes for e in n.next_functions if e[0] is onode and e[1] == onr) != 1:
+        return None  # the partner's output has another use: its gradient is not the sum's
+    for name, t in outs.items():
+        if (
+            calls.get(name) == 1
+            and isinstance(t, Tensor)
+            and t.grad_fn is onode
+            and t.output_nr == onr
+            and tuple(t.shape) == (b, *out.shape)
+        ):
+            return name
+    return None
+
+
 class Probe:
     r"""One forward pass of ``model`` on ``inputs`` with the fast layers' inputs and outputs recorded.
 
@@ -291,6 +322,7 @@ class Probe:
         uses, nodes = _graph_uses(self.h)
         self.fast = []  # (mname, module, has_bias)
         covered: set[str] = set()
+        shared: dict[str, str] = {}  # shared-index Embedding -> the module whose output it is added to
         for mname, m, has_bias in fast:
             own = [m.weight] + ([m.bias] if has_bias else [])
             out = outs.get(mname)
@@ -299,11 +331,21 @@ class Probe:
                 or not isinstance(out, Tensor)
                 or out.grad_fn not in nodes
                 or any(uses.get(id(p), 0) != 1 for p in own)
-                or not call_is_batched(m, in_graph.get(mname), out, self.batch)
             ):
                 continue  # unused, reused, or a parameter used outside this call: autograd decides below
+            if not call_is_batched(m, in_graph.get(mname), out, self.batch):
+                # not a per-input call; a shared Embedding (learned positions) broadcast-added to a per-input
+                # recorded output takes the gradient at that output as its own per-input gradient
+                partner = _broadcast_partner(m, out, outs, calls, nodes, self.batch.size)
+                if partner is None:
+                    continue
+                shared[mname] = partner
             self.fast.append((mname, m, has_bias))
             covered.update(pname[id(p)] for p in own)
+        for mname, partner in shared.items():  # the index as (B, ...) and the partner's output as the output
+            idx = ins[mname]
+            ins[mname] = idx.expand(self.batch.size, *idx.shape)
+            outs[mname], versions[mname] = outs[partner], versions[partner]
         #: parameters the output does not depend on (off the autograd graph): their Fisher is exactly zero
         self.unused = sorted(n for n, p in self.params.items() if id(p) not in uses)
         unused = set(self.unused)

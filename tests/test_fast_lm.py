@@ -183,35 +183,52 @@ def test_embedding_with_one_token_per_input():
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
 
 
-def test_shared_position_index_takes_the_general_route():
-    """``pos(torch.arange(T))`` is shared by the batch (not per input): general route, still exact, even when
-    ``T`` equals the batch size."""
+class SharedPos(nn.Module):
+    """Learned positions ``pos(torch.arange(T))`` shared by the batch (the nanoGPT way), T == M: the shared (T, d)
+    output has the batch's leading size.  ``variant``: ``"add"`` (``embed(x) + pos``: the broadcast-add rule),
+    ``"scaled"`` (``2 * embed(x) + pos``: the partner is no recorded output) or ``"reused"`` (``pos`` used twice)."""
 
-    class SharedPos(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(V, 3)
-            self.pos = nn.Embedding(M, 3)
-            self.head = nn.Linear(3, C)
+    def __init__(self, variant="add"):
+        super().__init__()
+        self.variant = variant
+        self.embed = nn.Embedding(V, 3)
+        self.pos = nn.Embedding(M, 3)
+        self.head = nn.Linear(3, C)
 
-        def forward(self, x):
-            return self.head(torch.tanh(self.embed(x) + self.pos(torch.arange(x.shape[1]))))
+    def forward(self, x):
+        p = self.pos(torch.arange(x.shape[1]))
+        e = self.embed(x)
+        if self.variant == "scaled":
+            z = 2 * e + p
+        elif self.variant == "reused":
+            z = e + p + torch.tanh(p)
+        else:
+            z = e + p
+        return self.head(torch.tanh(z))
 
-    model = init_(SharedPos(), 0, 1.0)
-    x = tokens()[:, :M]  # T == M: the shared (T, d) output has the batch's leading size
+
+@pytest.mark.parametrize("variant", ["add", "scaled", "reused"])
+def test_shared_position_index(variant):
+    """``embed(x) + pos(arange(T))``: pos takes the Embedding rule with embed's per-input output gradient; any other
+    use of the shared output takes the general route.  exact and empirical against brute force either way."""
+    model = init_(SharedPos(variant), 0, 1.0)
+    x = tokens()[:, :M]
     with Probe(model, x, Categorical()) as probe:
-        assert "pos.weight" in probe.general
-        assert "embed" in {f[0] for f in probe.fast}
-    names, flat = flat_params(model)
-    model.eval()
-
-    def f(theta, xm):
-        return functional_call(model, unflatten(model, names, theta), (xm.unsqueeze(0),))[0]
-
-    p = torch.stack([torch.softmax(f(flat, x[m]), -1).detach() for m in range(M)])
-    J = torch.stack([jacrev(f)(flat, x[m]) for m in range(M)])
-    ref = split(model, names, exact_ref(p, J, torch.ones(M, M, dtype=DTYPE)))
-    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact")
+        fast = {f[0] for f in probe.fast}
+        assert "embed" in fast
+        if variant == "add":
+            assert probe.general == [] and "pos" in fast
+        else:
+            assert probe.general == ["pos.weight"]
+    names, p, J = brute(model, x)
+    mask = MASKED[:, :M]
+    ref = split(model, names, exact_ref(p, J, weights(mask)[:, :M]))
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=mask)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
+    y = torch.randint(0, C, (M, M), generator=gen(5))
+    ref = split(model, names, empirical_ref(p, J, y))
+    got = diagonal_fisher(model, x, likelihood="categorical", estimator="empirical", targets=y)
     for n in names:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-12)
 
