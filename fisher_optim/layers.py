@@ -257,9 +257,9 @@ def call_is_batched(module: torch.nn.Module, inp, out, batch) -> bool:
     size: a layer applied to sequence-first activations ``(T, B, d)`` (``nn.Transformer*`` layers with
     ``batch_first=False``) or to a tensor shared by the batch takes the general route.  An Embedding of a shared
     index (learned positions ``pos(torch.arange(T))``, broadcast over the batch) is such a call: its index must be
-    ``(B, ...)`` with at least two dimensions, or be one of the batch's own (batched) tensors.  A shared or
-    sequence-first tensor whose leading size happens to equal ``B`` cannot be told apart by shapes (a 1-D
-    Embedding index excepted); write learned positions as ``(T,)`` or expanded to ``(B, T)``, both exact.
+    ``(B, ...)`` with at least two dimensions, or be one of the batch's own (batched) tensors (the Probe then tries
+    the broadcast-add rule, ``engine._broadcast_partner``).  A shared or sequence-first tensor whose leading size
+    happens to equal ``B`` cannot be told apart by shapes (a 1-D Embedding index excepted).
     """
     b = batch.size
     if not isinstance(inp, Tensor) or not isinstance(out, Tensor) or inp.dim() == 0 or out.dim() == 0:
