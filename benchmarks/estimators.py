@@ -37,6 +37,7 @@ Usage::
     python benchmarks/estimators.py --smoke     # tiny sizes, 1 round, writes nothing
     python benchmarks/estimators.py --rounds 30 --out DIR
     python benchmarks/estimators.py --profile   # torch.profiler tables of the fisher_optim calls
+    python benchmarks/estimators.py --lm --threads 1   # char-level LMs (issue 13): results/estimators_lm.md
 """
 
 from __future__ import annotations
@@ -505,6 +506,246 @@ def profile(cases: list[Case]) -> None:
             print(avg.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+# -- language models (issue 13) -------------------------------------------------------------------------------
+LM_EXACT_POSITIONS = 8  # exact is timed on one input with this many labelled positions (its cost grows with T*C)
+LM_MC1, LM_EMP = "fisher_optim mc1 (N=1)", "fisher_optim empirical"
+LM_TORCH_FUNC = "torch.func vmap(grad)^2 (empirical)"
+
+
+@dataclass
+class LMCase:
+    key: str
+    title: str
+    model: nn.Module
+    batch: int
+    seq_len: int
+    notes: list[str] = field(default_factory=list)
+    target: bool = True  # issue 13's goal (mc1 and empirical <= 2x a plain step) applies
+    no_target: str = ""  # why it does not (report line)
+
+
+def make_lm_cases(smoke: bool) -> list[LMCase]:
+    """The char-level Transformer LM of issue 13 and a small LSTM LM (``benchmarks/lm_data.py``)."""
+    from benchmarks.lm_data import VOCAB_SIZE, char_lstm, char_transformer
+
+    torch.manual_seed(0)
+    if smoke:
+        return [
+            LMCase("lm_transformer", "char Transformer LM (smoke)",
+                   char_transformer(d_model=8, n_heads=2, n_layers=1, max_len=8), 2, 8),
+            LMCase("lm_lstm", "char LSTM LM (smoke)", char_lstm(d_embed=4, hidden=8), 2, 8),
+        ]  # fmt: skip
+    return [
+        LMCase("lm_transformer", f"char Transformer LM: 2 pre-norm layers, d = 64, 4 heads, dim_ff 256, "
+               f"{VOCAB_SIZE} characters; batch 16, 64 positions, all positions as outputs",
+               char_transformer(), 16, 64,
+               notes=["Every parameter takes a fast per-layer rule: Embedding (tokens; the learned positions "
+                      "pos(arange(T)), shared by the batch, through the broadcast-add rule), LayerNorm, the "
+                      "attention's in-/out-projections (Linear rule on "
+                      "(B, T, d) inputs), the feed-forward Linears and the head."]),
+        LMCase("lm_lstm", f"char LSTM LM: Embedding({VOCAB_SIZE}, 32), LSTM(32, 64), Linear head; batch 16, "
+               "64 positions, all positions as outputs", char_lstm(), 16, 64, target=False,
+               no_target="issue 13, part 5: the LSTM's per-input gradients take the general route; its cost "
+               "is reported",
+               notes=["nn.LSTM has no per-layer rule: its parameters take the general route (torch.func vmap "
+                      "over inputs, or a loop over inputs where the LSTM kernel has no vmap rule); the "
+                      "Embedding and the head take fast rules."]),
+    ]  # fmt: skip
+
+
+def lm_batch(case: LMCase) -> tuple[Tensor, Tensor]:
+    from benchmarks.lm_data import windows
+
+    return windows("train", case.batch, case.seq_len, generator=torch.Generator().manual_seed(0))
+
+
+def lm_per_sample_sq_grads(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``(1/B) sum_b (grad_theta sum_t CE(model(x_b)_t, y_bt))^2`` by ``torch.func.vmap(grad)``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss1(p, xb, yb):
+        return F.cross_entropy(functional_call(model, p, (xb.unsqueeze(0),))[0], yb, reduction="sum")
+
+    try:
+        g = vmap(grad(loss1), in_dims=(None, 0, 0))(params, x, y)
+    except RuntimeError:  # no vmap rule (e.g. the float64 LSTM kernel): the same gradients input by input
+        per = [grad(loss1)(params, x[b], y[b]) for b in range(x.shape[0])]
+        g = {n: torch.stack([d[n] for d in per]) for n in params}
+    return {n: (v * v).mean(0) for n, v in g.items()}
+
+
+def lm_exact_name(case: LMCase) -> str:
+    return f"fisher_optim exact (1 input, {min(LM_EXACT_POSITIONS, case.seq_len)} labelled positions)"
+
+
+def lm_methods(case: LMCase, x: Tensor, y: Tensor) -> dict[str, Callable]:
+    model = case.model
+    gen = torch.Generator().manual_seed(1)
+    ys = y[:1].clone()
+    ys[:, LM_EXACT_POSITIONS:] = -100  # exact on a subset: the other positions take no seeds
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+
+    def fo(est, xx=x, **kw):
+        return lambda: diagonal_fisher(model, xx, likelihood="categorical", estimator=est, **kw)
+
+    return {
+        BASELINE: plain,
+        LM_MC1: fo("mc1", n_samples=1, generator=gen),
+        LM_EMP: fo("empirical", targets=y),
+        lm_exact_name(case): fo("exact", x[:1], targets=ys),
+        LM_TORCH_FUNC: lambda: lm_per_sample_sq_grads(model, x, y),
+    }
+
+
+def lm_routes(case: LMCase, x: Tensor) -> tuple[list[str], list[str]]:
+    """(modules on fast rules, parameters on the general route) of the estimation pass."""
+    from fisher_optim.engine import Probe
+    from fisher_optim.likelihoods import Categorical
+
+    with Probe(case.model, x, Categorical()) as probe:
+        return [m for m, _, _ in probe.fast], list(probe.general)
+
+
+def lm_agreement(case: LMCase, x: Tensor, y: Tensor, tol: float = 1e-9) -> dict[str, float]:
+    """float64 copy, first 4 inputs: empirical and mc1 against torch.func at the same labels."""
+    model = copy.deepcopy(case.model).double()
+    x, y = x[:4], y[:4]
+    seed = 123
+    lik = get_likelihood("categorical")
+    with torch.no_grad():
+        h = lik.flatten(model(x))
+    y_s = lik.sample(h, 1, generator=torch.Generator().manual_seed(seed))[0]
+
+    def fo(est, **kw):
+        return diagonal_fisher(model, x, likelihood="categorical", estimator=est, **kw)
+
+    errs = {
+        "empirical vs torch.func vmap(grad)^2": rel_err(fo("empirical", targets=y),
+                                                        lm_per_sample_sq_grads(model, x, y)),
+        "mc1 vs torch.func vmap(grad)^2 at the same sampled labels": rel_err(
+            fo("mc1", generator=torch.Generator().manual_seed(seed)), lm_per_sample_sq_grads(model, x, y_s)),
+    }  # fmt: skip
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    if bad:
+        raise AssertionError(f"{case.key}: fisher_optim and torch.func disagree (rel. err. > {tol}): {bad}")
+    return errs
+
+
+def run_lm_case(case: LMCase, rounds: int, target_s: float, warmup: int = 2) -> dict:
+    x, y = lm_batch(case)
+    log(f"[{case.key}] {case.title}: {n_params(case.model)} parameters; agreement check (float64)")
+    agreement = lm_agreement(case, x, y)
+    fast, general = lm_routes(case, x)
+    fns = lm_methods(case, x, y)
+    log(f"[{case.key}] timing {len(fns)} methods, {rounds} rounds, interleaved")
+    times = interleaved_timings(fns, rounds, warmup=warmup, target_s=target_s, progress=log, slow_s=SLOW_S,
+                                slow_rounds=SLOW_ROUNDS)  # fmt: skip
+    return {"case": case, "stats": summarise(times, BASELINE), "agreement": agreement,
+            "params": n_params(case.model), "fast": fast, "general": general}  # fmt: skip
+
+
+def write_lm_markdown(results: list[dict], path: Path, command: str, rounds: int, target_ms: float, info: str):
+    lines = [
+        "# Cost of the diagonal Fisher estimators on char-level language models (issue 13)",
+        "",
+        f"Produced by `{command}` on {datetime.date.today().isoformat()}; every number below comes from "
+        "that run.",
+        "",
+        f"Machine: {info}. The machine is shared with other jobs, so absolute times drift; the ratios are "
+        "medians of per-round ratios to the plain forward+backward of the same round. Load average at the end "
+        "of the run: {:.2f} {:.2f} {:.2f}.".format(*os.getloadavg()),
+        "",
+        "Protocol: float32, categorical likelihood over every position (outputs (B, T, vocabulary)), windows of "
+        "the `pydoc_data.topics` text (`benchmarks/lm_data.py`, train split, seed 0). Every method is warmed "
+        f"up, then timed round-robin for {rounds} rounds (each measurement about {target_ms:g} ms; a method "
+        f"whose first call lasts over {SLOW_S:g} s is measured with one call in {SLOW_ROUNDS} rounds). "
+        "Baseline = `cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()` on the whole batch. "
+        "fisher_optim = `diagonal_fisher(model, x, likelihood='categorical', estimator=...)` (forward "
+        "included). mc1 draws one label per position and squares each input's whole-sequence score; empirical "
+        "squares each input's score at the observed next characters. exact costs T x C seeds per input (a "
+        f"reference): it is timed on ONE input with {LM_EXACT_POSITIONS} labelled positions (the others "
+        "`ignore_index`), and the last column extrapolates its ratio to the whole batch with all positions "
+        "(x B x T / positions). torch.func = `vmap(grad(per-input loss summed over positions))`, squared and "
+        "averaged (the empirical Fisher).",
+        "",
+    ]
+    for res in results:
+        case, s = res["case"], res["stats"]
+        lines += [f"## {case.key}: {case.title} ({res['params']:,} parameters)", ""]
+        for note in case.notes:
+            lines += [f"Note: {note}", ""]
+        lines += [f"Fast rules: {', '.join(res['fast']) or 'none'}.", "",
+                  f"General route: {', '.join(res['general']) or 'none'}.", ""]  # fmt: skip
+        lines += ["| method | median ms [q25, q75] | ratio to plain fwd+bwd [q25, q75] | whole batch, all "
+                  "positions (extrapolated) |", "|---|---|---|---|"]  # fmt: skip
+        exact = lm_exact_name(case)
+        scale = case.batch * case.seq_len / min(LM_EXACT_POSITIONS, case.seq_len)
+        for name, st in s.items():
+            few = f" ({st['rounds']} rounds, one call each)" if st["rounds"] < rounds else ""
+            extra = f"~{st['ratio'] * scale:,.0f}" if name == exact else "–"
+            lines.append(
+                f"| {name}{few} | {st['ms']:.2f} [{st['ms_q25']:.2f}, {st['ms_q75']:.2f}] | "
+                f"**{st['ratio']:.2f}** [{st['ratio_q25']:.2f}, {st['ratio_q75']:.2f}] | {extra} |"
+            )
+        if not case.target:
+            lines += ["", f"No speed target for this model ({case.no_target})."]
+        else:
+            lines += ["", "| target (issue 13) | ratio | met? |", "|---|---|---|"]
+        for name in (LM_MC1, LM_EMP) if case.target else ():
+            r = s[name]["ratio"]
+            lines.append(f"| {name.split(' ', 1)[1]} <= 2x plain forward+backward | {r:.2f} | "
+                         f"{_verdict(r <= 2.0)} |")  # fmt: skip
+        lines += ["", "Numerical agreement (float64 copy, first 4 inputs, max abs difference / max abs value):",
+                  ""]  # fmt: skip
+        for k, v in res["agreement"].items():
+            lines.append(f"- {k}: {v:.1e}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main_lm(args, argv: list[str]) -> list[dict]:
+    """``--lm``: the language-model cases, written to ``estimators_lm.md``."""
+    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 15)
+    if rounds < 1:
+        raise ValueError(f"Invalid rounds: {rounds}")
+    target_ms = args.target_ms if args.target_ms is not None else (1.0 if args.smoke else 20.0)
+    out = args.out if args.out is not None or args.smoke else RESULTS
+    cases = make_lm_cases(args.smoke)
+    if args.models:
+        unknown = set(args.models) - {c.key for c in cases}
+        if unknown:
+            raise ValueError(f"Invalid models: {sorted(unknown)}")
+        cases = [c for c in cases if c.key in args.models]
+    threads_before = torch.get_num_threads()
+    try:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        with warnings.catch_warnings():
+            # torch.func has no batching rule for the CPU attention kernels: it warns and loops (still exact)
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            info = machine_info()
+            log(info)
+            results = [run_lm_case(c, rounds, target_ms / 1e3, 1 if args.smoke else 2) for c in cases]
+    finally:
+        torch.set_num_threads(threads_before)
+    for res in results:
+        print(f"\n{res['case'].key}: {res['case'].title}")
+        for name, st in res["stats"].items():
+            print(f"  {name:52s} {st['ms']:9.2f} ms   ratio {st['ratio']:8.2f}")
+        print(f"  general route: {res['general']}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        command = shlex.join(["python", "benchmarks/estimators.py", *argv])
+        write_lm_markdown(results, out / "estimators_lm.md", command, rounds, target_ms, info)
+        log(f"wrote {out / 'estimators_lm.md'}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, no files unless --out")
@@ -515,10 +756,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--target-ms", type=float, default=None, help="length of a measurement (20; smoke 1)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables, no timing")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--lm", action="store_true", help="the language models of issue 13 (lm_transformer, "
+                        "lm_lstm) instead: estimators_lm.md")  # fmt: skip
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"Invalid threads: {args.threads}")
+    if args.lm:
+        return main_lm(args, argv)
     rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 25)
     if rounds < 1:
         raise ValueError(f"Invalid rounds: {rounds}")

@@ -5,9 +5,12 @@ this call only) and records the inputs and outputs of the layers that have fast 
 ``nn.Conv2d``).  :meth:`Probe.seeded` then backpropagates ``K`` seeds per input,
 ``seed[k, b] in R^C`` at the output ``h(x_b)``, and returns per-layer records of the per-sample
 gradients of ``seed[k, b]^T h(x_b)`` (:mod:`fisher_optim.layers`); BatchNorm with running statistics (an
-affine map per channel in eval mode) has a fast rule too.  Parameters of every other module (LayerNorm,
-Embedding, BatchNorm without running statistics, custom modules, layers reused twice in one forward) take the
-general ``torch.func`` route: ``vmap`` over inputs of a ``vjp`` over seeds.
+affine map per channel in eval mode), ``nn.Embedding``, ``nn.LayerNorm`` and the projections of self-attention
+``nn.MultiheadAttention`` (run as Linear calls during the probe's forward,
+:func:`~fisher_optim.layers.attention_forward`) have fast rules too.  Parameters of every other module
+(BatchNorm without running statistics, RNNs, custom modules, layers reused twice in one forward, layers applied to
+tensors whose dimension 0 is not the batch) take the general ``torch.func``
+route: ``vmap`` over inputs of a ``vjp`` over seeds.
 
 Every estimator is then ``reduce(records, fn, degree)`` for some per-input function of the seed stack:
 the exact diagonal Fisher uses the ``C`` columns of ``S`` (``S S^T = I(h)``) and ``fn = sum_k x_k^2``;
@@ -27,7 +30,17 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batch import Batch, NonFiniteError, OutputSpec, select_output
-from .layers import DenseRecord, Reducer, is_fast, linear_reduce, make_record
+from .layers import (
+    DenseRecord,
+    Reducer,
+    attention_is_fast,
+    call_is_batched,
+    in_projection_view,
+    is_fast,
+    linear_reduce,
+    make_record,
+    patch_attention,
+)
 from .likelihoods import Likelihood
 
 __all__ = ["Probe", "reduce_records", "trainable_parameters"]
@@ -129,6 +142,37 @@ def _graph_uses(root: Tensor) -> tuple[dict[int, int], set]:
     return counts, seen
 
 
+def _broadcast_partner(module, out: Tensor, outs: dict, calls: dict, nodes: set, b: int) -> str | None:
+    """For an ``nn.Embedding`` call shared by the batch (``pos(torch.arange(T))``, output ``(T, d)``): the name of the
+    recorded module whose per-input output ``(B, T, d)`` it is added to, ``z = other + out`` (``AddBackward0``,
+    alpha 1), when that sum is the only use of both.  Then ``dz/d other`` is the identity, so the gradient at
+    ``other`` row ``b`` is input ``b``'s gradient at the shared output (autograd sums it over the batch).  ``None``
+    for any other graph: the general route.  Read off the autograd graph only; no shapes guessed."""
+    if not isinstance(module, nn.Embedding) or out.grad_fn is None:
+        return None
+    node, nr = out.grad_fn, out.output_nr
+    users = [n for n in nodes if any(e[0] is node and e[1] == nr for e in n.next_functions)]
+    if len(users) != 1 or users[0].name() != "AddBackward0" or getattr(users[0], "_saved_alpha", 1) != 1:
+        return None
+    add = users[0]
+    other = [e for e in add.next_functions if not (e[0] is node and e[1] == nr)]
+    if len(other) != 1 or other[0][0] is None:
+        return None
+    onode, onr = other[0]
+    if sum(1 for n in nodes for e in n.next_functions if e[0] is onode and e[1] == onr) != 1:
+        return None  # the partner's output has another use: its gradient is not the sum's
+    for name, t in outs.items():
+        if (
+            calls.get(name) == 1
+            and isinstance(t, Tensor)
+            and t.grad_fn is onode
+            and t.output_nr == onr
+            and tuple(t.shape) == (b, *out.shape)
+        ):
+            return name
+    return None
+
+
 class Probe:
     r"""One forward pass of ``model`` on ``inputs`` with the fast layers' inputs and outputs recorded.
 
@@ -145,8 +189,10 @@ class Probe:
     The forward runs in eval mode (dropout off); BatchNorm layers in train mode use the estimation batch's own
     statistics, held constant, those in eval mode their running statistics (:class:`_ModeGuard`).  Compiled models
     run eagerly.  Which parameters the output depends on is read off the autograd graph: a fast rule
-    (``nn.Linear``, ``nn.Conv2d``, BatchNorm) covers a parameter only if its module ran once, its output reaches
-    ``h`` and that call is the parameter's only use; every other parameter on the graph takes the general route;
+    (``nn.Linear``, ``nn.Conv2d``, BatchNorm, ``nn.Embedding``, ``nn.LayerNorm``, attention projections) covers a
+    parameter only if its module ran once, on a tensor whose dimension 0 is the batch
+    (:func:`~fisher_optim.layers.call_is_batched`), its output reaches ``h`` and that call is the parameter's only
+    use; every other parameter on the graph takes the general route;
     only parameters off the graph get zeros (:attr:`unused`).  ``.grad`` fields are never touched.
 
     Non-finite inputs or outputs raise :class:`~fisher_optim.batch.NonFiniteError` (a ``ValueError``).
@@ -243,6 +289,22 @@ class Probe:
             if bias is not None and bias.requires_grad and not has_bias:
                 continue  # bias trainable but not requested: keep it simple, general route for weight
             fast.append((mname, m, has_bias))
+        # nn.MultiheadAttention: its in-projection as an nn.Linear view over in_proj_weight/in_proj_bias, called by
+        # a patched forward (layers.attention_forward) that also calls out_proj as a module: both take the Linear rule
+        self._attention = []
+        for mname, m in self.model.named_modules():
+            if not attention_is_fast(m) or id(m.in_proj_weight) not in pname:
+                continue
+            bias = m.in_proj_bias
+            has_bias = bias is not None and id(bias) in pname
+            if bias is not None and bias.requires_grad and not has_bias:
+                continue
+            view = in_projection_view(m)
+            self._attention.append((m, view))
+            fast.append((f"{mname}.in_proj", view, has_bias))
+        if self._attention:  # module order (input to output), each in-projection just before its out_proj
+            order = {n: float(i) for i, (n, _) in enumerate(self.model.named_modules())}
+            fast.sort(key=lambda f: order[f[0]] if f[0] in order else order[f[0][: -len(".in_proj")]] + 0.5)
         return fast, pname
 
     def _forward(self, clone: bool):
@@ -268,7 +330,7 @@ class Probe:
 
         handles = [m.register_forward_hook(make_hook(mname)) for mname, m, _ in fast]
         try:
-            with torch.enable_grad():  # under an optimizer's no_grad too: h stays on the graph
+            with torch.enable_grad(), patch_attention(self._attention):  # under no_grad too: h stays on the graph
                 self.h = self.outputs_of(self.batch)
         finally:
             for hd in handles:
@@ -281,6 +343,7 @@ class Probe:
         uses, nodes = _graph_uses(self.h)
         self.fast = []  # (mname, module, has_bias)
         covered: set[str] = set()
+        shared: dict[str, str] = {}  # shared-index Embedding -> the module whose output it is added to
         for mname, m, has_bias in fast:
             own = [m.weight] + ([m.bias] if has_bias else [])
             out = outs.get(mname)
@@ -291,8 +354,19 @@ class Probe:
                 or any(uses.get(id(p), 0) != 1 for p in own)
             ):
                 continue  # unused, reused, or a parameter used outside this call: autograd decides below
+            if not call_is_batched(m, in_graph.get(mname), out, self.batch):
+                # not a per-input call; a shared Embedding (learned positions) broadcast-added to a per-input
+                # recorded output takes the gradient at that output as its own per-input gradient
+                partner = _broadcast_partner(m, out, outs, calls, nodes, self.batch.size)
+                if partner is None:
+                    continue
+                shared[mname] = partner
             self.fast.append((mname, m, has_bias))
             covered.update(pname[id(p)] for p in own)
+        for mname, partner in shared.items():  # the index as (B, ...) and the partner's output as the output
+            idx = ins[mname]
+            ins[mname] = idx.expand(self.batch.size, *idx.shape)
+            outs[mname], versions[mname] = outs[partner], versions[partner]
         #: parameters the output does not depend on (off the autograd graph): their Fisher is exactly zero
         self.unused = sorted(n for n, p in self.params.items() if id(p) not in uses)
         unused = set(self.unused)

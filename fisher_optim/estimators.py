@@ -324,8 +324,9 @@ def diagonal_fisher(
 
     Args:
         model: any ``nn.Module`` whose output rows are the natural parameters of ``likelihood``.
-            ``nn.Linear``/``nn.Conv2d`` take fast per-layer rules; every other module with parameters
-            takes an exact ``torch.func`` route.
+            ``nn.Linear``/``nn.Conv2d``/BatchNorm (running statistics)/``nn.Embedding``/``nn.LayerNorm`` and
+            self-attention projections take fast per-layer rules; every other module with parameters takes an
+            exact ``torch.func`` route.
         inputs: the model's inputs for ``M`` examples: a Tensor ``(M, ...)`` (``model(x)``), a tuple
             (``model(*inputs)``) or a dict (``model(**inputs)``).  Tensors whose leading dimension is ``M`` (that of
             the first tensor) are sliced together; other arguments are passed whole to every call.

@@ -138,3 +138,17 @@ def test_agreement_check_catches_a_scaling_error(monkeypatch):
 def test_estimators_invalid_arguments(argv, msg):
     with pytest.raises(ValueError, match=msg):
         bench.main(argv)
+
+
+def test_estimators_lm_smoke_writes_report(tmp_path):
+    """``--lm --smoke``: both language models at tiny sizes, their float64 agreement with torch.func, a report."""
+    results = bench.main(["--lm", "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    assert [r["case"].key for r in results] == ["lm_transformer", "lm_lstm"]
+    assert results[0]["general"] == []  # every Transformer parameter on a fast rule
+    assert any(n.startswith("lstm.") for n in results[1]["general"])
+    for r in results:
+        assert all(v <= 1e-9 for v in r["agreement"].values())
+        assert all(st["ms"] > 0 for st in r["stats"].values())
+    md = (tmp_path / "estimators_lm.md").read_text()
+    assert "python benchmarks/estimators.py --lm --smoke --threads 1 --out" in md
+    assert "1 intra-op threads" in md
