@@ -151,9 +151,14 @@ class Config:
 
 
 def constructor_defaults(cls) -> dict:
-    """The hyperparameters of the sweep as ``cls``'s signature sets them (so the table follows the code)."""
+    """The hyperparameters of the sweep as ``cls``'s signature (and :class:`fisher_optim.FisherSettings`, for the
+    estimation settings) set them, so the table follows the code."""
+    from fisher_optim import FisherSettings
+
     sig = inspect.signature(cls.__init__).parameters
-    return {k: sig[k].default for k in ("lr", "clip", "damping", "fisher_interval")}
+    out = {k: sig[k].default for k in ("lr", "clip", "damping")}
+    out["fisher_interval"] = FisherSettings().fisher_interval
+    return out
 
 
 def _g(v) -> str:

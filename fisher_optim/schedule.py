@@ -126,6 +126,10 @@ class Schedule:
         self.since_refresh = 0
         self.since_select += 1
 
+    def refresh_next(self) -> None:
+        """Make the next step a refresh (a parameter has no curvature information yet)."""
+        self.since_refresh = max(self.since_refresh, self.fisher_interval - 1)
+
     def after_step(self) -> None:
         """A step was taken."""
         self.steps += 1

@@ -211,3 +211,25 @@ def test_positional_and_keyword_arguments_are_replayed(monkeypatch):
     for n, p in net.named_parameters():
         torch.testing.assert_close(opt.state[p]["fisher_ema"] / (1 - beta2), ref[n], rtol=1e-10, atol=1e-15)
     opt.close()
+
+
+def test_layers_without_curvature_wait_for_it():
+    """A zero-initialised head (torchvision's ViT): the Fisher below it is exactly zero at the first refresh. Those
+    layers take no clipped 1/eps sign step; the next step refreshes again and they move once the head has."""
+    net = mlp()
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[2].bias.zero_()
+    opt = FisherAdam(net, likelihood="categorical", estimator="exact", fisher_interval=10)
+    x, y = data()
+    first = net[0].weight.detach().clone()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    assert torch.equal(net[0].weight, first)  # no curvature, no step
+    assert not torch.equal(net[2].weight, torch.zeros_like(net[2].weight))  # the head moved
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    assert opt.fisher_report().refreshes == 2  # refreshed again at once (interval 10)
+    assert not torch.equal(net[0].weight, first)
+    opt.close()

@@ -73,7 +73,7 @@ from ..settings import FisherSettings
 from . import distributed
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
-from .finite import all_finite
+from .finite import all_finite, all_zero, describe_nonfinite
 from .report import FisherReport
 
 __all__ = ["FisherOptimizer", "FisherReport"]
@@ -304,7 +304,7 @@ class FisherOptimizer(Optimizer):
             self._generator.set_state(gen_state)
             self._capture.restore_buffers()
             self._capture.reset()
-            what = nonfinite_input or self._describe_nonfinite(work, estimates, loss)
+            what = nonfinite_input or describe_nonfinite(work, estimates, loss, self._names)
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite {what} at step {self._schedule.steps}; no parameter or state "
@@ -316,7 +316,13 @@ class FisherOptimizer(Optimizer):
 
         if estimates is not None:
             self._apply_refresh(estimates, pending)
+        blind = set() if estimates is None else self._without_curvature(estimates)
         for group, ps, grads in work:
+            if blind:  # no curvature information yet: no natural-gradient step for them (see _without_curvature)
+                kept = [(p, g) for p, g in zip(ps, grads) if id(p) not in blind]
+                ps, grads = [p for p, _ in kept], [g for _, g in kept]
+                if not ps:
+                    continue
             states = [self.state[p] for p in ps]
             preconditioned_update(
                 ps,
@@ -332,6 +338,15 @@ class FisherOptimizer(Optimizer):
         return loss
 
     # -- refresh -------------------------------------------------------------------------------------
+    def _without_curvature(self, estimates: dict[Tensor, Tensor]) -> set[int]:
+        """Parameters whose running Fisher is exactly zero (all below a zero-initialised head, as in torchvision's
+        ViT): ``1/eps`` would make a clipped sign step, so they wait, and the next step refreshes again."""
+        ps = list(estimates)
+        blind = {id(p) for p, z in zip(ps, all_zero([self.state[p]["fisher_ema"] for p in ps])) if z}
+        if blind:
+            self._schedule.refresh_next()
+        return blind
+
     def _fisher_params(self) -> dict[str, Tensor]:
         """Optimized parameters that require grad, by name in ``model.named_parameters()``."""
         return {self._names[id(p)]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
@@ -442,22 +457,7 @@ class FisherOptimizer(Optimizer):
             )
         self._schedule.after_refresh()
 
-    # -- non-finite values (the check itself: optim/finite.py) and report ---------------------------
-    def _describe_nonfinite(self, work, estimates, loss) -> str:
-        """Which values were non-finite (only called on failure; may synchronise freely)."""
-        if (isinstance(loss, Tensor) and not bool(loss.detach().isfinite().all())) or (
-            isinstance(loss, float) and not math.isfinite(loss)
-        ):
-            return "loss"
-        for _, ps, grads in work:
-            for p, g in zip(ps, grads):
-                if not bool(g.isfinite().all()):
-                    return f"gradient of {self._names[id(p)]!r}"
-        for p, e in (estimates or {}).items():
-            if not bool(e.isfinite().all()):
-                return f"Fisher estimate of {self._names[id(p)]!r}"
-        return "value"
-
+    # -- report (the non-finite check: optim/finite.py) ----------------------------------------------
     def fisher_report(self) -> FisherReport:
         """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason and
         the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
