@@ -623,13 +623,19 @@ class _HutchMoments:
     ``sum_m 2 (F_i(x_m)^2 - sum_a A_{m,ia}^4)`` (spec §13, :func:`~fisher_optim.variance.factor_moments`), in
     place of Î₁'s ``v1``, so :func:`_unit_stats` prices Hutchinson with the same formulas."""
 
-    def __init__(self, mom, a4: dict[str, Tensor]):
+    def __init__(self, mom, a4: dict[str, Tensor] | None = None, var: dict[str, Tensor] | None = None):
         self.fisher, self.fisher_sq, self.v2 = mom.fisher, mom.fisher_sq, None
-        self.v1 = {n: (mom.fisher_sq[n] - a4[n]).clamp_min(0).mul_(2) for n in mom.fisher}
+        if var is not None:  # tracked online (summed over the inputs)
+            self.v1 = {n: var[n] if n in var else 2 * mom.fisher_sq[n] for n in mom.fisher}
+        elif a4 is not None:
+            self.v1 = {n: (mom.fisher_sq[n] - a4[n]).clamp_min(0).mul_(2) for n in mom.fisher}
+        else:  # the bound: sum_a A^4 >= 0, so the variance is at most 2 F(x)^2 (relative error sqrt(2/N))
+            self.v1 = {n: 2 * mom.fisher_sq[n] for n in mom.fisher}
 
 
 def _decide(
-    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None, a4=None
+    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None, a4=None,
+    h_source: str | None = None, h_var=None,
 ) -> tuple[dict[str, Choice], list[int], list[int] | None, str]:
     """Per-parameter :class:`Choice` of the joint plan (see :func:`joint_plan`), with the reasons, the plan's options
     and those of ``current`` (``None`` if not given or not a plan of exact/Î₁ over these layers).  ``current`` (a
@@ -664,13 +670,14 @@ def _decide(
     est = "mc1"
     feasible, scorer, opts, j = search(stats)
     other = ""
-    if a4 is not None:
-        stats_h = stats_of(_HutchMoments(mom, a4))
+    source = "closed form"
+    if h_source is not None:
+        stats_h = stats_of(_HutchMoments(mom, a4, h_var))
         found_h = search(stats_h)
         if found_h[3] * (1.0 + COST_TIE) < j:
-            other = (f"; Hutchinson over Î₁ (per-input variance 2(F²-ΣA⁴) vs Î₁'s): with Î₁ the plan's predicted "
+            other = (f"; Hutchinson over Î₁ (Hutchinson's variance: {h_source}): with Î₁ the plan's predicted "
                      f"error at equal time would be {math.sqrt(j / found_h[3]) if found_h[3] > 0 else math.inf:.3g}x")
-            est, stats = "hutchinson", stats_h
+            est, stats, source = "hutchinson", stats_h, h_source
             feasible, scorer, opts, j = found_h
         elif any(found_h[2]) and found_h[3] < math.inf and j > 0:
             ratio = math.sqrt(found_h[3] / j)
@@ -729,7 +736,9 @@ def _decide(
                 f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
                 f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
             )
-            ch = Choice(est, n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f)
+            if source != "closed form":
+                reason += f" (Hutchinson's variance: {source})"
+            ch = Choice(est, n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f, source)
         else:
             zero_res = hp is not None and all(n in hp.zero for n in unit)
             if zero_res and set(unit) <= out_unit:
@@ -868,6 +877,8 @@ def run_selection(
     current: dict[str, tuple[str, int]] | None = None,
     targets: Tensor | None = None,
     hutchinson: bool = True,
+    closed_form_seeds: int = 4096,
+    hutchinson_variance: dict[str, Tensor] | None = None,
 ) -> Selection:
     r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
     (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
@@ -892,6 +903,13 @@ def run_selection(
         ...     return {n: (c.estimator, c.n_samples) for n, c in s.choices.items()}
         >>> again.costs is sel.costs and plan(again) == plan(sel)
         True
+
+    Sampled layers take Î₁ or (``hutchinson=True``) Hutchinson, whichever plan predicts the lower error at equal
+    time.  Hutchinson's per-input variance is the closed form :math:`2(F^2-\sum_a A^4)` (one more backward with
+    the exact pass's seeds) up to ``closed_form_seeds`` seeds per input (positions x classes); past it the bound
+    :math:`2F(x)^2` (relative error :math:`\sqrt{2/N}`), or ``hutchinson_variance`` when given (per parameter,
+    summed over the inputs: :class:`~fisher_optim.variance.OnlineVariance` of the estimator's own draws).  Each
+    :class:`Choice` says which in ``source``.
     """
     max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
     lik = get_likelihood(likelihood)
@@ -920,13 +938,22 @@ def run_selection(
         )
         units = [tuple(u) for u in _module_units(probe)]
         # Hutchinson's per-input variance needs sum_a A^4: one more backward with the exact pass's seeds
-        a4 = factor_moments(probe, mask=mask)["a4"] if hutchinson else None
+        # (closed form); past ``closed_form_seeds`` seeds per input (positions x classes) the variance tracked online
+        # from Hutchinson's own draws (``hutchinson_variance``, summed over the inputs) or else the bound 2 F(x)^2
+        a4, h_source = None, None
+        if hutchinson_variance is not None:
+            h_source = "online"
+        elif hutchinson:
+            seeds = math.prod(probe.h.shape[1:])
+            h_source = "closed form" if seeds <= closed_form_seeds else "bound"
+            a4 = factor_moments(probe, mask=mask)["a4"] if h_source == "closed form" else None
         if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
         out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
     out, opts, cur, summary = _decide(
-        units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current, a4=a4
+        units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current, a4=a4, h_source=h_source,
+        h_var=hutchinson_variance,
     )
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
