@@ -88,8 +88,9 @@ def main(argv=None):
         f"Command: `OMP_NUM_THREADS=1 python {' '.join(['benchmarks/auto_lm.py', *sys.argv[1:]])}`",
         "",
         f"Model: char_transformer(d=32, 2 layers, 4 heads), {args.steps} AdamW steps; subset {args.batch} "
-        f"windows x {args.seq_len} chars, {args.seq_len * VOCAB_SIZE} seeds per input.  Reference: the exact Fisher of the subset "
-        f"(sampling noise only).  Budget {args.budget:g} exact refreshes = {budget * 1e3:.0f} ms wall (1 CPU thread);"
+        f"windows x {args.seq_len} chars, {args.seq_len * VOCAB_SIZE} seeds per input.  "
+        "Reference: the exact Fisher of the subset (sampling noise only).  "
+        f"Budget {args.budget:g} exact refreshes = {budget * 1e3:.0f} ms wall (1 CPU thread);"
         " exact gets one refresh (zero error) at 1x budget.",
         "",
         "| choice | refreshes | time (ms) | rel. error of the average |",
