@@ -75,7 +75,7 @@ from .estimators import (
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .likelihoods import Categorical, Likelihood, get_likelihood
-from .variance import moments_from_probe
+from .variance import factor_moments, moments_from_probe
 
 __all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
 
@@ -84,6 +84,11 @@ __all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_
 PLAN_ESTIMATORS = ESTIMATORS
 #: relative cost difference treated as a tie (timing noise); ties go to the zero-variance exact estimator
 COST_TIE = 0.25
+#: the per-input sampled estimators :func:`select` chooses among (one backward of ``N`` seeds per input each, so one
+#: cost model prices both; their per-input variances: Î₁'s ``v1`` and Hutchinson's ``2(F(x)^2 - sum_a A^4)``)
+SAMPLED = ("mc1", "hutchinson")
+#: labels of the sampled estimators in reasons
+_LABEL = {"mc1": "Î₁", "hutchinson": "Hutchinson"}
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Choice:
     rse_mc1: float = float("nan")
     rse_mc2: float = float("nan")
     mean_fisher: float = float("nan")
+    #: where the predicted variance came from: "closed form" (the moments of the batch), "online" or "bound"
+    source: str = "closed form"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -280,8 +287,8 @@ class Costs:
         options = []
         for unit in self.units:
             est, n = plan.get(unit[0], ("exact", 1))
-            if est not in ("exact", "mc1"):
-                raise ValueError(f"refresh_cost models 'exact' and 'mc1' only, not {est!r}")
+            if est not in ("exact",) + SAMPLED:
+                raise ValueError(f"refresh_cost models 'exact', 'mc1' and 'hutchinson' only, not {est!r}")
             options.append(0 if est == "exact" else int(n))
         return self.unit_refresh_cost(options)
 
@@ -600,24 +607,71 @@ def joint_plan(
     return [int(o) for o in best], best_j
 
 
+class _HutchMoments:
+    """The moments of :class:`~fisher_optim.variance.FisherMoments` with Hutchinson's per-input variance,
+    ``sum_m 2 (F_i(x_m)^2 - sum_a A_{m,ia}^4)`` (spec §13, :func:`~fisher_optim.variance.factor_moments`), in
+    place of Î₁'s ``v1``, so :func:`_unit_stats` prices Hutchinson with the same formulas."""
+
+    def __init__(self, mom, a4: dict[str, Tensor] | None = None, var: dict[str, Tensor] | None = None):
+        self.fisher, self.fisher_sq, self.v2 = mom.fisher, mom.fisher_sq, None
+        if var is not None:  # tracked online (summed over the inputs)
+            self.v1 = {n: var[n] if n in var else 2 * mom.fisher_sq[n] for n in mom.fisher}
+        elif a4 is not None:
+            self.v1 = {n: (mom.fisher_sq[n] - a4[n]).clamp_min(0).mul_(2) for n in mom.fisher}
+        else:  # the bound: sum_a A^4 >= 0, so the variance is at most 2 F(x)^2 (relative error sqrt(2/N))
+            self.v1 = {n: 2 * mom.fisher_sq[n] for n in mom.fisher}
+
+
 def _decide(
-    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None
+    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None, a4=None,
+    h_source: str | None = None, h_var=None,
 ) -> tuple[dict[str, Choice], list[int], list[int] | None, str]:
     """Per-parameter :class:`Choice` of the joint plan (see :func:`joint_plan`), with the reasons, the plan's options
     and those of ``current`` (``None`` if not given or not a plan of exact/Î₁ over these layers).  ``current`` (a
-    plan ``name -> (estimator, n)``) is kept when the new optimum does not beat it by the tie margin."""
-    sums = _tensor_sums(mom, [n for u in units for n in u if n in mom.fisher])
-    stats = [
-        _unit_stats(u, sums, sum(mom.fisher[n].numel() for n in u if n in mom.fisher), m, phi, target_rse,
-                    mom.v2 is not None)
-        for u in units
-    ]  # fmt: skip
-    feasible = list(stats)  # a layer whose label noise misses target_rse at max_samples can only be exact
-    for i, st in enumerate(feasible):
-        if st is not None and st.n_need > max_samples:
-            feasible[i] = _UnitStats(st.names, st.a, st.l, max_samples + 1, st.f, st.v1, st.v2, st.a_mean, st.l_mean)
-    scorer = _PlanScorer(feasible, costs, max_samples)
-    opts, j = joint_plan(feasible, costs, max_samples, scorer=scorer)
+    plan ``name -> (estimator, n)``) is kept when the new optimum does not beat it by the tie margin.
+
+    With ``a4`` (per parameter ``sum_{m,a} A^4``, :func:`~fisher_optim.variance.factor_moments`) the sampled layers
+    take Î₁ or Hutchinson, one estimator for the whole plan (they share one backward of ``N_max`` seeds, so the cost
+    model is the same): the joint plan is searched with each estimator's per-input variance and the lower predicted
+    error at equal time wins (ties within ``COST_TIE`` go to Î₁, the estimator the MLP defaults were tuned on)."""
+    names_all = [n for u in units for n in u if n in mom.fisher]
+
+    def stats_of(mm):
+        sums = _tensor_sums(mm, names_all)
+        return [
+            _unit_stats(u, sums, sum(mom.fisher[n].numel() for n in u if n in mom.fisher), m, phi, target_rse,
+                        mm.v2 is not None)
+            for u in units
+        ]  # fmt: skip
+
+    def search(stats):
+        feasible = list(stats)  # a layer whose label noise misses target_rse at max_samples can only be exact
+        for i, st in enumerate(feasible):
+            if st is not None and st.n_need > max_samples:
+                feasible[i] = _UnitStats(st.names, st.a, st.l, max_samples + 1, st.f, st.v1, st.v2, st.a_mean,
+                                         st.l_mean)  # fmt: skip
+        scorer = _PlanScorer(feasible, costs, max_samples)
+        opts, j = joint_plan(feasible, costs, max_samples, scorer=scorer)
+        return feasible, scorer, opts, j
+
+    stats = stats_of(mom)
+    stats_mc1 = stats
+    est = "mc1"
+    feasible, scorer, opts, j = search(stats)
+    other = ""
+    source = "closed form"
+    if h_source is not None:
+        stats_h = stats_of(_HutchMoments(mom, a4, h_var))
+        found_h = search(stats_h)
+        if found_h[3] * (1.0 + COST_TIE) < j:
+            other = (f"; Hutchinson over Î₁ (Hutchinson's variance: {h_source}): with Î₁ the plan's predicted "
+                     f"error at equal time would be {math.sqrt(j / found_h[3]) if found_h[3] > 0 else math.inf:.3g}x")
+            est, stats, source = "hutchinson", stats_h, h_source
+            feasible, scorer, opts, j = found_h
+        elif any(found_h[2]) and found_h[3] < math.inf and j > 0:
+            ratio = math.sqrt(found_h[3] / j)
+            other = f"; Î₁ over Hutchinson (Hutchinson's plan: predicted error at equal time {ratio:.3g}x)"
+    lab = _LABEL[est]
     all_exact = [0] * len(units)
     j_ex = float(scorer.score(np.zeros((1, len(units)), dtype=np.int64))[0]) if units else 0.0
     if not j * (1.0 + COST_TIE) < j_ex:  # within the timing noise of exact: take the zero-variance estimator
@@ -626,7 +680,7 @@ def _decide(
     if current is not None:
         try:
             cur = [0 if current[u[0]][0] == "exact" else int(current[u[0]][1]) for u in units]
-            if any(current[u[0]][0] not in ("exact", "mc1") for u in units):
+            if any(current[u[0]][0] not in ("exact", est) for u in units):
                 cur = None
         except KeyError:
             cur = None
@@ -651,7 +705,8 @@ def _decide(
             continue
         c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
         c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
-        rse1 = math.sqrt(st.v1) / st.f if st.f > 0 else 0.0
+        st1 = stats_mc1[i]
+        rse1 = math.sqrt(st1.v1) / st1.f if st1.f > 0 else 0.0
         rse2 = math.sqrt(st.v2) / st.f if st.f > 0 and st.v2 == st.v2 else float("nan")
         # the best alternative for this layer with the others as chosen: how much worse the plan would be
         cand, js = scorer.alternatives(opts, i)
@@ -661,16 +716,18 @@ def _decide(
         worse = math.sqrt(alt_j / j) if j > 0 and alt_j < math.inf else float("inf")
         alt_cost = costs.unit_refresh_cost(opts[:i] + [alt_o] + opts[i + 1 :]) if alt_o is not None else plan_cost
         if st.f <= 0:
-            ch = Choice("mc1" if opts[i] else "exact", max(1, opts[i]), 0.0, c_1 if opts[i] else c_ex,
+            ch = Choice(est if opts[i] else "exact", max(1, opts[i]), 0.0, c_1 if opts[i] else c_ex,
                         "zero Fisher on this batch: the cheapest option in the joint plan", 0.0, 0.0, st.f)  # fmt: skip
         elif opts[i]:
             n = opts[i]
             reason = (
-                f"Î₁ with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
+                f"{lab} with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
                 f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
                 f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
             )
-            ch = Choice("mc1", n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f)
+            if source != "closed form":
+                reason += f" (Hutchinson's variance: {source})"
+            ch = Choice(est, n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f, source)
         else:
             zero_res = hp is not None and all(n in hp.zero for n in unit)
             if zero_res and set(unit) <= out_unit:
@@ -680,10 +737,10 @@ def _decide(
             else:
                 reason = "exact: zero variance"
             if feasible[i].n_need > max_samples:
-                reason += f"; Î₁ would need N={st.n_need} > max_samples={max_samples}"
+                reason += f"; {lab} would need N={st.n_need} > max_samples={max_samples}"
             elif alt_o is not None:
                 reason += (
-                    f"; Î₁ (best N={alt_o}) would make a refresh {alt_cost / plan_cost:.3g}x as costly and the "
+                    f"; {lab} (best N={alt_o}) would make a refresh {alt_cost / plan_cost:.3g}x as costly and the "
                     f"plan's predicted error at equal time {worse:.3g}x"
                 )
             if opts == all_exact and j_ex > 0 and alt_o is not None and worse < 1.0:
@@ -691,10 +748,12 @@ def _decide(
             ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, st.f)
         for n in unit:
             out[n] = ch
-    return out, opts, cur, kept + _plan_summary(scorer, opts, costs, units, max_samples)
+    return out, opts, cur, kept + _plan_summary(scorer, opts, costs, units, max_samples, lab) + other
 
 
-def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max_samples: int) -> str:
+def _plan_summary(
+    scorer: _PlanScorer, opts: list[int], costs: Costs, units, max_samples: int, lab: str = "Î₁"
+) -> str:
     """The chosen plan against exact everywhere and against the best uniform Î₁ plan (exact on the seedless output
     layer): predicted refresh cost and predicted error at equal time (``sqrt`` of the ratio of ``J``)."""
     n_units = len(opts)
@@ -715,13 +774,13 @@ def _plan_summary(scorer: _PlanScorer, opts: list[int], costs: Costs, units, max
     ns = sorted({o for o in opts if o})
     text = (
         f"plan: {n_exact} of {n_units} layers exact"
-        + (f", {n_units - n_exact} Î₁ with N={'/'.join(map(str, ns))}" if ns else "")
+        + (f", {n_units - n_exact} {lab} with N={'/'.join(map(str, ns))}" if ns else "")
         + f", predicted refresh {fmt(costs.unit_refresh_cost(opts))}"
     )
     alts = []
     for name, jj, plan in [("exact everywhere", j_ex, exact[0]),
-                           (f"Î₁ N={int(uniform[best].max())} on every layer with seeds", j_u[best], uniform[best])]:
-        if (plan == chosen[0]).all() or (name.startswith("Î₁") and not (plan != 0).any()) or not jj < math.inf:
+                           (f"{lab} N={int(uniform[best].max())} on every layer with seeds", j_u[best], uniform[best])]:
+        if (plan == chosen[0]).all() or (name.startswith(lab) and not (plan != 0).any()) or not jj < math.inf:
             continue
         ratio = f"{math.sqrt(j / jj):.3g}x" if jj > 0 else "inf x"
         alts.append(f"{name}: refresh {fmt(costs.unit_refresh_cost([int(o) for o in plan]))}, this plan's predicted "
@@ -806,6 +865,9 @@ def run_selection(
     costs: Costs | None = None,
     current: dict[str, tuple[str, int]] | None = None,
     targets: Tensor | None = None,
+    hutchinson: bool = True,
+    closed_form_seeds: int = 4096,
+    hutchinson_variance: dict[str, Tensor] | None = None,
 ) -> Selection:
     r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
     (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
@@ -830,6 +892,13 @@ def run_selection(
         ...     return {n: (c.estimator, c.n_samples) for n, c in s.choices.items()}
         >>> again.costs is sel.costs and plan(again) == plan(sel)
         True
+
+    Sampled layers take Î₁ or (``hutchinson=True``) Hutchinson, whichever plan predicts the lower error at equal
+    time.  Hutchinson's per-input variance is the closed form :math:`2(F^2-\sum_a A^4)` (one more backward with
+    the exact pass's seeds) up to ``closed_form_seeds`` seeds per input (positions x classes); past it the bound
+    :math:`2F(x)^2` (relative error :math:`\sqrt{2/N}`), or ``hutchinson_variance`` when given (per parameter,
+    summed over the inputs: :class:`~fisher_optim.variance.OnlineVariance` of the estimator's own draws).  Each
+    :class:`Choice` says which in ``source``.
     """
     max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
     lik = get_likelihood(likelihood)
@@ -857,11 +926,24 @@ def run_selection(
             mask=mask,
         )
         units = [tuple(u) for u in _module_units(probe)]
+        # Hutchinson's per-input variance needs sum_a A^4: one more backward with the exact pass's seeds
+        # (closed form); past ``closed_form_seeds`` seeds per input (positions x classes) the variance tracked online
+        # from Hutchinson's own draws (``hutchinson_variance``, summed over the inputs) or else the bound 2 F(x)^2
+        a4, h_source = None, None
+        if hutchinson_variance is not None:
+            h_source = "online"
+        elif hutchinson:
+            seeds = math.prod(probe.h.shape[1:])
+            h_source = "closed form" if seeds <= closed_form_seeds else "bound"
+            a4 = factor_moments(probe, mask=mask)["a4"] if h_source == "closed form" else None
         if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed
             costs = _costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
         unused = list(probe.unused)
         out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
-    out, opts, cur, summary = _decide(units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current)
+    out, opts, cur, summary = _decide(
+        units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current, a4=a4, h_source=h_source,
+        h_var=hutchinson_variance,
+    )
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
     fisher = {n: (f / m).detach() for n, f in mom.fisher.items()}

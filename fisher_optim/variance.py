@@ -53,6 +53,7 @@ from .layers import LinearRecord, linear_reduce
 from .likelihoods import Likelihood, get_likelihood
 
 __all__ = [
+    "OnlineVariance",
     "fisher_variance",
     "fisher_moments",
     "FisherMoments",
@@ -410,3 +411,34 @@ def joint_variance(
     inp = {n: (fisher_sq[n] / m - (fisher[n] / m) ** 2) / m for n in fisher}
     out = {n: v[n] / m / n_samples / m for n in fisher}
     return {"input": inp, "output": out, "total": {n: inp[n] + out[n] for n in inp}}
+
+
+class OnlineVariance:
+    r"""Per-entry sample variance of an estimator's own draws (spec §14), tracked across probes and refreshes.
+
+    :meth:`update` takes, per parameter, a stack of ``K`` independent single-probe estimates (``K x shape``, e.g.
+    Hutchinson with one probe per row) of the same quantity; :meth:`variance` is the pooled unbiased sample variance
+    of one draw, :math:`\sum_r \sum_k (x_{rk} - \bar x_r)^2 / \sum_r (K_r - 1)` over the updates ``r`` (each
+    update's own mean, so a drifting Fisher between refreshes does not inflate it).  Where the closed form is too
+    costly (many output positions x classes) this replaces it in the selection (``source="online"``).
+    """
+
+    def __init__(self):
+        self.ss: dict[str, Tensor] = {}
+        self.dof = 0
+
+    def update(self, draws: dict[str, Tensor]) -> None:
+        k = None
+        for n, d in draws.items():
+            if d.shape[0] < 2:
+                raise ValueError("OnlineVariance.update needs at least two draws per update")
+            k = d.shape[0]
+            dev = (d - d.mean(0, keepdim=True)).square().sum(0)
+            self.ss[n] = self.ss[n] + dev if n in self.ss else dev
+        if k is not None:
+            self.dof += k - 1
+
+    def variance(self) -> dict[str, Tensor]:
+        if self.dof == 0:
+            raise ValueError("OnlineVariance has no draws yet")
+        return {n: v / self.dof for n, v in self.ss.items()}

@@ -1,0 +1,102 @@
+"""Auto selection among exact, Î₁ and Hutchinson (issue 14 part 4): Hutchinson where Î₁'s per-input variance is
+heavy-tailed (a confident softmax), Î₁ kept where it wins, and the predicted variance matches the draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fisher_optim.engine import Probe
+from fisher_optim.likelihoods import get_likelihood
+from fisher_optim.selection import _HutchMoments, plan_from_probe, run_selection
+from fisher_optim.variance import OnlineVariance, factor_moments, moments_from_probe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def confident_net(scale: float) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    with torch.no_grad():
+        net[4].weight.mul_(scale)
+        net[4].bias.zero_()
+        net[4].bias[0] = scale  # one class dominates: p ~ (1-eps, eps, ...)
+    return net
+
+
+def x_of(m: int = 64) -> torch.Tensor:
+    return torch.randn(m, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def test_hutchinson_chosen_for_a_confident_softmax():
+    sel = run_selection(confident_net(8.0), x_of(), likelihood="categorical", cost_model="flops", target_rse=0.3)
+    sampled = {c.estimator for c in sel.choices.values() if c.estimator != "exact"}
+    assert sampled == {"hutchinson"}, sel.summary
+    assert "Hutchinson over Î₁" in sel.summary
+    for c in sel.choices.values():
+        if c.estimator == "hutchinson":
+            assert c.reason.startswith("Hutchinson with N=") and c.source == "closed form"
+            assert c.rse < c.rse_mc1  # Î₁'s one-sample error is reported for comparison
+
+
+def test_hutchinson_off_keeps_the_mc1_plan():
+    sel = run_selection(confident_net(8.0), x_of(), likelihood="categorical", cost_model="flops", target_rse=0.3,
+                        hutchinson=False)  # fmt: skip
+    assert {c.estimator for c in sel.choices.values()} <= {"exact", "mc1"}
+
+
+def test_hutchinson_variance_matches_its_draws():
+    """The closed-form per-input variance 2(F^2 - sum A^4) that prices Hutchinson equals the sample variance of
+    one-probe Hutchinson estimates (many draws)."""
+    net, x = confident_net(2.0), x_of(4)
+    lik = get_likelihood("categorical")
+    with Probe(net, x, lik) as probe:
+        mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
+        var = _HutchMoments(mom, factor_moments(probe)["a4"]).v1  # summed over the 4 inputs
+        g = torch.Generator().manual_seed(0)
+        plan = {n: ("hutchinson", 1) for n in probe.params}
+        draws = [plan_from_probe(probe, plan, generator=g) for _ in range(3000)]
+    for n in var:
+        d = torch.stack([dr[n] for dr in draws])
+        # the inputs' probes are independent, so the sum's variance is the sum of the per-input variances
+        emp, pred = d.var(0).sum().item(), var[n].sum().item()
+        assert emp == pytest.approx(pred, rel=0.1), n
+        assert d.mean(0).sum().item() == pytest.approx(mom.fisher[n].sum().item(), rel=0.05)
+
+
+def test_bound_source_past_the_seed_budget():
+    sel = run_selection(confident_net(8.0), x_of(), likelihood="categorical", cost_model="flops", target_rse=0.3,
+                        closed_form_seeds=1)  # fmt: skip
+    hut = [c for c in sel.choices.values() if c.estimator == "hutchinson"]
+    assert hut and all(c.source == "bound" and "(Hutchinson's variance: bound)" in c.reason for c in hut)
+    assert "Hutchinson's variance: bound" in sel.summary
+
+
+def test_online_tracker_converges_to_the_closed_form_and_is_named():
+    net, x = confident_net(8.0), x_of(16)
+    lik = get_likelihood("categorical")
+    tracker = OnlineVariance()
+    with Probe(net, x, lik) as probe:
+        mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
+        closed = _HutchMoments(mom, factor_moments(probe)["a4"]).v1
+        g = torch.Generator().manual_seed(3)
+        plan = {n: ("hutchinson", 1) for n in probe.params}
+        for _ in range(40):  # refreshes of 25 single-probe draws each
+            tracker.update({n: torch.stack(v) for n, v in _stack([plan_from_probe(probe, plan, generator=g)
+                                                                     for _ in range(25)]).items()})  # fmt: skip
+    online = tracker.variance()
+    for n in closed:
+        assert online[n].sum().item() == pytest.approx(closed[n].sum().item(), rel=0.1), n
+    kw = dict(likelihood="categorical", cost_model="flops", target_rse=0.3)
+    sel_cf = run_selection(net, x, **kw)
+    sel_on = run_selection(net, x, hutchinson_variance=online, **kw)
+    hut = [c for c in sel_on.choices.values() if c.estimator == "hutchinson"]
+    assert hut and all(c.source == "online" for c in hut)
+    for n, c in sel_on.choices.items():  # the same plan, and predicted errors close to the closed form's
+        assert (c.estimator, c.n_samples) == (sel_cf.choices[n].estimator, sel_cf.choices[n].n_samples)
+        assert c.rse == pytest.approx(sel_cf.choices[n].rse, rel=0.1)
+
+
+def _stack(draws):
+    return {n: [d[n] for d in draws] for n in draws[0]}
