@@ -7,7 +7,8 @@ interleaved median protocol).  Models (float32, categorical likelihood, MNIST di
 * ``mlp``: MLP 784-256-256-10, sigmoid activations, batch 128;
 * ``cnn``: Conv2d(1,16,3,p1)-ReLU-MaxPool2-Conv2d(16,32,3,p1)-ReLU-MaxPool2-Flatten-Linear(32*7*7,10),
   batch 64.  ReLU and max-pool are piecewise linear, so the per-parameter second derivative of the output
-  vanishes and Î₂ equals the exact diagonal Fisher (spec §6g): fisher_optim's ``mc2`` is then ``exact`` with a
+  vanishes and Î₂ equals the exact diagonal Fisher (docs/fisher-math.md §6g): fisher_optim's ``mc2`` is then ``exact``
+  with a
   zero residual;
 * ``cnn_sigmoid``: the same CNN with Sigmoid.  fisher_optim's ``mc2`` takes the exact HVP route there (one
   Hessian-vector product per parameter of the convolutions) and BackPACK's DiagHessian builds dense
@@ -156,7 +157,8 @@ def make_cases(smoke: bool) -> list[Case]:
     torch.manual_seed(0)
     relu_note = (
         "ReLU and max-pool are piecewise linear: every second derivative d²h/dθ_i² vanishes, so Î₂ is "
-        "the exact diagonal Fisher with zero variance (spec §6g). fisher_optim's mc2 therefore costs its "
+        "the exact diagonal Fisher with zero variance (docs/fisher-math.md §6g). fisher_optim's mc2 therefore "
+        "costs its "
         "exact estimator (zero residual route), and BackPACK's DiagHessian of the sampled-label loss "
         "returns DiagGGNExact."
     )

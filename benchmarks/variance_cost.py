@@ -89,9 +89,11 @@ def make_cases(smoke: bool) -> list[Case]:
         "V₂ of the sigmoid convolutions takes the exact HVP route of `fisher_optim/hessian.py` (one "
         "Hessian-vector product per convolution parameter, for each input and each of the C seeds, vmapped in "
         "chunks of basis vectors); its cost is linear in the batch, hence the batch of 2 here. The "
-        "factorised forms of spec §7.1/§7.5 exist for Linear layers only."
+        "factorised forms of docs/fisher-math.md §7.1/§7.5 exist for Linear layers only."
     )
-    relu_note = "ReLU and max-pool are piecewise linear: u_i = 0, so V₂ = 0 by the zero route (spec §6g)."
+    relu_note = (
+        "ReLU and max-pool are piecewise linear: u_i = 0, so V₂ = 0 by the zero route (docs/fisher-math.md §6g)."
+    )
     return [
         Case("mlp", "MLP 784-256-256-10, sigmoid, batch 128", mlp((784, 256, 256, 10)), 128, False),
         Case("cnn", "CNN Conv(1,16)-ReLU-Pool-Conv(16,32)-ReLU-Pool-Linear(1568,10), batch 64",
@@ -326,7 +328,8 @@ def write_markdown(results: list[dict], path: Path, command: str, rounds: int, t
         f"Target (issue 3): all variances of a model at most about {TARGET}x the exact Fisher; "
         "`fisher_moments` returns F, V₁ and V₂ (and sum_m F_m²) in one call. The matmul-FLOP columns count "
         "the matrix products of each call (`torch.utils.flop_counter.FlopCounterMode`): V₂ needs the "
-        "Hessian-diagonal backprop of spec §7.1/§7.6, i.e. a second pass of C rows per input through every "
+        "Hessian-diagonal backprop of docs/fisher-math.md §7.1/§7.6, i.e. a second pass of C rows per input "
+        "through every "
         "hidden weight matrix, so its products alone double the exact Fisher's on a sigmoid MLP, whatever "
         "the implementation; F and V₁ share the exact Fisher's backward and add one a⁴ matmul per layer.",
         "",

@@ -1,6 +1,6 @@
-r"""Bounds on the variances of the diagonal estimators (spec §4).
+r"""Bounds on the variances of the diagonal estimators (docs/fisher-math.md §4).
 
-Parameter-wise eigenvalue bounds (spec §4.2; reconstructions [D], provably valid), per input ``x`` and
+Parameter-wise eigenvalue bounds (docs/fisher-math.md §4.2; reconstructions [D], provably valid), per input ``x`` and
 ``N`` samples, with :math:`\mathcal M = K - I\otimes I`:
 
 .. math::  \tfrac1N \lambda^T_{\min}(\mathcal M)\|v_i\|^4 \le V_1(\theta_i|x)
@@ -9,12 +9,12 @@ Parameter-wise eigenvalue bounds (spec §4.2; reconstructions [D], provably vali
 
 For categorical outputs ``v`` and ``u`` are projected on :math:`\mathbb 1^\perp` (softmax is
 shift-invariant), :math:`\lambda_{\min}(I)` is taken on :math:`\mathbb 1^\perp`, and the Î₁ lower bound is 0
-(no useful eigenvalue lower bound exists, spec §4.2).  For factorised families the tensor lower bound
+(no useful eigenvalue lower bound exists, docs/fisher-math.md §4.2).  For factorised families the tensor lower bound
 :math:`\lambda^T_{\min} \ge \max(0,\, 2\lambda_{\min}(I)^2 + \min(\min_a\kappa_{4a}/C,\ \min_a \kappa_{4a}))`
 is used (exact, ``2/\sigma^4``, for the Gaussian).  Batched as :func:`~fisher_optim.fisher_variance`:
 :math:`\frac{1}{M^2}\sum_m` of the per-input bounds.  Trace bounds (§4.3) are the sums over a tensor.
 
-The Hutchinson estimators (spec §13) have a bound that needs no eigenvalue: per input,
+The Hutchinson estimators (docs/fisher-math.md §13) have a bound that needs no eigenvalue: per input,
 :math:`\tilde v = 2(F_i^2 - \sum_a A_{ia}^4) \le 2F_i(x)^2`, so with ``N`` probes
 
 .. math::  0 \le \mathrm{Var}\,\hat F^{\rm hutchinson}_i \le \frac{2}{N M^2}\sum_m F_i(x_m)^2,
@@ -140,7 +140,7 @@ def moment4_operator(lik: Likelihood, h: Tensor, n_mc: int = 0) -> tuple[Tensor,
     r"""``(K, I)`` for one input's output ``h`` (``C``): the 4th central moment tensor ``C^4`` and ``I(h)``.
 
     Categorical by exact enumeration over the ``C`` labels; factorised families from
-    :math:`K = \kappa + I\otimes I + \text{2 perms}` with a diagonal cumulant tensor (spec §3.1 Lemma 5).
+    :math:`K = \kappa + I\otimes I + \text{2 perms}` with a diagonal cumulant tensor (docs/fisher-math.md §3.1 Lemma 5).
     """
     h = h.reshape(1, -1)
     c = h.shape[1]
@@ -173,7 +173,7 @@ def frobenius_bounds(
     derived :math:`\|K - I\otimes I\|_F \le (\sum_a\sqrt{K_{aaaa}})^2 + (\sum_a I_{aa})^2`), ``thm8``
     :math:`= \frac1N\|\partial^2 h\|_F^2\|I\|_F`, ``thm8_lemma9`` (with :math:`\|I\|_F \le \mathrm{tr}\,I`),
     and the quantities they bound, ``cov1_fro`` and ``cov2_fro`` (the Frobenius norms of the full
-    ``P^4`` covariance tensors of Î₁ and Î₂, spec §3.1), computed from the full Jacobian/Hessian.
+    ``P^4`` covariance tensors of Î₁ and Î₂, docs/fisher-math.md §3.1), computed from the full Jacobian/Hessian.
     """
     lik = get_likelihood(likelihood)
     n_samples = check_n_samples(n_samples)

@@ -1,7 +1,7 @@
 r"""Diagonal Fisher estimators: exact (diagonal GGN), Î₁ (``mc1``), Î₂ (``mc2``), the empirical Fisher, and the
 Hutchinson estimators (``hutchinson``, ``hutchinson_batch``) with Sophia's ``gnb`` as their sampled-label baseline.
 
-Scaling contract (spec §2): for inputs :math:`x_1..x_M` every estimator returns, per parameter,
+Scaling contract (docs/fisher-math.md §2): for inputs :math:`x_1..x_M` every estimator returns, per parameter,
 
 .. math::  \hat F_i = \frac{1}{M} \sum_{m=1}^{M} \hat I_{ii}(\theta \mid x_m)
 
@@ -15,10 +15,10 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
   u_i^\top(\bar t_m - \eta_m)` with :math:`u_i = \partial^2_{ii} h` (exact Hessian diagonal, no
   Hutchinson);
 * ``empirical``: :math:`(\partial_i \log p(\tilde y_m \mid x_m, \theta))^2` with the observed targets;
-* ``hutchinson`` (spec §13): :math:`\frac1N \sum_k (\partial_i\, (S_m \xi_{m,k})^\top h_m)^2` with
+* ``hutchinson`` (docs/fisher-math.md §13): :math:`\frac1N \sum_k (\partial_i\, (S_m \xi_{m,k})^\top h_m)^2` with
   :math:`S_m S_m^\top = I(h_m)` and :math:`\xi_{m,k}` Rademacher — per-input squares, like Î₁ with the seed
   :math:`S\xi` in place of :math:`\eta - t(y)`; relative standard deviation at most :math:`\sqrt{2/N}` per input;
-* ``hutchinson_batch`` (spec §13): :math:`\frac1N\sum_k \frac1M g_{k,i}^2` with
+* ``hutchinson_batch`` (docs/fisher-math.md §13): :math:`\frac1N\sum_k \frac1M g_{k,i}^2` with
   :math:`g_k = \partial_\theta \sum_m (S_m \xi_{m,k})^\top h_m`, one ordinary backward per probe (no
   per-sample gradients, no per-layer rule): the *square of a batch gradient*, divided by ``M``;
 * ``gnb`` (Sophia's Gauss-Newton-Bartlett estimate, Liu et al. 2023): the same construction with one sampled
@@ -26,13 +26,14 @@ model and :math:`\ell_{m,k} = \log p(y_{m,k} \mid x_m, \theta)`:
   = M \cdot (\text{mean over the batch of the sampled-label gradient})^2` — a named baseline: unbiased, but
   with Î₁'s unbounded fourth moments (rare classes of a confident softmax) *and* the cross terms between inputs
   of a batch square: its variance always exceeds Î₁'s, and unlike ``hutchinson_batch``'s (at most twice the
-  squared mean Fisher) it has no bound (spec §13).  It can still be the smaller of the two on balanced outputs
+  squared mean Fisher) it has no bound (docs/fisher-math.md §13).  It can still be the smaller of the two on balanced
+  outputs
   (a two-class softmax at p = ½ gives constant squared scores).
 
 All but ``empirical`` are unbiased for ``exact`` (the batch ones for the mean over inputs only: their cross terms
 between inputs have zero mean).
 
-**Outputs with positions** (categorical ``(B, ..., C)`` or ``(B, C, ...)``, spec §12): one input's
+**Outputs with positions** (categorical ``(B, ..., C)`` or ``(B, C, ...)``, docs/fisher-math.md §12): one input's
 :math:`I(\theta|x) = \sum_t J_t^\top I(h_t) J_t` is the *sum* over its positions (the labels are independent
 given the input); the estimate stays the mean over inputs.  ``exact`` uses ``T*C`` seeds per input (the
 per-position factors ``S_t``); ``mc1`` draws a label at every position and squares the whole input's score
@@ -108,7 +109,8 @@ def exact_record_chunks(probe: Probe, names, mask: Tensor | None = None):
     r"""Record lists whose reductions by :func:`exact_reducer`, summed, give ``sum_m I_ii(theta|x_m)``.
 
     Categorical: the columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.  With ``T``
-    positions ``S`` is block-diagonal (spec §12): the ``T*C`` seeds ``S_t e_c`` (nonzero at position ``t``
+    positions ``S`` is block-diagonal (docs/fisher-math.md §12): the ``T*C`` seeds ``S_t e_c`` (nonzero at position
+    ``t``
     only) go in chunks of positions, at most :data:`EXACT_SEED_ELEMENTS` seed entries each; positions that
     ``mask`` leaves unlabelled in every input take no seeds.
     Factorised likelihoods (``I(h)`` diagonal): the ``C`` unit seeds ``e_c`` (a stride-0 view, nothing
@@ -266,7 +268,8 @@ def batch_squares(probe: Probe, seeds: Tensor, counts: dict[str, int] | None = N
 
 
 def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator, mask=None) -> dict[str, Tensor]:
-    r"""``(1/N) sum_k (d_i sum_m (S_m xi_mk)^T h_m)^2``: unbiased for ``sum_m I_ii(theta|x_m)`` (spec §13)."""
+    r"""``(1/N) sum_k (d_i sum_m (S_m xi_mk)^T h_m)^2``: unbiased for ``sum_m I_ii(theta|x_m)`` (docs/fisher-math.md
+    §13)."""
     return batch_squares(probe, hutchinson_seeds(probe, n_samples, generator, mask))
 
 

@@ -1,4 +1,5 @@
-r"""Exact diagonal of the output-Hessian residual, the random part of Î₂ (spec §2.1, §6a, §6g, §7.1, §7.4).
+r"""Exact diagonal of the output-Hessian residual, the random part of Î₂ (docs/fisher-math.md §2.1, §6a, §6g, §7.1,
+§7.4).
 
 For a seed ``g[k, b] in R^C`` this module computes, per input and seed,
 
@@ -10,9 +11,10 @@ variance of Î₂ is ``(1/N) sum_m rho(seed = S[:, m])^2``.  Never Hutchinson: e
 Routes, chosen by :func:`plan`:
 
 * **zero** — parameters followed only by (piecewise-)linear operations (the last layer; every layer of a
-  ReLU/max-pool network): :math:`\partial^2_{ii} h = 0` almost everywhere, so ``rho = 0`` (spec §6a, §6g).
+  ReLU/max-pool network): :math:`\partial^2_{ii} h = 0` almost everywhere, so ``rho = 0`` (docs/fisher-math.md §6a,
+  §6g).
 * **chain** — ``nn.Sequential`` of ``nn.Linear`` layers (2-D inputs) with elementwise activations: the
-  pre-activation Hessian recursion of spec §7.1 in factored form, per input, by matmuls.
+  pre-activation Hessian recursion of docs/fisher-math.md §7.1 in factored form, per input, by matmuls.
 * **hvp** — any other network of ``nn.Linear``/``nn.Conv2d`` layers with elementwise activations, pooling,
   flattening and parameter-free glue (residual sums included): the exact diagonal from ``P`` batched
   Hessian-vector products with ``torch.func`` (``vmap`` over the basis).  Exact but costs ``P`` HVPs:
@@ -152,7 +154,7 @@ def chain_records(
 
     With ``z_l`` the pre-activations, ``a_l = sigma_l(z_l)``, ``r_l = sigma_l''(z_l) * dphi/da_l`` and
     ``J_{l'<-l} = dz_{l'}/dz_l``, the diagonal of the Hessian of ``phi = seed^T h`` w.r.t. ``z_l`` is
-    ``sum_{l' >= l} r_{l'}^T (J_{l'<-l})^2`` (spec §7.1, unrolled form); then
+    ``sum_{l' >= l} r_{l'}^T (J_{l'<-l})^2`` (docs/fisher-math.md §7.1, unrolled form); then
     ``d^2 phi / dW_l[j,i]^2 = Hdiag_l[j] a_{l-1}[i]^2``.  ``grads`` (module name -> seeded output
     gradients ``(K, B, out)`` for these seeds) skips the backward when the caller already has them.
     """

@@ -10,7 +10,7 @@ The per-sample tensors are gradients of ``seed_k^T h(x_b)`` (``power = 1``) or d
 
 * :class:`LinearRecord` (``nn.Linear`` with inputs ``(B, in)``): ``x[k,b,j,i] = q[k,b,j] a[b,i]^power``.
   ``fn`` is homogeneous of degree ``d`` in ``x``, so the reduction is one matmul:
-  ``sum_b fn(q)[b,j] * a[b,i]^(power*d)`` (spec §7.1, §7.3).  No per-sample tensor is materialised.
+  ``sum_b fn(q)[b,j] * a[b,i]^(power*d)`` (docs/fisher-math.md §7.1, §7.3).  No per-sample tensor is materialised.
 * :class:`UnfoldRecord` (``nn.Linear`` with extra leading dims, ``nn.Conv2d``): the per-sample gradient
   ``x[k,b,o,r] = sum_s g[k,b,o,s] X[b,r,s]`` keeps the cross-position terms exactly (it does not factorise);
   it is materialised in chunks of inputs.

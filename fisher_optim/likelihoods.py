@@ -1,4 +1,4 @@
-r"""Exponential-family output likelihoods (spec §1, §5).
+r"""Exponential-family output likelihoods (docs/fisher-math.md §1, §5).
 
 A network output row ``h`` (one row per input) holds the natural parameters of
 :math:`p(y \mid h) = \exp(t(y)^\top h - F(h))`.  Every likelihood here provides
@@ -10,11 +10,12 @@ A network output row ``h`` (one row per input) holds the natural parameters of
 * ``fisher(h)`` and ``fisher_factor(h)``: :math:`I(h)` (``B x C x C``) and ``S`` with :math:`S S^\top = I(h)`;
 * ``fisher_quad(h, v)``: :math:`v^\top I(h) v` for directions ``v`` stacked on axis 0 (``C x B x ...``);
 * ``moment4(h, v)``: :math:`\mathcal M(v,v,v,v) = \mathrm{Var}\big((v^\top(t-\eta))^2\big)
-  = \kappa(v^4) + 2 (v^\top I v)^2`, the single-sample variance of :math:`\hat I_1` along ``v`` (spec §3.2).
+  = \kappa(v^4) + 2 (v^\top I v)^2`, the single-sample variance of :math:`\hat I_1` along ``v`` (docs/fisher-math.md
+  §3.2).
 
 Outputs are flattened to ``(B, D)``: ``categorical`` takes ``(B, C)`` (one row of ``C`` logits per input)
 or outputs with positions, ``(B, ..., C)`` or, with ``class_dim=1``, ``(B, C, ...)``, flattened to
-``D = T*C`` with one softmax per position (spec §12, :class:`Categorical`); the factorised families
+``D = T*C`` with one softmax per position (docs/fisher-math.md §12, :class:`Categorical`); the factorised families
 (``bernoulli``, ``gaussian``, ``poisson``) treat every output entry of an input as one independent unit, so
 an output of shape ``(B, 1, 28, 28)`` is ``D = 784`` units.
 """
@@ -121,7 +122,7 @@ class Likelihood:
         return _wsum(self.unit_variance(h).T, v * v)
 
     def moment4(self, h: Tensor, v: Tensor) -> Tensor:
-        r""":math:`\kappa(v,v,v,v) + 2 (v^\top I v)^2` per input (spec §5.2) -> ``B x ...``."""
+        r""":math:`\kappa(v,v,v,v) + 2 (v^\top I v)^2` per input (docs/fisher-math.md §5.2) -> ``B x ...``."""
         return self.quad_and_moment4(h, v)[1]
 
     def quad_and_moment4(self, h: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -162,7 +163,7 @@ class Categorical(Likelihood):
 
     ``t(y) = e_y``, ``eta = p = softmax(h)``, ``I = diag(p) - p p^T``, ``nll = logsumexp(h) - h_y``.
 
-    **Outputs with positions** (spec §12): an output ``(B, C)`` is one distribution per input; an output
+    **Outputs with positions** (docs/fisher-math.md §12): an output ``(B, C)`` is one distribution per input; an output
     ``(B, T_1, ..., C)`` (classes last, the language-model layout, ``class_dim=-1``) or ``(B, C, T_1, ...)``
     (``class_dim=1``, the ``F.cross_entropy`` layout) holds one distribution per position, the labels being
     independent given the input.  :meth:`flatten` brings it to ``(B, T*C)`` natural parameters (positions
@@ -358,7 +359,8 @@ class Categorical(Likelihood):
         return self._block_diag(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))
 
     def fisher_factor(self, h):
-        # BackPACK's factor: S = diag(sqrt p) - p sqrt(p)^T, S S^T = diag(p) - p p^T (spec §7.2), per position.
+        # BackPACK's factor: S = diag(sqrt p) - p sqrt(p)^T, S S^T = diag(p) - p p^T (docs/fisher-math.md §7.2), per
+        # position.
         return self._block_diag(self.position_factor(h))
 
     def _centered_sq(self, h: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -386,11 +388,12 @@ class Categorical(Likelihood):
         return self._position_quads(h, v, False)[0].sum(0)
 
     def moment4(self, h, v):
-        # Var_p((v_Y - vbar)^2) = sum_c p_c d_c^4 - (sum_c p_c d_c^2)^2 (spec §5.3); positions: spec §12.
+        # Var_p((v_Y - vbar)^2) = sum_c p_c d_c^4 - (sum_c p_c d_c^2)^2 (docs/fisher-math.md §5.3); positions:
+        # docs/fisher-math.md §12.
         return self.quad_and_moment4(h, v)[1]
 
     def quad_and_moment4(self, h, v):
-        r"""With positions (spec §12): ``F = sum_t q_t`` and ``sum_t kappa_t + 2 F^2``, where
+        r"""With positions (docs/fisher-math.md §12): ``F = sum_t q_t`` and ``sum_t kappa_t + 2 F^2``, where
         ``kappa_t = m_t - 2 q_t^2`` is the fourth cumulant of position ``t`` along ``v_t``."""
         if h.shape[-1] == self._c(h):
             pt, d2 = self._centered_sq(h, v)
@@ -417,7 +420,8 @@ class Categorical(Likelihood):
         return (ev[..., 1] if c > 1 else ev[..., 0]).amin(-1)
 
     def lambda_max_moment4(self, h):
-        r""":math:`\lambda_{max}(\mathcal M)` by the ``C x C`` Gram route (spec §4.2); ``(B, C)`` outputs only."""
+        r""":math:`\lambda_{max}(\mathcal M)` by the ``C x C`` Gram route (docs/fisher-math.md §4.2); ``(B, C)``
+        outputs only."""
         self._single("lambda_max_moment4", h)
         p = torch.softmax(h, -1)
         c = p.shape[-1]
@@ -480,7 +484,7 @@ class Gaussian(Likelihood):
     r"""Independent Gaussian units with fixed standard deviation ``sigma`` (default 1).
 
     The output ``f`` is the mean; ``nll = ||y - f||^2 / (2 sigma^2) + const`` (the constant is dropped).
-    ``grad = (f - y)/sigma^2``, ``I = I_C / sigma^2``, ``kappa4 = 0`` (spec §5.5).  Note that a summed
+    ``grad = (f - y)/sigma^2``, ``I = I_C / sigma^2``, ``kappa4 = 0`` (docs/fisher-math.md §5.5).  Note that a summed
     ``MSELoss`` equals ``2 sigma^2`` times this NLL with ``sigma^2 = 1/2``: the Fisher always refers to the
     normalised log-likelihood, never to the raw loss.
     """

@@ -10,7 +10,8 @@ group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So o
 costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
 
 **What a plan buys.**  The running estimate is an exponential moving average with decay ``beta`` of refreshes on
-``M`` inputs.  Per tensor ``t``, a refresh's expected squared relative error is :math:`(a_t + l_t/N)/M` (spec §2.3 b),
+``M`` inputs.  Per tensor ``t``, a refresh's expected squared relative error is :math:`(a_t + l_t/N)/M`
+(docs/fisher-math.md §2.3 b),
 with :math:`a_t = \sum_i \mathrm{Var}_x F_i(x) / \sum_i F_i^2` (input noise) and
 :math:`l_t = \sum_i E_x \tilde v_1(\theta_i|x) / \sum_i F_i^2` (one-label noise of Î₁; 0 for exact), all from the
 moments of the current batch (:mod:`fisher_optim.variance`).  A time budget buys ``1 / cost`` refreshes, so before
@@ -26,7 +27,8 @@ layer must also keep the label noise of the running estimate under ``target_rse`
 A plan within ``COST_TIE`` (25 %, the timing noise) of exact everywhere gives way to it (zero variance), and the
 plan in use (``current=``) is kept unless the new optimum beats it by that margin (no flip-flopping on the noise of
 one batch).  ``mc2`` is never chosen: it costs the exact pass plus the Hessian residual (Î₂ = exact + residual),
-and where the residual vanishes (last layer, piecewise-linear networks, spec §6a/§6g) Î₂ *is* the exact Fisher.
+and where the residual vanishes (last layer, piecewise-linear networks, docs/fisher-math.md §6a/§6g) Î₂ *is* the exact
+Fisher.
 
 Two cost models give the per-layer backward and reduction costs and the shared part ``s`` (:class:`Costs`):
 
@@ -155,7 +157,7 @@ def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[st
     groups: dict[str, dict[str, int]] = {e: {} for e in PLAN_ESTIMATORS}
     for name, (est, n) in plan.items():
         if est == "mc2" and name in zero:
-            est = "exact"  # Î₂ = exact where d2h/dtheta_i^2 = 0 (spec §6a, §6g)
+            est = "exact"  # Î₂ = exact where d2h/dtheta_i^2 = 0 (docs/fisher-math.md §6a, §6g)
         groups[est][name] = n
     mask = target_mask(probe, targets) if targets is not None and isinstance(lik, Categorical) else None
     out: dict[str, Tensor] = {}
@@ -476,7 +478,8 @@ def _unit_stats(unit, sums: dict, numel: int, m: int, phi: float, target_rse: fl
     Per entry ``i``: mean Fisher ``F_i = sum_m F_i(x_m)/M``, input noise ``A_i = sum_m F_i(x_m)^2/M - F_i^2`` and
     one-label noise ``L_i = sum_m v1(theta_i|x_m)/M``; per tensor ``a_t = sum_i A_i / sum_i F_i^2`` and
     ``l_t = sum_i L_i / sum_i F_i^2``, so a refresh on ``M`` inputs with ``N`` labels each has expected squared
-    relative error ``(a_t + l_t/N)/M`` on that tensor (spec §2.3 b).  ``n_need`` is the smallest ``N`` with which
+    relative error ``(a_t + l_t/N)/M`` on that tensor (docs/fisher-math.md §2.3 b).  ``n_need`` is the smallest ``N``
+    with which
     the label noise of the running estimate meets ``target_rse`` (layer means, EMA factor ``phi``)."""
     if numel == 0:
         return None
@@ -609,7 +612,8 @@ def joint_plan(
 
 class _HutchMoments:
     """The moments of :class:`~fisher_optim.variance.FisherMoments` with Hutchinson's per-input variance,
-    ``sum_m 2 (F_i(x_m)^2 - sum_a A_{m,ia}^4)`` (spec §13, :func:`~fisher_optim.variance.factor_moments`), in
+    ``sum_m 2 (F_i(x_m)^2 - sum_a A_{m,ia}^4)`` (docs/fisher-math.md §13,
+    :func:`~fisher_optim.variance.factor_moments`), in
     place of Î₁'s ``v1``, so :func:`_unit_stats` prices Hutchinson with the same formulas."""
 
     def __init__(self, mom, a4: dict[str, Tensor] | None = None, var: dict[str, Tensor] | None = None):

@@ -1,4 +1,4 @@
-r"""Closed-form variances of the diagonal Fisher estimators (spec §2.3, §3, §5, §7.5).
+r"""Closed-form variances of the diagonal Fisher estimators (docs/fisher-math.md §2.3, §3, §5, §7.5).
 
 For fixed inputs :math:`x_1..x_M` and ``N`` labels drawn per input, the estimators of
 :func:`~fisher_optim.diagonal_fisher` (mean over inputs) have, per parameter ``i``, the variance over the
@@ -7,16 +7,17 @@ label draws
 .. math::  \mathrm{Var}\,\hat F_i = \frac{1}{M^2} \sum_m V(\theta_i \mid x_m),
            \qquad V = \tilde v / N,
 
-with the single-sample conditional variances (spec §3.2)
+with the single-sample conditional variances (docs/fisher-math.md §3.2)
 
 .. math::  \tilde v_1(\theta_i|x) = \mathcal M(v_i, v_i, v_i, v_i) = \kappa(v_i^4) + 2 F_i(x)^2,
            \qquad \tilde v_2(\theta_i|x) = u_i^\top I(h) u_i = \sum_k (S_{:,k}^\top u_i)^2,
 
 where :math:`v_i = \partial_i h`, :math:`u_i = \partial^2_{ii} h`.  ``exact`` and ``empirical`` draw
-nothing: variance 0.  Linear layers use the factorised forms (spec §7.1): one backward with the ``C`` unit
+nothing: variance 0.  Linear layers use the factorised forms (docs/fisher-math.md §7.1): one backward with the ``C``
+unit
 seeds gives :math:`F` and :math:`\tilde v_1` for every parameter by two matmuls.
 
-The Hutchinson estimators (spec §13) are Rademacher sums over the columns of :math:`A = J^\top S`
+The Hutchinson estimators (docs/fisher-math.md §13) are Rademacher sums over the columns of :math:`A = J^\top S`
 (:math:`S S^\top = I(h)`, :math:`F_i = \sum_a A_{ia}^2`), and :math:`\mathrm{Var}((c^\top\xi)^2) =
 2((\sum c^2)^2 - \sum c^4)` for Rademacher :math:`\xi`:
 
@@ -74,7 +75,7 @@ class FisherMoments:
     r"""Per-parameter moments at fixed inputs (all summed over inputs, *not* divided by ``M``).
 
     * ``fisher``: :math:`\sum_m F_i(x_m)`;
-    * ``fisher_sq``: :math:`\sum_m F_i(x_m)^2` (input randomness, spec §2.3b);
+    * ``fisher_sq``: :math:`\sum_m F_i(x_m)^2` (input randomness, docs/fisher-math.md §2.3b);
     * ``v1``: :math:`\sum_m \tilde v_1(\theta_i|x_m)` (single-sample Î₁ variance);
     * ``v2``: :math:`\sum_m \tilde v_2(\theta_i|x_m)` (single-sample Î₂ variance), or ``None`` when not
       computed (``with_v2=False`` or an HVP-route model where it is too costly);
@@ -107,7 +108,7 @@ def moments_from_probe(
     :func:`~fisher_optim.estimators.target_mask`) zeroes the unit seeds of unlabelled positions, which drops
     them from every statistic.  Per layer, every statistic is reduced in one multi-reducer pass;
     on ``nn.Linear`` layers the statistics multiplying :math:`a^4` (``fisher_sq``, ``v1``, ``v2``) share one
-    matmul (spec §7.1 factorisation).
+    matmul (docs/fisher-math.md §7.1 factorisation).
     """
     lik, h = probe.lik, probe.h.detach()
     seeds = unit_seeds(h)
@@ -215,7 +216,7 @@ def _reduce_many(probe: Probe, records, fn, degrees, names=None) -> list[dict[st
 
 
 def factor_moments(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
-    r"""Sums over inputs of the Hutchinson statistics of :math:`A = J^\top S` (spec §13), per parameter:
+    r"""Sums over inputs of the Hutchinson statistics of :math:`A = J^\top S` (docs/fisher-math.md §13), per parameter:
 
     ``fisher`` :math:`\sum_m F_i(x_m)`, ``fisher_sq`` :math:`\sum_m F_i(x_m)^2` and ``a4``
     :math:`\sum_{m,a} A_{m,ia}^4`.  One backward with the ``C`` columns of ``S`` as seeds (the exact pass's
@@ -285,7 +286,7 @@ def fisher_variance(
     \sum_a A_{ia}^4)` per input; ``hutchinson_batch`` and ``gnb`` are not sums over inputs and have the batch forms of
     the module docstring (:math:`\frac{1}{N M^2}`, or :math:`\frac1N` for ``"sum"``, of the same brackets).
 
-    **Outputs with positions** (categorical, spec §12): the labels are drawn independently at the ``T``
+    **Outputs with positions** (categorical, docs/fisher-math.md §12): the labels are drawn independently at the ``T``
     positions and Î₁ squares the whole input's score, so with :math:`q_t = v_{t,i}^\top I(h_t) v_{t,i}`
     and the fourth cumulant :math:`\kappa_t` of position ``t`` along :math:`v_{t,i}`,
 
@@ -298,7 +299,7 @@ def fisher_variance(
     ``D x M x`` (every layer's output) at once and ``D`` times the work of a plain backward, plus, for
     ``mc2``, the Hessian residual for the same ``D`` seeds.  Affordable for small ``T*C`` (taggers with few
     classes, short windows); for a language model (``T*C`` in the thousands) track the sample variance of
-    several Î₁ draws instead (spec §14).
+    several Î₁ draws instead (docs/fisher-math.md §14).
 
     Example:
         >>> import torch
@@ -378,7 +379,7 @@ def joint_variance(
     n_samples: int = 1,
     targets: Tensor | None = None,
 ) -> dict[str, dict[str, Tensor]]:
-    r"""Variance of the joint estimator with random inputs, estimated from the batch (spec §2.3b).
+    r"""Variance of the joint estimator with random inputs, estimated from the batch (docs/fisher-math.md §2.3b).
 
     For a design with ``M`` inputs drawn i.i.d. from :math:`p(x)` and ``N`` labels each,
 
@@ -414,7 +415,8 @@ def joint_variance(
 
 
 class OnlineVariance:
-    r"""Per-entry sample variance of an estimator's own draws (spec §14), tracked across probes and refreshes.
+    r"""Per-entry sample variance of an estimator's own draws (docs/fisher-math.md §14), tracked across probes and
+    refreshes.
 
     :meth:`update` takes, per parameter, a stack of ``K`` independent single-probe estimates (``K x shape``, e.g.
     Hutchinson with one probe per row) of the same quantity; :meth:`variance` is the pooled unbiased sample variance

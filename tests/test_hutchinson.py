@@ -1,6 +1,8 @@
-"""Hutchinson estimators (spec §13) and Sophia's Gauss-Newton-Bartlett baseline, against float64 references.
+"""Hutchinson estimators (docs/fisher-math.md §13) and Sophia's Gauss-Newton-Bartlett baseline, against float64
+references.
 
-Three tiers, as spec §10: exact enumeration over every Rademacher sign pattern (or label tuple) gives the mean and
+Three tiers, as docs/fisher-math.md §10: exact enumeration over every Rademacher sign pattern (or label tuple) gives
+the mean and
 variance with no Monte Carlo (rtol 1e-10); the scaling contract is checked draw for draw against a plain autograd
 reference with the same random numbers; Monte Carlo over 2,000 draws checks unbiasedness and the closed-form
 variance with error bars from that variance (z = 5) and from the sample fourth moment.
@@ -49,7 +51,7 @@ def brute_A(model, x, lik):
 
 
 def brute_variances(A: torch.Tensor, n: int = 1) -> dict[str, torch.Tensor]:
-    """Closed forms of spec §13 from the brute-force ``A`` (mean over the ``M`` inputs, ``n`` probes)."""
+    """Closed forms of docs/fisher-math.md §13 from the brute-force ``A`` (mean over the ``M`` inputs, ``n`` probes)."""
     m = A.shape[0]
     F = A.pow(2).sum(1)  # (M, P)
     a4 = A.pow(4).sum(1)
@@ -61,7 +63,8 @@ def brute_variances(A: torch.Tensor, n: int = 1) -> dict[str, torch.Tensor]:
 
 
 def check_draws(draws: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
-    """Unbiasedness and variance of ``draws`` (``R x P``) against the closed forms (spec §10, items 2 and 3)."""
+    """Unbiasedness and variance of ``draws`` (``R x P``) against the closed forms (docs/fisher-math.md §10, items 2
+    and 3)."""
     r = draws.shape[0]
     random = var > 1e-10 * mean * mean  # else zero up to rounding (e.g. a factorised output layer's hutchinson)
     # zero-variance coordinates must be exact on every draw

@@ -1,4 +1,4 @@
-"""Outputs with positions (spec §12): language models, token taggers, 1-D segmentation, with masks.
+"""Outputs with positions (docs/fisher-math.md §12): language models, token taggers, 1-D segmentation, with masks.
 
 The reference is written from the definitions, independently of the library's likelihood code: per input
 ``m``, the raw model output is brought to ``(T, C)`` (classes last), its Jacobian ``J_t = dh_t/dtheta`` and
@@ -287,7 +287,8 @@ def test_joint_variance_with_positions():
 
 def test_mc1_moments_by_enumeration():
     """Zero-tolerance identities for one input: over all C^T label sequences, E g_i^2 = F_i and
-    Var g_i^2 = sum_t kappa_t + 2 F_i^2 (spec §12) -- the whole-sequence score, not per-position squares."""
+    Var g_i^2 = sum_t kappa_t + 2 F_i^2 (docs/fisher-math.md §12) -- the whole-sequence score, not per-position
+    squares."""
     model, x = tagger(), tagger_inputs()[:1]
     names, p, J, _ = brute(model, x)
     p, J = p[0], J[0]
@@ -308,7 +309,7 @@ def test_mc1_moments_by_enumeration():
         torch.testing.assert_close(v[n], ref_v[n], rtol=1e-8, atol=1e-14)
 
 
-# -- Monte-Carlo unbiasedness with closed-form error bars (spec §10) ----------------------------------
+# -- Monte-Carlo unbiasedness with closed-form error bars (docs/fisher-math.md §10) ----------------------------------
 @pytest.mark.parametrize("estimator", ["mc1", "mc2"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_unbiased_with_closed_form_error_bars(estimator, masked):

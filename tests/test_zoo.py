@@ -300,7 +300,7 @@ def test_exact_matches_brute_force(name):
 
 @pytest.mark.parametrize("name", ["attention", "functional-weights", "lstm", "resnet-bn-train", "kwargs-dict-output"])
 def test_mc1_mean_within_closed_form_error(name):
-    """Î₁ with N = 400 labels is within five closed-form standard errors of exact (spec §10)."""
+    """Î₁ with N = 400 labels is within five closed-form standard errors of exact (docs/fisher-math.md §10)."""
     model, inputs, output = build(name)
     n = 400
     ex = diagonal_fisher(model, inputs, likelihood="categorical", estimator="exact", output=output)

@@ -1,7 +1,7 @@
 r"""Pure functions behind the Fisher optimizers: the fused update and the preconditioner refresh.
 
 Every optimizer of :mod:`fisher_optim.optim` is the same two steps, with different constants
-(STYLE.md §1, §5: one functional core, thin classes):
+(docs/design.md §1, §5: one functional core, thin classes):
 
 **Refresh** (every ``fisher_interval`` steps, *outside* the fused update), :func:`refresh_preconditioner`.
 For a fresh estimate :math:`\hat F` (mean over inputs of the per-input diagonal Fisher,
@@ -14,7 +14,7 @@ For a fresh estimate :math:`\hat F` (mean over inputs of the per-input diagonal 
 
 ``p = 1/2`` for :class:`~fisher_optim.optim.FisherAdam`, ``p = 1`` for
 :class:`~fisher_optim.optim.NaturalGradient`.  The clamp at zero matters for Î₂ (``mc2``), whose
-estimates can be negative (spec §6h).  The preconditioner ``r`` only changes here, so it is stored
+estimates can be negative (docs/fisher-math.md §6h).  The preconditioner ``r`` only changes here, so it is stored
 (state ``precond``) and the per-step update never recomputes a square root or a division.
 
 **Update** (every step), :func:`preconditioned_update`, for the parameters that have a gradient:
