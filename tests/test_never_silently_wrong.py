@@ -233,3 +233,26 @@ def test_layers_without_curvature_wait_for_it():
     assert opt.fisher_report().refreshes == 2  # refreshed again at once (interval 10)
     assert not torch.equal(net[0].weight, first)
     opt.close()
+
+
+def test_a_parameter_without_gradient_does_not_force_refreshes():
+    """An unused parameter (zero Fisher, no gradient) must not turn every step into a refresh."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+            self.spare = nn.Parameter(torch.ones(3, dtype=DT))
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = Unused()
+    opt = FisherAdam(model, likelihood="categorical", estimator="exact", fisher_interval=10)
+    x, y = data()
+    for _ in range(5):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.fisher_report().refreshes == 1
+    opt.close()

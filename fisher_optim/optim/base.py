@@ -316,7 +316,7 @@ class FisherOptimizer(Optimizer):
 
         if estimates is not None:
             self._apply_refresh(estimates, pending)
-        blind = set() if estimates is None else self._without_curvature(estimates)
+        blind = set() if estimates is None else self._without_curvature([p for p in with_grad if p in estimates])
         for group, ps, grads in work:
             if blind:  # no curvature information yet: no natural-gradient step for them (see _without_curvature)
                 kept = [(p, g) for p, g in zip(ps, grads) if id(p) not in blind]
@@ -338,10 +338,9 @@ class FisherOptimizer(Optimizer):
         return loss
 
     # -- refresh -------------------------------------------------------------------------------------
-    def _without_curvature(self, estimates: dict[Tensor, Tensor]) -> set[int]:
+    def _without_curvature(self, ps: list[Tensor]) -> set[int]:
         """Parameters whose running Fisher is exactly zero (all below a zero-initialised head, as in torchvision's
-        ViT): ``1/eps`` would make a clipped sign step, so they wait, and the next step refreshes again."""
-        ps = list(estimates)
+        ViT) among ``ps`` (those with a gradient): a ``1/eps`` clipped sign step; they wait, the next step refreshes."""
         blind = {id(p) for p, z in zip(ps, all_zero([self.state[p]["fisher_ema"] for p in ps])) if z}
         if blind:
             self._schedule.refresh_next()
