@@ -378,7 +378,7 @@ def predicted_error(ref: dict, names: list[str], cfg: Config, k: int, n_samples:
 
 def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> dict[str, float]:
     """What ``run_selection``'s measured cost model predicts for whole refreshes: per random batch of ``M`` inputs,
-    the costs it measures (``fisher_optim.selection._costs``, the function ``run_selection`` calls when it has no
+    the costs it measures (``fisher_optim.selection.build_costs``, the function ``run_selection`` calls when it has no
     cached costs: an exact, a one-sample and a four-sample pass over all layers; the forward pass and the per-call
     overhead are the shared part).  A
     plan's refresh costs ``Costs.refresh_cost`` (the mixed-plan model ``select`` uses); medians over
@@ -386,14 +386,14 @@ def select_cost_model(model: nn.Module, x: Tensor, cfg: Config, seed: int) -> di
     range."""
     from fisher_optim.engine import Probe
     from fisher_optim.likelihoods import get_likelihood
-    from fisher_optim.selection import _costs, _module_units
+    from fisher_optim.selection import build_costs, module_units
 
     g = torch.Generator().manual_seed(seed)
     ex, one, ratio = [], [], []
     for _ in range(cfg.cost_batches):
         xb = x[torch.randperm(len(x), generator=g)[: cfg.m]]
         with Probe(model, xb, get_likelihood(cfg.likelihood)) as probe:
-            costs = _costs(probe, _module_units(probe), "measured", warm_exact=False)
+            costs = build_costs(probe, module_units(probe), "measured", warm_exact=False)
         names = [n for unit in costs.units for n in unit]
         ex.append(costs.refresh_cost({n: ("exact", 1) for n in names}))
         one.append(costs.refresh_cost({n: ("mc1", 1) for n in names}))

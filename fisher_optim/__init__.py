@@ -4,12 +4,18 @@ Layout (imports flow downwards only)::
 
     likelihoods   exponential-family outputs: sampling, NLL, I(h), factors, moments
     layers        per-layer rules (Linear, Conv2d) and per-sample records
-    engine        one forward, seeded backward passes, torch.func route for any module
+    batch         inputs and outputs as users write them (Tensor / tuple / dict, output=)
+    forward       how the estimation forward runs (modes, eager, BatchNorm statistics) and autograd's view of it
+    general       the general route: per-input gradients for any module (vmap of vjp, or an autograd loop)
+    engine        one forward, coverage from autograd, seeded backward passes, per-layer records
     hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
     estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical, hutchinson(_batch), gnb
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
-    selection     per-layer estimator / sample-count choice; mixed-plan estimation
+    plans         mixed-plan estimation: each parameter with its own (estimator, N) in one probe
+    costs         what a refresh costs (measured or parameter-count units), per layer
+    plan_search   the joint per-layer plan search (numpy scorer over many plans at once)
+    selection     per-layer estimator / sample-count choice, with the reasons
     settings      FisherSettings: the optimizers' estimation settings, one validated value
     schedule      when to refresh and re-select: counters, plan in use, back-off, cost cache
     optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates

@@ -20,16 +20,15 @@ and the likelihood's moment contractions.  Scaling (mean over inputs) is applied
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.func import functional_call
 
 from .batch import Batch, NonFiniteError, OutputSpec, select_output
+from .forward import ModeGuard, broadcast_partner, eager, enter_estimation, exit_estimation, graph_uses
+from .general import general_seeded_grads
 from .layers import (
     DenseRecord,
     Reducer,
@@ -51,128 +50,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-_ESTIMATING = threading.local()
-
-
-def estimating() -> bool:
-    """Whether a :class:`Probe` is running in this thread (its forwards are the library's, not the user's: the
-    optimizers' input capture ignores them)."""
-    return getattr(_ESTIMATING, "depth", 0) > 0
-
-
-def _eager():
-    """Run ``torch.compile``d models and submodules eagerly: module hooks fire and every parameter use is on the
-    autograd graph as an ordinary op (the estimate of a compiled model is that of its eager original)."""
-    stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
-
-
-def _uses_batch_statistics(m: nn.Module) -> bool:
-    """A BatchNorm layer that normalises with the statistics of its batch: train mode, or no running statistics."""
-    return isinstance(m, _BatchNorm) and (m.training or m.running_mean is None or m.running_var is None)
-
-
-class _ModeGuard:
-    """Eval mode for every submodule (dropout off) for one estimation, restoring each module's own flag after.
-
-    BatchNorm layers that would normalise with their batch's statistics (train mode, or no running statistics) are
-    *frozen at the estimation batch's statistics*: at their first call the batch mean and (biased) variance of their
-    input are taken, detached, and put in place of the running statistics until exit.  Each input's Fisher is then
-    that of the function being trained, with the statistics held constant (no coupling between inputs, no buffer
-    update).  BatchNorm in eval mode keeps its running statistics.  Buffers are restored on exit.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.frozen = [m for m in self.model.modules() if _uses_batch_statistics(m)]
-        self.saved = [(m, m.running_mean, m.running_var) for m in self.frozen]
-        self.handles = [m.register_forward_pre_hook(self._freeze) for m in self.frozen]
-        self.model.eval()
-        return self
-
-    @staticmethod
-    def _freeze(module, args):
-        x = args[0].detach()
-        dims = [d for d in range(x.dim()) if d != 1]
-        module.running_mean = x.mean(dims)
-        module.running_var = x.var(dims, unbiased=False)
-
-    def release_hooks(self):
-        """Remove the freezing hooks (after the first forward: later calls reuse the frozen statistics)."""
-        for hd in self.handles:
-            hd.remove()
-        self.handles = []
-
-    def __exit__(self, *exc):
-        self.release_hooks()
-        for m, mean, var in self.saved:
-            m.running_mean = mean
-            m.running_var = var
-        for m, flag in self.flags:
-            m.training = flag
-        return False
-
-
-def _graph_uses(root: Tensor) -> tuple[dict[int, int], set]:
-    """Walk the autograd graph below ``root``: ``({id(leaf): number of graph edges into it}, nodes seen)``.
-
-    A leaf that requires grad appears through its ``AccumulateGrad`` node; the edge count says how many ops of the
-    forward consumed it (one for a parameter used by one ``nn.Linear`` call, two for a tied weight, ...).
-    """
-    counts: dict[int, int] = {}
-    seen: set = set()
-    if root.grad_fn is None:
-        return counts, seen
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:
-                counts[id(var)] = counts.get(id(var), 0) + 1
-            stack.append(nxt)
-    return counts, seen
-
-
-def _broadcast_partner(module, out: Tensor, outs: dict, calls: dict, nodes: set, b: int) -> str | None:
-    """For an ``nn.Embedding`` call shared by the batch (``pos(torch.arange(T))``, output ``(T, d)``): the name of the
-    recorded module whose per-input output ``(B, T, d)`` it is added to, ``z = other + out`` (``AddBackward0``,
-    alpha 1), when that sum is the only use of both.  Then ``dz/d other`` is the identity, so the gradient at
-    ``other`` row ``b`` is input ``b``'s gradient at the shared output (autograd sums it over the batch).  ``None``
-    for any other graph: the general route.  Read off the autograd graph only; no shapes guessed."""
-    if not isinstance(module, nn.Embedding) or out.grad_fn is None:
-        return None
-    node, nr = out.grad_fn, out.output_nr
-    users = [n for n in nodes if any(e[0] is node and e[1] == nr for e in n.next_functions)]
-    if len(users) != 1 or users[0].name() != "AddBackward0" or getattr(users[0], "_saved_alpha", 1) != 1:
-        return None
-    add = users[0]
-    other = [e for e in add.next_functions if not (e[0] is node and e[1] == nr)]
-    if len(other) != 1 or other[0][0] is None:
-        return None
-    onode, onr = other[0]
-    if sum(1 for n in nodes for e in n.next_functions if e[0] is onode and e[1] == onr) != 1:
-        return None  # the partner's output has another use: its gradient is not the sum's
-    for name, t in outs.items():
-        if (
-            calls.get(name) == 1
-            and isinstance(t, Tensor)
-            and t.grad_fn is onode
-            and t.output_nr == onr
-            and tuple(t.shape) == (b, *out.shape)
-        ):
-            return name
-    return None
-
-
 class Probe:
     r"""One forward pass of ``model`` on ``inputs`` with the fast layers' inputs and outputs recorded.
 
@@ -187,8 +64,9 @@ class Probe:
     model's output (:func:`~fisher_optim.batch.select_output`).
 
     The forward runs in eval mode (dropout off); BatchNorm layers in train mode use the estimation batch's own
-    statistics, held constant, those in eval mode their running statistics (:class:`_ModeGuard`).  Compiled models
-    run eagerly.  Which parameters the output depends on is read off the autograd graph: a fast rule
+    statistics, held constant, those in eval mode their running statistics
+    (:class:`~fisher_optim.forward.ModeGuard`).  Compiled models run eagerly.  Which parameters the output
+    depends on is read off the autograd graph: a fast rule
     (``nn.Linear``, ``nn.Conv2d``, BatchNorm, ``nn.Embedding``, ``nn.LayerNorm``, attention projections) covers a
     parameter only if its module ran once, on a tensor whose dimension 0 is the batch
     (:func:`~fisher_optim.layers.call_is_batched`), its output reaches ``h`` and that call is the parameter's only
@@ -235,7 +113,7 @@ class Probe:
     def outputs_of(self, batch: Batch, params: dict[str, Tensor] | None = None) -> Tensor:
         """``(b, D)`` natural parameters of ``batch`` (eagerly, in the probe's modes), with ``params`` substituted
         by ``torch.func.functional_call`` when given."""
-        with _eager():
+        with eager():
             if params is None:
                 out = batch.call(self.model)
             else:
@@ -245,11 +123,11 @@ class Probe:
     # -- context management ---------------------------------------------------------------------
     def __enter__(self) -> Probe:
         self.batch.check_finite()
-        _ESTIMATING.depth = getattr(_ESTIMATING, "depth", 0) + 1
+        enter_estimation()
         try:
-            self._mode = _ModeGuard(self.model).__enter__()
+            self._mode = ModeGuard(self.model).__enter__()
         except BaseException:
-            _ESTIMATING.depth -= 1
+            exit_estimation()
             raise
         try:
             self._forward(clone=False)
@@ -259,12 +137,12 @@ class Probe:
                 self._forward(clone=True)
         except BaseException:
             self._mode.__exit__(None, None, None)
-            _ESTIMATING.depth -= 1
+            exit_estimation()
             raise
         return self
 
     def __exit__(self, *exc):
-        _ESTIMATING.depth -= 1
+        exit_estimation()
         self._mode.__exit__(*exc)
         self._outs = self._ins = self._in_graph = None
         self.h = None
@@ -340,7 +218,7 @@ class Probe:
         bad = (~torch.isfinite(self.h.detach())).sum().item()
         if bad:
             raise NonFiniteError(f"model output has {bad} non-finite value(s) (NaN or inf) of {self.h.numel()}")
-        uses, nodes = _graph_uses(self.h)
+        uses, nodes = graph_uses(self.h)
         self.fast = []  # (mname, module, has_bias)
         covered: set[str] = set()
         shared: dict[str, str] = {}  # shared-index Embedding -> the module whose output it is added to
@@ -357,7 +235,7 @@ class Probe:
             if not call_is_batched(m, in_graph.get(mname), out, self.batch):
                 # not a per-input call; a shared Embedding (learned positions) broadcast-added to a per-input
                 # recorded output takes the gradient at that output as its own per-input gradient
-                partner = _broadcast_partner(m, out, outs, calls, nodes, self.batch.size)
+                partner = broadcast_partner(m, out, outs, calls, nodes, self.batch.size)
                 if partner is None:
                     continue
                 shared[mname] = partner
@@ -502,73 +380,6 @@ class Probe:
             vals = general_seeded_grads(self, seeds, general)
             out.append((DenseRecord(vals), {n: n for n in vals}))
         return out
-
-
-def general_seeded_grads(probe: Probe, seeds: Tensor, names: list[str], chunk: int | None = None) -> dict[str, Tensor]:
-    """General route: per-input, per-seed gradients ``(K, B, *shape)`` of ``seed[k,b]^T h(x_b)`` for ``names``.
-
-    Runs ``vmap`` over inputs (each as a batch of one) of a ``vjp`` over the ``K`` seeds, in chunks of inputs.
-    Where a module has no ``vmap`` rule (recurrent layers' fused kernels, some custom ops) it falls back to a loop
-    over inputs of ordinary autograd (one forward per input, the ``K`` seeds batched): slower, the same numbers.
-    Works for any module autograd handles; gradients are enabled here whatever the caller's mode.
-    """
-    named = dict(probe.model.named_parameters())
-    params = {n: named[n].detach() for n in names}
-    numel = sum(p.numel() for p in params.values())
-    k = seeds.shape[0]
-    if chunk is None:
-        chunk = max(1, 2**24 // max(1, k * numel))
-    flat_dtype = next(iter(params.values())).dtype  # not the inputs' dtype: integer inputs (Embedding) exist
-    seeds = seeds.to(flat_dtype)
-    batch = probe.batch
-    with torch.enable_grad():
-        try:
-            return _vmap_route(probe, params, batch, seeds, names, chunk)
-        except (RuntimeError, NotImplementedError):
-            return _loop_route(probe, {n: named[n] for n in names}, batch, seeds, names)
-
-
-def _vmap_route(probe: Probe, params, batch: Batch, seeds: Tensor, names, chunk: int) -> dict[str, Tensor]:
-    def per_input(pd, leaves, s):
-        one = batch.with_batched([t.unsqueeze(0) for t in leaves])
-
-        def f(p):
-            return probe.outputs_of(one, p)[0]
-
-        _, pull = vjp(f, pd)
-        return vmap(pull)(s)[0]
-
-    parts: dict[str, list[Tensor]] = {n: [] for n in names}
-    b = batch.size
-    for start in range(0, b, chunk):
-        sl = slice(start, min(b, start + chunk))
-        g = vmap(per_input, in_dims=(None, 0, 1))(params, batch[sl].batched, seeds[:, sl])
-        for n in names:
-            parts[n].append(g[n].transpose(0, 1))
-    return {n: torch.cat(parts[n], 1) for n in names}
-
-
-def _loop_route(probe: Probe, params, batch: Batch, seeds: Tensor, names) -> dict[str, Tensor]:
-    plist = [params[n] for n in names]
-    k = seeds.shape[0]
-    out: dict[str, list[Tensor]] = {n: [] for n in names}
-    for b in range(batch.size):
-        hb = probe.outputs_of(batch[b : b + 1])
-        s = seeds[:, b : b + 1].to(hb.dtype)
-        if k == 1:
-            grads = torch.autograd.grad(hb, plist, s[0], allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
-        else:
-            try:
-                grads = torch.autograd.grad(hb, plist, s, allow_unused=True, is_grads_batched=True)
-            except RuntimeError:  # an op without a batching rule: loop over seeds too
-                per = [torch.autograd.grad(hb, plist, sk, retain_graph=True, allow_unused=True) for sk in s]
-                grads = [
-                    None if per[0][i] is None else torch.stack([pk[i] for pk in per]) for i in range(len(plist))
-                ]
-        for n, p, g in zip(names, plist, grads):
-            out[n].append(torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g.detach())
-    return {n: torch.stack(out[n], 1) for n in names}
 
 
 def reduce_records(

@@ -9,7 +9,7 @@ from torch import nn
 
 from fisher_optim.engine import Probe
 from fisher_optim.likelihoods import get_likelihood
-from fisher_optim.selection import _HutchMoments, plan_from_probe, run_selection
+from fisher_optim.selection import HutchMoments, plan_from_probe, run_selection
 from fisher_optim.variance import OnlineVariance, factor_moments, moments_from_probe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,7 +53,7 @@ def test_hutchinson_variance_matches_its_draws():
     lik = get_likelihood("categorical")
     with Probe(net, x, lik) as probe:
         mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
-        var = _HutchMoments(mom, factor_moments(probe)["a4"]).v1  # summed over the 4 inputs
+        var = HutchMoments(mom, factor_moments(probe)["a4"]).v1  # summed over the 4 inputs
         g = torch.Generator().manual_seed(0)
         plan = {n: ("hutchinson", 1) for n in probe.params}
         draws = [plan_from_probe(probe, plan, generator=g) for _ in range(3000)]
@@ -79,7 +79,7 @@ def test_online_tracker_converges_to_the_closed_form_and_is_named():
     tracker = OnlineVariance()
     with Probe(net, x, lik) as probe:
         mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
-        closed = _HutchMoments(mom, factor_moments(probe)["a4"]).v1
+        closed = HutchMoments(mom, factor_moments(probe)["a4"]).v1
         g = torch.Generator().manual_seed(3)
         plan = {n: ("hutchinson", 1) for n in probe.params}
         for _ in range(40):  # refreshes of 25 single-probe draws each

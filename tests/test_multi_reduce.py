@@ -16,7 +16,8 @@ from torch import nn
 
 from fisher_optim.engine import Probe
 from fisher_optim.layers import ConvRecord, DenseRecord, LinearRecord, UnfoldRecord, linear_reduce, make_record
-from fisher_optim.likelihoods import LIKELIHOODS, _wsum, get_likelihood
+from fisher_optim.likelihoods import LIKELIHOODS, get_likelihood
+from fisher_optim.likelihoods import wsum as _wsum
 from fisher_optim.variance import moments_from_probe
 
 DTYPE = torch.float64

@@ -519,8 +519,8 @@ def test_auto_mode_on_a_general_route_model_keeps_no_graph():
 def _count_cost_measurements(monkeypatch) -> list:
     import fisher_optim.selection as sel_mod
 
-    calls, real = [], sel_mod._costs
-    monkeypatch.setattr(sel_mod, "_costs", lambda probe, *a, **k: calls.append(tuple(probe.inputs.shape)) or real(
+    calls, real = [], sel_mod.build_costs
+    monkeypatch.setattr(sel_mod, "build_costs", lambda probe, *a, **k: calls.append(tuple(probe.inputs.shape)) or real(
         probe, *a, **k))  # fmt: skip
     return calls
 

@@ -11,6 +11,7 @@ import torch
 from conftest import DTYPE, init_, inputs, mlp
 from torch import nn
 
+from fisher_optim import costs as cost_mod
 from fisher_optim import diagonal_fisher
 from fisher_optim import selection as sel_mod
 from fisher_optim.engine import Probe
@@ -121,8 +122,8 @@ def test_select_draws_no_labels():
 @pytest.mark.parametrize("cost_model", ["measured", "flops"])
 def test_costs_passed_back_are_reused(monkeypatch, cost_model):
     calls = []
-    real = sel_mod._costs
-    monkeypatch.setattr(sel_mod, "_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sel_mod.build_costs
+    monkeypatch.setattr(sel_mod, "build_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
     net, x = sigmoid_mlp(), sigmoid_inputs(16)
     first = run_selection(net, x, likelihood="categorical", cost_model=cost_model)
     assert isinstance(first.costs, Costs) and len(calls) == 1
@@ -168,17 +169,17 @@ def test_measured_costs_time_whole_model_passes(monkeypatch):
             fn()
             return next(timings)
 
-        monkeypatch.setattr(sel_mod, "_time", fake_time)
+        monkeypatch.setattr(cost_mod, "_time", fake_time)
         net, x = mlp("sigmoid", widths=widths), inputs((6, 3))
         with Probe(net, x, lik) as probe:
             seeded, real = [], probe.seeded
             probe.seeded = lambda seeds, names=None, diagonal=None, real=real, seeded=seeded: (
                 seeded.append(seeds.shape[0]) or real(seeds, names, diagonal=diagonal)
             )
-            units = sel_mod._module_units(probe)
-            costs, overhead, (k_ex, k_1) = sel_mod._measured_costs(probe, units, warm_exact=True)
-            flops = sel_mod._flops_costs(probe, units)
-            uf = sel_mod._unit_flops(probe, units)
+            units = sel_mod.module_units(probe)
+            costs, overhead, (k_ex, k_1) = cost_mod.measured_costs(probe, units, warm_exact=True)
+            flops = cost_mod.flops_costs(probe, units)
+            uf = cost_mod.unit_flops(probe, units)
         # warm-ups (one and four samples), then the timed exact (3 seeds), one-sample and four-sample passes
         assert seeded == [1, 4, 3, 1, 4]
         assert overhead == pytest.approx(0.8)
@@ -222,7 +223,7 @@ def plan_error_cost(stats, costs, options):
 
 
 def _stats(a, l, n_need=1):
-    return sel_mod._UnitStats(("w",), [a], [l], n_need, 1.0, 0.0, 0.0, a, l)
+    return sel_mod.UnitStats(("w",), [a], [l], n_need, 1.0, 0.0, 0.0, a, l)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -296,11 +297,11 @@ def test_unit_stats_match_direct_sums():
     m = x.shape[0]
     with Probe(net, x, get_likelihood("categorical")) as probe:
         mom = moments_from_probe(probe, with_v2=True, with_fisher_sq=True)
-        units = [tuple(u) for u in sel_mod._module_units(probe)]
-    sums = sel_mod._tensor_sums(mom, [n for u in units for n in u])
+        units = [tuple(u) for u in sel_mod.module_units(probe)]
+    sums = sel_mod.tensor_sums(mom, [n for u in units for n in u])
     for unit in units:
         numel = sum(mom.fisher[n].numel() for n in unit)
-        st = sel_mod._unit_stats(unit, sums, numel, m, 0.5, 0.1, True)
+        st = sel_mod.unit_stats(unit, sums, numel, m, 0.5, 0.1, True)
         for n, a, l in zip(unit, st.a, st.l):
             f = mom.fisher[n].double() / m
             var = mom.fisher_sq[n].double() / m - f**2

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..batch import Batch, OutputSpec, select_output
-from ..engine import estimating
+from ..forward import estimating
 
 __all__ = ["InputCapture"]
 

@@ -1,0 +1,216 @@
+r"""What a refresh costs: measured (timings of the very calls a refresh makes) or in parameter-count units.
+
+:class:`Costs` prices a mixed plan (:meth:`Costs.refresh_cost`) from per-layer backward and reduction costs; it is
+measured once per input shape and reused by the optimizers' schedule (:mod:`fisher_optim.schedule`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .engine import Probe
+from .plans import plan_from_probe
+
+__all__ = [
+    "Costs",
+    "COST_MODELS",
+    "COST_PROBE_SAMPLES",
+    "SAMPLED",
+    "build_costs",
+    "flops_costs",
+    "measured_costs",
+    "module_units",
+    "unit_flops",
+]
+
+#: the per-input sampled estimators a plan may use with exact (one backward of ``N`` seeds per input each, so one
+#: cost model prices both; their per-input variances: Î₁'s ``v1`` and Hutchinson's ``2(F(x)^2 - sum_a A^4)``)
+SAMPLED = ("mc1", "hutchinson")
+
+
+COST_MODELS = ("measured", "flops")
+
+
+@dataclass
+class Costs:
+    r"""Per-refresh costs used by :func:`run_selection`, reusable on later batches of the same shape.
+
+    The cost of a refresh with a mixed plan (:meth:`refresh_cost`) is
+
+    .. math::  s + \Big[\max_{u\in E} b^{ex}_u + \sum_{u\in E} r^{ex}_u\Big]
+               + \Big[N_{\max} \max_{u\in S} b^{1}_u + \sum_{u\in S} N_u\, r^{1}_u\Big]
+
+    for the layers ``E`` estimated exactly and the layers ``S`` by Î₁ with ``N_u`` samples: each group runs one
+    seeded backward, as deep as its deepest layer (``b``: the backward down to and through layer ``u``), plus one
+    reduction per layer (``r``); the output layer's exact Fisher takes no seeds (``b = 0``).  ``units`` lists the
+    layers (parameter names that share a backward: a module's weight and bias) and ``unit_costs`` their
+    ``(b_ex, r_ex, b_1, r_1)`` in seconds (``"flops"``: parameter-count units); ``shared`` (``s``) is the part every
+    plan pays once per refresh (the forward pass and the per-call overhead; ``"flops"``: the parameter count).
+
+    ``per_param`` maps each parameter name to ``(c_exact, c_one_sample)``: its share of the seconds of one exact
+    pass and of one one-sample Î₁ pass over all layers (for reports).  ``input_shape``, ``input_dtype`` and
+    ``names`` (the parameters, sorted) say what the costs were measured for.
+    """
+
+    cost_model: str
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    names: tuple[str, ...]
+    per_param: dict[str, tuple[float, float]]
+    shared: float
+    units: tuple[tuple[str, ...], ...] = ()
+    unit_costs: tuple[tuple[float, float, float, float], ...] = ()
+
+    def matches(self, inputs: Tensor, names, cost_model: str) -> bool:
+        """Whether these costs hold for ``inputs`` (shape and dtype), the parameters ``names`` and ``cost_model``."""
+        return (
+            self.cost_model == cost_model
+            and self.input_shape == tuple(inputs.shape)
+            and self.input_dtype == inputs.dtype
+            and self.names == tuple(sorted(names))
+        )
+
+    def unit_refresh_cost(self, options: list[int]) -> float:
+        """:meth:`refresh_cost` of a plan given per unit (in ``units`` order): ``0`` for exact, ``N`` for Î₁."""
+        b_ex = r_ex = b_1 = r_1 = 0.0
+        n_max = 0
+        for opt, (bex, rex, b1, r1) in zip(options, self.unit_costs):
+            if opt == 0:
+                b_ex = max(b_ex, bex)
+                r_ex += rex
+            else:
+                n_max = max(n_max, opt)
+                b_1 = max(b_1, b1)
+                r_1 += opt * r1
+        return self.shared + b_ex + r_ex + n_max * b_1 + r_1
+
+    def refresh_cost(self, plan: dict[str, tuple[str, int]]) -> float:
+        """Predicted seconds of one refresh with ``plan`` (``name -> (estimator, n_samples)``, estimators ``exact``
+        or ``mc1``; a layer counts as exact unless its first listed parameter takes ``mc1``)."""
+        options = []
+        for unit in self.units:
+            est, n = plan.get(unit[0], ("exact", 1))
+            if est not in ("exact",) + SAMPLED:
+                raise ValueError(f"refresh_cost models 'exact', 'mc1' and 'hutchinson' only, not {est!r}")
+            options.append(0 if est == "exact" else int(n))
+        return self.unit_refresh_cost(options)
+
+
+def module_units(probe: Probe) -> list[list[str]]:
+    """Parameter names grouped by the layer (module) whose backward produces them."""
+    units = [probe.module_params(i) for i in range(len(probe.fast))]
+    units += [[n] for n in probe.general]
+    return units
+
+
+def _time(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+#: samples of the second one-sample-kind timing in the measured cost model (marginal cost per sample)
+COST_PROBE_SAMPLES = 4
+
+
+def measured_costs(
+    probe: Probe, units, warm_exact: bool = False
+) -> tuple[dict[str, tuple[float, float]], float, tuple[float, float]]:
+    """Per parameter (seconds of the exact pass, seconds per Î₁ sample) for its layer, the per-call overhead, and the
+    seconds per flops unit of the exact and of the one-sample pass (scales of :func:`unit_flops`).
+
+    Three whole-model timings of the calls a refresh makes (:func:`plan_from_probe`): an exact pass, a one-sample
+    and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over every layer in ``units``.  Their difference gives the marginal
+    cost of one sample; the rest of the one-sample call is per-call overhead (label draw, hooks, reductions' set-up),
+    returned apart so that the caller adds it to the shared part (it is paid once per refresh, whatever the plan).
+    The exact pass less that overhead, and the per-sample cost, are split over the parameters in proportion to
+    :func:`flops_costs` (see the module docstring).  The sampled passes get one untimed warm-up each, the exact pass
+    too unless ``warm_exact`` (a batched-seed backward on this probe already ran: the first one pays a one-off vmap
+    setup).  The scales make :func:`unit_flops`'s whole-plan costs of the exact and of the one-sample pass equal the
+    measured ones, so :meth:`Costs.refresh_cost` prices a mixed plan from the same three timings."""
+    names = [n for unit in units for n in unit]
+    if not names:
+        return {}, 0.0, (0.0, 0.0)
+    gen = torch.Generator(device=probe.h.device)  # private: the caller's label stream is never advanced
+    exact_plan = {n: ("exact", 1) for n in names}
+    one_plan = {n: ("mc1", 1) for n in names}
+    many_plan = {n: ("mc1", COST_PROBE_SAMPLES) for n in names}
+
+    def run(plan):  # the very calls a refresh makes (plan_from_probe), output-layer shortcut included
+        plan_from_probe(probe, plan, generator=gen.manual_seed(0))
+
+    run(one_plan)
+    run(many_plan)
+    if not warm_exact:
+        run(exact_plan)
+    t_ex = _time(lambda: run(exact_plan))
+    t_1 = _time(lambda: run(one_plan))
+    t_many = _time(lambda: run(many_plan))
+    per_sample = max((t_many - t_1) / (COST_PROBE_SAMPLES - 1), 0.05 * t_1)  # timing noise can make it <= 0
+    overhead = max(t_1 - per_sample, 0.0)
+    exact_work = max(t_ex - overhead, per_sample)
+    flops = flops_costs(probe, units)
+    tot_ex = sum(c for c, _ in flops.values()) or 1.0
+    tot_1 = sum(c for _, c in flops.values()) or 1.0
+    per_param = {n: (exact_work * c_ex / tot_ex, per_sample * c_1 / tot_1) for n, (c_ex, c_1) in flops.items()}
+    uf = unit_flops(probe, units)
+    plan_ex = max(c[0] for c in uf) + sum(c[1] for c in uf)
+    plan_1 = max(c[2] for c in uf) + sum(c[3] for c in uf)
+    return per_param, overhead, (exact_work / max(plan_ex, 1e-300), per_sample / max(plan_1, 1e-300))
+
+
+def flops_costs(probe: Probe, units) -> dict[str, tuple[float, float]]:
+    """Deterministic per-parameter costs ``(c_exact, c_one_sample)`` (for reports and the measured model's split): the
+    layer's exact or one-sample pass on its own, ``b + r`` of :func:`unit_flops`, shared by size within the layer."""
+    out = {}
+    for names, (b_ex, r_ex, b_1, r_1) in zip(units, unit_flops(probe, units)):
+        size = sum(probe.params[n].numel() for n in names)
+        for n in names:
+            share = probe.params[n].numel() / max(1, size)
+            out[n] = ((b_ex + r_ex) * share, (b_1 + r_1) * share)
+    return out
+
+
+def unit_flops(probe: Probe, units) -> list[tuple[float, float, float, float]]:
+    """Per layer ``(b_ex, r_ex, b_1, r_1)`` of :class:`Costs` in parameter-count units: a seed's backward down to
+    and through layer ``u`` crosses every later layer (``b = sum of their sizes and its own``; a ``torch.func``-route
+    parameter crosses the whole model) and its reduction costs the layer's size; exact takes ``C`` seeds, none on
+    the output layer (its reduction only, :meth:`~fisher_optim.engine.Probe.exact_output_layer`)."""
+    c = probe.h.shape[1]
+    sizes = [sum(probe.params[n].numel() for n in names) for names in units]
+    out = []
+    for i, size in enumerate(sizes):
+        back = float(sum(sizes[i:]) if i < len(probe.fast) else sum(sizes))
+        if i == probe.output_index:
+            out.append((0.0, float(size), back, float(size)))
+        else:
+            out.append((c * back, c * float(size), back, float(size)))
+    return out
+
+
+def build_costs(probe: Probe, units, cost_model: str, warm_exact: bool) -> Costs:
+    """Fresh :class:`Costs` for this probe's batch and parameters."""
+    uf = unit_flops(probe, units)
+    if cost_model == "measured":
+        per_param, overhead, (k_ex, k_1) = measured_costs(probe, units, warm_exact=warm_exact)
+        # the part of a refresh every estimator pays once: the forward pass and the per-call overhead
+        with torch.enable_grad():
+            shared = _time(lambda: probe.outputs_of(probe.batch), repeats=2) + overhead
+        uf = [(k_ex * bex, k_ex * rex, k_1 * b1, k_1 * r1) for bex, rex, b1, r1 in uf]
+    else:
+        per_param = flops_costs(probe, units)
+        shared = float(sum(p.numel() for p in probe.params.values()))
+    x = probe.inputs
+    return Costs(
+        cost_model, tuple(x.shape), x.dtype, tuple(sorted(probe.params)), per_param, shared,
+        tuple(tuple(u) for u in units), tuple(uf),
+    )  # fmt: skip
+
+
