@@ -44,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import os
@@ -710,31 +711,43 @@ def write_lm_markdown(results: list[dict], path: Path, command: str, rounds: int
     path.write_text("\n".join(lines))
 
 
-def main_lm(args, argv: list[str]) -> list[dict]:
-    """``--lm``: the language-model cases, written to ``estimators_lm.md``."""
-    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 15)
+def _run_settings(args, make, default_rounds: int):
+    """``(rounds, target_ms, out folder or None, cases)`` from the command line (shared by both modes)."""
+    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else default_rounds)
     if rounds < 1:
         raise ValueError(f"Invalid rounds: {rounds}")
     target_ms = args.target_ms if args.target_ms is not None else (1.0 if args.smoke else 20.0)
     out = args.out if args.out is not None or args.smoke else RESULTS
-    cases = make_lm_cases(args.smoke)
+    cases = make(args.smoke)
     if args.models:
         unknown = set(args.models) - {c.key for c in cases}
         if unknown:
             raise ValueError(f"Invalid models: {sorted(unknown)}")
         cases = [c for c in cases if c.key in args.models]
-    threads_before = torch.get_num_threads()
+    return rounds, target_ms, out, cases
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to ``n`` (if given) for the block, restored after."""
+    before = torch.get_num_threads()
     try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        with warnings.catch_warnings():
-            # torch.func has no batching rule for the CPU attention kernels: it warns and loops (still exact)
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            info = machine_info()
-            log(info)
-            results = [run_lm_case(c, rounds, target_ms / 1e3, 1 if args.smoke else 2) for c in cases]
+        if n is not None:
+            torch.set_num_threads(n)
+        yield
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(before)
+
+
+def main_lm(args, argv: list[str]) -> list[dict]:
+    """``--lm``: the language-model cases, written to ``estimators_lm.md``."""
+    rounds, target_ms, out, cases = _run_settings(args, make_lm_cases, 15)
+    with _threads(args.threads), warnings.catch_warnings():
+        # torch.func has no batching rule for the CPU attention kernels: it warns and loops (still exact)
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        info = machine_info()
+        log(info)
+        results = [run_lm_case(c, rounds, target_ms / 1e3, 1 if args.smoke else 2) for c in cases]
     for res in results:
         print(f"\n{res['case'].key}: {res['case'].title}")
         for name, st in res["stats"].items():
@@ -766,33 +779,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"Invalid threads: {args.threads}")
     if args.lm:
         return main_lm(args, argv)
-    rounds = args.rounds if args.rounds is not None else (1 if args.smoke else 25)
-    if rounds < 1:
-        raise ValueError(f"Invalid rounds: {rounds}")
-    target_ms = args.target_ms if args.target_ms is not None else (1.0 if args.smoke else 20.0)
-    out = args.out if args.out is not None or args.smoke else RESULTS
-    cases = make_cases(args.smoke)
-    if args.models:
-        unknown = set(args.models) - {c.key for c in cases}
-        if unknown:
-            raise ValueError(f"Invalid models: {sorted(unknown)}")
-        cases = [c for c in cases if c.key in args.models]
-    threads_before = torch.get_num_threads()
-    try:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        with warnings.catch_warnings():
-            # BackPACK's module hooks warn on every backward whose inputs need no gradient (the data)
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            if args.profile:
-                profile(cases)
-                return []
-            info = machine_info()
-            log(info)
-            warmup = 1 if args.smoke else 2
-            results = [run_case(c, rounds, target_ms / 1e3, warmup) for c in cases]
-    finally:
-        torch.set_num_threads(threads_before)
+    rounds, target_ms, out, cases = _run_settings(args, make_cases, 25)
+    with _threads(args.threads), warnings.catch_warnings():
+        # BackPACK's module hooks warn on every backward whose inputs need no gradient (the data)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        if args.profile:
+            profile(cases)
+            return []
+        info = machine_info()
+        log(info)
+        warmup = 1 if args.smoke else 2
+        results = [run_case(c, rounds, target_ms / 1e3, warmup) for c in cases]
     for res in results:
         print(f"\n{res['case'].key}: {res['case'].title}")
         for name, st in res["stats"].items():

@@ -122,15 +122,22 @@ class Batch:
         return ", ".join(parts)
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` naming the first floating-point argument with a NaN or infinity."""
+        """Raise :class:`NonFiniteError` naming the first floating-point argument with a NaN or infinity (one host
+        read for the whole batch; the per-argument counts only on failure)."""
         named = [(f"positional input {i}", a) for i, a in enumerate(self.args)]
         named += [(f"keyword input {k!r}", v) for k, v in self.kwargs.items()]
-        for label, value in named:
-            for t in pytree.tree_leaves(value):
-                if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()):
-                    bad = (~torch.isfinite(t)).sum().item()
-                    if bad:
-                        raise NonFiniteError(f"{label} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}")
+        floats = [
+            (label, t)
+            for label, value in named
+            for t in pytree.tree_leaves(value)
+            if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel()
+        ]
+        if not floats or bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+            return
+        for label, t in floats:
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise NonFiniteError(f"{label} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}")
 
     # -- gathering micro-batches ----------------------------------------------------------------------------
     def compatible(self, other: Batch) -> bool:

@@ -215,8 +215,8 @@ class Probe:
                 hd.remove()
         if self.h.shape[0] != self.batch.size:
             raise ValueError(f"model output has batch size {self.h.shape[0]} but inputs have {self.batch.size}")
-        bad = (~torch.isfinite(self.h.detach())).sum().item()
-        if bad:
+        if not bool(torch.isfinite(self.h.detach()).all()):  # one host read; the count only on failure
+            bad = int((~torch.isfinite(self.h.detach())).sum())
             raise NonFiniteError(f"model output has {bad} non-finite value(s) (NaN or inf) of {self.h.numel()}")
         uses, nodes = graph_uses(self.h)
         self.fast = []  # (mname, module, has_bias)

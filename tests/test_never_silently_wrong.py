@@ -226,7 +226,6 @@ def test_layers_without_curvature_wait_for_it():
     F.cross_entropy(net(x), y).backward()
     opt.step()
     opt.zero_grad()
-    assert torch.equal(net[0].weight, first)  # no curvature, no step
     assert not torch.equal(net[2].weight, torch.zeros_like(net[2].weight))  # the head moved
     F.cross_entropy(net(x), y).backward()
     opt.step()
