@@ -285,10 +285,10 @@ class FisherOptimizer(Optimizer):
         with_grad = [p for _, ps, _ in work for p in ps]
         # (the state lookups only after the schedule: self.state is a defaultdict and must not grow on a failed step)
         due = self._schedule.refresh_due() or any("fisher_count" not in self.state[p] for p in with_grad)
-        gen_state = self._generator.get_state()
+        gen_state = self._generator.get_state() if due else None  # rewound if the step is skipped
         nonfinite_input = None
         try:
-            estimates, pending, _ = self._estimate(targets) if due else (None, None, None)
+            estimates, pending = self._estimate(targets) if due else (None, None)
         except NonFiniteError as err:  # non-finite inputs or model output: the step is skipped or raises below
             estimates, pending, nonfinite_input = None, None, str(err)
 
@@ -301,7 +301,8 @@ class FisherOptimizer(Optimizer):
             or (isinstance(loss, float) and not math.isfinite(loss))
         )
         if bad:
-            self._generator.set_state(gen_state)
+            if gen_state is not None:
+                self._generator.set_state(gen_state)
             self._capture.restore_buffers()
             self._capture.reset()
             what = nonfinite_input or describe_nonfinite(work, estimates, loss, self._names)
@@ -351,8 +352,7 @@ class FisherOptimizer(Optimizer):
         return {self._names[id(p)]: p for g in self.param_groups for p in g["params"] if p.requires_grad}
 
     def _estimate(self, targets):
-        """New estimates ``{param: tensor}`` (all-reduced under DDP), the pending selection and the
-        generator state before any draw (to rewind on a skipped step)."""
+        """New estimates ``{param: tensor}`` (all-reduced under DDP) and the pending selection."""
         x = self._capture.take(self.fisher_batch)
         if x is None:
             raise RuntimeError(
@@ -364,7 +364,6 @@ class FisherOptimizer(Optimizer):
             targets = targets[: x.size]
         fparams = self._fisher_params()
         names = list(fparams)
-        gen_state = self._generator.get_state()
         pending = None
         self._capture.enabled = False
         try:  # under step()'s no_grad: the Probe enables gradients for its own forward only
@@ -396,7 +395,7 @@ class FisherOptimizer(Optimizer):
             self._capture.enabled = True
         if distributed.is_distributed(self._pg):
             est = distributed.all_reduce_mean(est, names, self._pg)
-        return {fparams[n]: est[n] for n in names}, pending, gen_state
+        return {fparams[n]: est[n] for n in names}, pending
 
     def _select(
         self, x, names: list[str], targets: Tensor | None = None
