@@ -277,8 +277,8 @@ class Probe:
         return [self._pname[id(m.weight)]] + ([self._pname[id(m.bias)]] if has_bias else [])
 
     def exact_output_layer(self, names: Iterable[str] | None = None) -> tuple[dict[str, Tensor], set[str]]:
-        r"""Exact ``sum_m I_ii`` of the output layer's parameters without any seed (docs/fisher-math.md §7.1 with ``B_L
-        = I``).
+        r"""Exact ``sum_m I_ii`` of the output layer's parameters without any seed (docs/fisher-math.md §7.1 with
+        ``B_L = I``).
 
         When a ``nn.Linear`` produces ``h`` itself, ``dh_a / dW[j,k] = delta_aj a_k``, so
         ``F(W[j,k]) = I_jj(h) a_k^2`` and ``F(b[j]) = I_jj(h)``: one matmul with the Fisher's diagonal instead
