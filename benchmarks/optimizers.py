@@ -373,16 +373,27 @@ def _as_list(fs: dict | list | None) -> list[dict]:
 
 
 def merge_results(results: list[dict]) -> dict:
-    """One results dict from runs of different problems (same protocol): problems joined, commands listed."""
+    """One results dict from runs of the same protocol: problems joined; a problem in several files joins their
+    optimizers (which must differ, with the same data and budget); commands listed."""
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
     out["problems"], out["fisher_scale"] = {}, []
     for r in results:
-        clash = set(out["problems"]) & set(r["problems"])
-        if clash:
-            raise ValueError(f"Invalid merge: problems {sorted(clash)} are in more than one file")
-        out["problems"].update(r["problems"])
+        for key, prob in r["problems"].items():
+            if key not in out["problems"]:
+                out["problems"][key] = copy.deepcopy(prob)
+                continue
+            # the same problem run for different optimizers (e.g. the baselines, then fisher_optim's rows)
+            have = out["problems"][key]
+            if (have["n_train"], have["batch_size"], have["budget_steps"]) != (
+                    prob["n_train"], prob["batch_size"], prob["budget_steps"]):  # fmt: skip
+                raise ValueError(f"Invalid merge: problem {key!r} ran with different data or budgets")
+            clash = set(have["final"]) & set(prob["final"])
+            if clash:
+                raise ValueError(f"Invalid merge: problem {key!r} has optimizers {sorted(clash)} in more than one file")
+            for part in ("grids", "tuning", "final", "notes"):
+                have[part].update(prob[part])
         out["skipped"] = {**out.get("skipped", {}), **r.get("skipped", {})}
         out["fisher_scale"] = [*_as_list(out.get("fisher_scale")), *_as_list(r.get("fisher_scale"))]
     out["command"] = " ; ".join(r["command"] for r in results)

@@ -292,5 +292,20 @@ def test_merge_results_of_different_problems():
     m = bench.merge_results([a, b])
     assert list(m["problems"]) == ["logreg", "cnn"] and m["skipped"] == {"kron": "why"}
     assert m["command"] == "A ; B" and m["elapsed_s"] == 90.0 and m["fisher_scale"] == [{"x": 1}]
+
+
+def test_merge_results_joins_optimizers_of_one_problem():
+    def prob(opt, budget=100):
+        return {"n_train": 64, "batch_size": 8, "budget_steps": budget, "grids": {opt: {"chosen": 1e-3}},
+                "tuning": {opt: []}, "final": {opt: [{"seed": 0}]}, "notes": {}}  # fmt: skip
+
+    a = {"problems": {"cnn": prob("adamw")}, "skipped": {}, "command": "A", "elapsed_s": 1.0}
+    b = {"problems": {"cnn": prob("fisher_adam")}, "skipped": {}, "command": "B", "elapsed_s": 2.0}
+    m = bench.merge_results([a, b])
+    assert sorted(m["problems"]["cnn"]["final"]) == ["adamw", "fisher_adam"]
+    assert sorted(m["problems"]["cnn"]["grids"]) == ["adamw", "fisher_adam"]
+    assert list(a["problems"]["cnn"]["final"]) == ["adamw"]  # the inputs are not modified
     with pytest.raises(ValueError, match="more than one file"):
         bench.merge_results([a, a])
+    with pytest.raises(ValueError, match="different data or budgets"):
+        bench.merge_results([a, {**b, "problems": {"cnn": prob("fisher_adam", budget=50)}}])
