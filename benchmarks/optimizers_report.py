@@ -219,6 +219,7 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
                  "ratio exists there." if len(defined) < len(have) else "")
               + ("" if any(k.startswith("lm") for k in have) else " The LM part of the goal (within 10 % of the best "
                  "baseline's steps on the language model) needs the LM problems, not in this run."), ""]  # fmt: skip
+        L += lm_goal(stats, [k for k in have if k.startswith("lm")], label)
         wins = [k for k in have if steps[k] == "better"]
         losses = [k for k in have if steps[k] == "worse"]
         L.append(f"Where {label(o)} is clearly ahead of {label(ref)} (paired interval; final validation metric where "
@@ -244,6 +245,30 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
             best.append(f"{k}: no optimizer reached the target in half its seeds")
     L += ["Fewest median steps to target per problem: " + "; ".join(best) + ".", ""]
     return L
+
+
+#: the LM part of the goal: FisherAdam (auto)'s median steps within this factor of the best baseline's
+LM_GOAL = 1.10
+
+
+def lm_goal(stats, lm_keys: list[str], label) -> list[str]:
+    """The LM part of the goal: median steps of ``MAIN`` against the fewest median steps of any baseline (an
+    optimizer not from fisher_optim), per LM problem."""
+    L = []
+    for k in lm_keys:
+        base = {o: s["steps"][0] for o, s in stats[k].items() if not o.startswith(("fisher_", "natural_"))}
+        finite = {o: v for o, v in base.items() if math.isfinite(v)}
+        mine = stats[k].get(MAIN, {}).get("steps", (math.nan,))[0]
+        if not finite:
+            L.append(f"LM goal on {k}: no baseline reached the target in half its seeds; not decidable.")
+            continue
+        b = min(finite, key=finite.get)
+        ratio = mine / finite[b] if math.isfinite(mine) else math.inf
+        verdict = "met" if ratio <= LM_GOAL else "not met"
+        L.append(f"LM goal on {k} ({label(MAIN)} within {LM_GOAL - 1:.0%} of the best baseline's median steps): "
+                 f"{verdict}: {_num(mine, '.0f')} steps against {label(b)}'s {finite[b]:.0f} "
+                 f"({_num(ratio, '.2f')}×).")  # fmt: skip
+    return L + ([""] if L else [])
 
 
 def _summary(problems, stats, keys, label, ref) -> list[str]:

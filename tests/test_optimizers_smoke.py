@@ -309,3 +309,14 @@ def test_merge_results_joins_optimizers_of_one_problem():
         bench.merge_results([a, a])
     with pytest.raises(ValueError, match="different data or budgets"):
         bench.merge_results([a, {**b, "problems": {"cnn": prob("fisher_adam", budget=50)}}])
+
+
+def testlm_goal_compares_with_the_best_baseline_only():
+    from benchmarks import optimizers_report as rep
+
+    steps = {"adamw": 160.0, "soap": 100.0, "fisher_adam": 115.0, "fisher_adam_exact": 20.0}
+    stats = {"lm_x": {o: {"steps": (v, 0, 0)} for o, v in steps.items()}}
+    line = rep.lm_goal(stats, ["lm_x"], str)[0]
+    assert "not met" in line and "soap's 100" in line and "1.15×" in line  # exact (fisher_optim) is no baseline
+    stats["lm_x"]["fisher_adam"]["steps"] = (105.0, 0, 0)
+    assert ": met:" in rep.lm_goal(stats, ["lm_x"], str)[0]
