@@ -83,7 +83,7 @@ def lm_transformer() -> Problem:
         "char Transformer LM (2 layers, d=32, 4 heads), pydoc_data text, 32-char windows, all positions, batch 16",
         "categorical", lm_data,
         lambda: char_transformer(VOCAB_SIZE, d_model=32, n_heads=4, n_layers=2, max_len=SEQ_LEN),
-        "nll", 88.0, 1, 16, 32, time_cap_s=120.0, smoke_batch=2,
+        "nll", 88.0, 1, 16, 16, time_cap_s=120.0, smoke_batch=2,
         notes="metric: validation NLL per 32-character window (nats); target 88 = 2.75 nats/char",
     )  # fmt: skip
 
@@ -93,7 +93,7 @@ def lm_lstm() -> Problem:
     return Problem(
         "lm_lstm", "char LSTM LM (embedding 32, hidden 64), pydoc_data text, 32-char windows, batch 16",
         "categorical", lm_data, lambda: char_lstm(VOCAB_SIZE, d_embed=32, hidden=64),
-        "nll", 80.0, 1, 16, 32, time_cap_s=120.0, smoke_batch=2,
+        "nll", 80.0, 1, 16, 16, time_cap_s=120.0, smoke_batch=2,
         notes="metric: validation NLL per 32-character window (nats); target 80 = 2.5 nats/char",
     )  # fmt: skip
 
