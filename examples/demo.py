@@ -227,7 +227,8 @@ def plot(results: dict, cfg: dict, path: Path, command: str) -> None:
     ax_img.legend(handles=[Patch(color=cmap(i), label=lab) for i, lab in enumerate(labels)], fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     fig.suptitle(f"char Transformer LM (d={cfg['d_model']}, {cfg['n_layers']} layers), pydoc_data text, "
-                 f"{cfg['seq_len']}-char windows, batch {cfg['batch']}: FisherAdam(estimator='auto') vs AdamW")  # fmt: skip
+                 f"{cfg['seq_len']}-char windows, batch {cfg['batch']}: "
+                 "FisherAdam(estimator='auto') vs AdamW")  # fmt: skip
     fig.text(0.01, 0.005, f"made by: {command}", fontsize=7, color="gray")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
@@ -263,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "AdamW": train("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=args.adamw_lr), cfg, args, val),
         # ---- auto mode: the per-layer estimator and sample count come from fisher_optim.selection ----
-        "FisherAdam": train("FisherAdam", lambda m: FisherAdam(m, likelihood="categorical", estimator="auto"), cfg,
-                            args, val),  # fmt: skip
+        "FisherAdam": train(
+            "FisherAdam", lambda m: FisherAdam(m, likelihood="categorical", estimator="auto"), cfg, args, val
+        ),
     }
     opt = results["FisherAdam"]["opt"]
     report = opt.fisher_report()
