@@ -185,6 +185,24 @@ def layer_table(report) -> list[str]:
     return rows
 
 
+#: one hue per estimator family, darker for more samples
+FAMILY_CMAPS = {"exact": "Reds", "mc1": "Blues", "hutchinson": "Greens", "hutchinson_batch": "Purples",
+                "mc2": "Oranges"}  # fmt: skip
+
+
+def label_color(label: str, labels: list[str]):
+    """Grey before the first selection; else the family's colour map, shaded by the label's rank in N."""
+    import matplotlib
+
+    if label == BEFORE:
+        return "0.85"
+    family = label.split(" ")[0]
+    same = sorted((lab for lab in labels if lab.split(" ")[0] == family), key=lambda lab: int(lab.rsplit("=", 1)[-1])
+                  if "=" in lab else 0)  # fmt: skip
+    shade = 0.65 if len(same) == 1 else 0.4 + 0.5 * same.index(label) / (len(same) - 1)
+    return matplotlib.colormaps[FAMILY_CMAPS.get(family, "Greys")](shade)
+
+
 def plot(results: dict, cfg: dict, path: Path, command: str) -> None:
     import matplotlib
 
@@ -205,29 +223,34 @@ def plot(results: dict, cfg: dict, path: Path, command: str) -> None:
         ax_time.plot(secs, smooth, color=color, alpha=0.5, label=f"{name} training")
         ax_time.plot(h["val_seconds"], h["val"], color=color, marker="o", ms=3, label=f"{name} validation")
     ax_step.set(xlabel="step", ylabel="NLL per character (nats)", title="loss against steps (the same batches)")
-    ax_time.set(xlabel="training seconds (steps only)", ylabel="NLL per character (nats)", xscale="symlog",
+    ax_time.set(xlabel="training seconds (steps only)", ylabel="NLL per character (nats)",
                 title="loss against wall time")  # fmt: skip
+    if max(h["seconds"][-1] for h in results.values()) > 10:  # seconds for AdamW, minutes for a slow start
+        ax_time.set_xscale("symlog", linthresh=1.0)
     for ax in (ax_step, ax_time):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
     h = next(h for h in results.values() if h["choices"])
     names = list(h["choices"][-1][1])
-    labels = [BEFORE] + sorted({c for _, ch in h["choices"] for c in ch.values()} - {BEFORE})
+    found = {c for _, ch in h["choices"] for c in ch.values()} - {BEFORE}
+    labels = [BEFORE] + sorted(found, key=lambda lab: (lab.split(" ")[0], int(lab.rsplit("=", 1)[-1]) if "=" in lab
+                                                       else 0))  # fmt: skip
     code = {lab: i for i, lab in enumerate(labels)}
     n_steps = h["step"][-1]
     img = torch.zeros(len(names), n_steps)
     for (start, ch), nxt in zip(h["choices"], [s for s, _ in h["choices"][1:]] + [n_steps + 1]):
         for row, name in enumerate(names):
             img[row, start - 1 : nxt - 1] = code[ch.get(name, BEFORE)]
-    cmap = matplotlib.colors.ListedColormap(["0.85"] + [plt.get_cmap("tab10")(i) for i in range(len(labels) - 1)])
+    cmap = matplotlib.colors.ListedColormap([label_color(lab, labels) for lab in labels])
     ax_img.imshow(img.numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5,
                   extent=(0.5, n_steps + 0.5, len(names) - 0.5, -0.5))  # fmt: skip
     for i, sel in enumerate(h["selection"]):
         if sel:
             ax_img.axvline(i + 1, color="k", lw=0.8, ls="--")
     ax_img.set_yticks(range(len(names)), names, fontsize=5.5)
-    ax_img.set(xlabel="step (dashed: a selection)", title="FisherAdam(auto): estimator in use per parameter tensor")
+    ax_img.set(xlabel="step (dashed: a selection)",
+               title="FisherAdam(auto): the plan per parameter tensor after each step (from opt.fisher_report())")
     ax_img.legend(handles=[Patch(color=cmap(i), label=lab) for i, lab in enumerate(labels)], fontsize=8,
                   loc="upper left", bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     fig.suptitle(f"char Transformer LM (d={cfg['d_model']}, {cfg['n_layers']} layers), pydoc_data text, "
