@@ -47,6 +47,12 @@ positions").
 The model is evaluated with dropout off; BatchNorm in eval mode uses its running statistics, in train mode the
 estimation batch's own statistics held constant (the function being trained, without coupling between inputs).
 Train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
+
+**One estimation path.**  A *plan* gives each parameter its own ``(estimator, n_samples)``:
+:func:`plan_from_probe` runs it on one probe (one forward, one draw per kind of seed, each group's backward
+restricted to its layers), :func:`estimate_plan` wraps it with the probe and the mean over inputs (the optimizers'
+refreshes and EWC's auto mode), and :func:`diagonal_fisher` is the uniform plan ``{name: (estimator, n_samples)}``
+with its argument checks and the all-zero warning.  The seeds and reductions live in :mod:`fisher_optim.seeds`.
 """
 
 from __future__ import annotations
@@ -251,7 +257,8 @@ def diagonal_fisher(
 
     Returns:
         ``{name: tensor}`` keyed like ``model.named_parameters()`` (parameters that require grad), each
-        of the parameter's shape: :math:`\frac1M \sum_m \hat I_{ii}(\theta \mid x_m)`.
+        of the parameter's shape: :math:`\frac1M \sum_m \hat I_{ii}(\theta \mid x_m)`.  This is
+        :func:`estimate_plan` with the uniform plan ``{name: (estimator, n_samples)}`` (and ``reduction``).
 
     The batch estimators square a gradient of the whole batch, :math:`g_k = \partial_\theta \sum_m
     s_{m,k}^\top h_m` (seeds :math:`s = S\xi` for ``hutchinson_batch``, :math:`s = \eta - t(y)` for ``gnb``):
