@@ -91,19 +91,19 @@ __all__ = [
 
 # -- the one estimation path: a plan, each parameter with its own (estimator, n_samples) ----------------------
 def _check_plan(plan: dict[str, tuple[str, int]], params: dict[str, Tensor]) -> dict[str, tuple[str, int]]:
+    """``plan`` with its names among ``params``, its estimators known and its sample counts integers >= 1."""
+    missing = [n for n in plan if n not in params]
+    if missing:
+        raise ValueError(f"unknown or frozen parameter names: {missing}")
     out = {}
     for name, spec in plan.items():
-        if name not in params:
-            raise ValueError(f"plan names unknown or frozen parameter {name!r}")
         est, n = spec
         check_estimator(est)
         out[name] = (est, check_n_samples(n))
     return out
 
 
-def plan_from_probe(
-    probe: Probe, plan, generator=None, targets=None, *, draw_zero_mc2: bool = False
-) -> dict[str, Tensor]:
+def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[str, Tensor]:
     """Sum over inputs of the diagonal Fisher, each parameter with its own ``(estimator, n_samples)``.
 
     One label draw of ``max N`` samples serves every Î₁/Î₂ parameter (a parameter with ``N_l`` samples
@@ -111,14 +111,20 @@ def plan_from_probe(
     serves the ``hutchinson`` parameters, one the ``hutchinson_batch`` parameters, and one label draw the ``gnb``
     parameters (drawn in that order, after the Î₁/Î₂ labels).  The batch estimators return the squared batch
     gradient (unbiased for the *sum* over inputs, like every entry here).  Î₂ is the exact pass where the
-    residual ``d2h/dtheta_i^2`` is zero (docs/fisher-math.md §6a, §6g), and such parameters need no labels;
-    ``draw_zero_mc2`` draws them all the same (what :func:`diagonal_fisher` has always done: its random
-    stream is unchanged).  ``targets``: the labels of ``empirical``, and for categorical outputs a mask of
-    unlabelled positions for the other estimators (see :func:`diagonal_fisher`).
+    residual ``d2h/dtheta_i^2`` is zero (docs/fisher-math.md §6a, §6g), and such parameters need no labels.
+    ``targets``: the labels of ``empirical``, and for categorical outputs a mask of unlabelled positions for the
+    other estimators (see :func:`diagonal_fisher`).
     """
-    lik = probe.lik
     plan = _check_plan(plan, probe.params)
     zero = hessian_plan(probe.model, probe.params).zero if any(e == "mc2" for e, _ in plan.values()) else set()
+    return _run_plan(probe, plan, zero, generator, targets)
+
+
+def _run_plan(probe: Probe, plan, zero: set[str], generator, targets, draw_zero_mc2: bool = False) -> dict[str, Tensor]:
+    """:func:`plan_from_probe` for a checked ``plan``; ``zero``: the parameters whose Î₂ residual is zero.
+    ``draw_zero_mc2`` draws the Î₂ labels even where no Î₂ parameter uses them (every residual zero), as
+    :func:`diagonal_fisher` always has: its random stream stays the same."""
+    lik = probe.lik
     groups: dict[str, dict[str, int]] = {e: {} for e in ESTIMATORS}
     n_zero = 0
     for name, (est, n) in plan.items():
@@ -136,7 +142,7 @@ def plan_from_probe(
         _, grads = sampled_seeds(probe, n_max, generator, mask)
         if groups["mc1"]:
             kmax = max(groups["mc1"].values())
-            recs = probe.seeded(grads[:kmax], names=groups["mc1"])
+            recs = probe.seeded(grads if kmax == n_max else grads[:kmax], names=groups["mc1"])
             out.update(per_input_squares(probe, recs, groups["mc1"]))
         for n in sorted(set(groups["mc2"].values())):
             names = {k for k, v in groups["mc2"].items() if v == n}
@@ -159,14 +165,14 @@ def plan_from_probe(
             raise ValueError("estimator 'empirical' needs targets (the observed labels)")
         recs = probe.seeded(empirical_seeds(probe, targets), names=groups["empirical"])
         out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, groups["empirical"]))
-    return {n: out[n] for n in probe.params if n in out}  # in the order of model.named_parameters()
+    return {n: out[n] for n in probe.params if n in out}  # in the order of probe.params
 
 
 def _estimate(
     model: nn.Module,
     inputs,
     lik: Likelihood,
-    plan: dict[str, tuple[str, int]],
+    plan: dict[str, tuple[str, int]] | tuple[str, int],
     *,
     generator,
     targets,
@@ -174,9 +180,16 @@ def _estimate(
     reduction: str,
     draw_zero_mc2: bool = False,
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """One probe, :func:`plan_from_probe`, the reduction over inputs; also the names the output depends on."""
-    with Probe(model, inputs, lik, names=list(plan), output=output) as probe:
-        out = plan_from_probe(probe, plan, generator, targets, draw_zero_mc2=draw_zero_mc2)
+    """The one path: one probe, the plan, the reduction over inputs.  ``plan``: checked, over trainable parameters
+    of ``model``; or one checked ``(estimator, n_samples)``, the uniform plan over all of them.  Returns the
+    estimates and the names of the parameters the output depends on."""
+    uniform = isinstance(plan, tuple)
+    estimators = {plan[0]} if uniform else {e for e, _ in plan.values()}
+    zero = hessian_plan(model, trainable_parameters(model)).zero if "mc2" in estimators else set()  # before any work
+    with Probe(model, inputs, lik, names=None if uniform else list(plan), output=output) as probe:
+        if uniform:
+            plan = dict.fromkeys(probe.params, plan)
+        out = _run_plan(probe, plan, zero, generator, targets, draw_zero_mc2)
         m = probe.h.shape[0]
         depends = [n for n in probe.params if n not in probe.unused]
     if reduction == "mean":
@@ -212,8 +225,9 @@ def estimate_plan(
         ['0.bias', '0.weight', '2.weight']
     """
     lik = get_likelihood(likelihood)
-    out, _ = _estimate(model, inputs, lik, plan, generator=generator, targets=targets, output=output, reduction="mean")
-    return out
+    plan = _check_plan(plan, trainable_parameters(model))
+    kw = dict(generator=generator, targets=targets, output=output, reduction="mean")
+    return _estimate(model, inputs, lik, plan, **kw)[0]
 
 
 def diagonal_fisher(
@@ -296,14 +310,8 @@ def diagonal_fisher(
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
     check_targets_use(lik, estimator, targets)
-    params = trainable_parameters(model)
-    if estimator == "mc2":
-        hessian_plan(model, params)  # unsupported modules fail before any work
-    plan = {n: (estimator, n_samples) for n in params}  # the uniform plan
-    out, depends = _estimate(
-        model, inputs, lik, plan, generator=generator, targets=targets, output=output, reduction=reduction,
-        draw_zero_mc2=True,
-    )  # fmt: skip
+    kw = dict(generator=generator, targets=targets, output=output, reduction=reduction, draw_zero_mc2=True)
+    out, depends = _estimate(model, inputs, lik, (estimator, n_samples), **kw)  # the uniform plan
     if depends and estimator != "mc2" and all(not bool(out[n].any()) for n in depends):
         warnings.warn(
             f"diagonal_fisher: the {estimator} Fisher is exactly zero for every parameter the output depends on "

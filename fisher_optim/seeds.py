@@ -78,7 +78,8 @@ def per_input_squares(probe: Probe, recs, counts: dict[str, int]) -> dict[str, T
         names = {k for k, v in counts.items() if v == n}
 
         def fn(x, idx, n=n):
-            return square_sum(x, n).div_(n)
+            out = square_sum(x, n)
+            return out.div_(n) if n != 1 else out
 
         out.update(reduce_records(recs, fn, 2, probe.params, names))
     return out
@@ -150,7 +151,8 @@ def exact_reducer(probe: Probe):
 def exact_sum(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str, Tensor]:
     """``sum_m I_ii(theta|x_m)`` for ``names`` (default all): the output layer in closed form when nothing is
     masked, the others by :func:`exact_record_chunks` (summed over chunks)."""
-    names = list(probe.params) if names is None else [n for n in probe.params if n in set(names)]
+    wanted = None if names is None else set(names)
+    names = list(probe.params) if wanted is None else [n for n in probe.params if n in wanted]
     out, done = probe.exact_output_layer(names) if mask is None else ({}, set())  # the output layer needs no seeds
     rest = [n for n in names if n not in done]
     if rest:
