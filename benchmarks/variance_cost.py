@@ -225,9 +225,9 @@ def breakdown(case: Case, budget_s: float = 1.0) -> dict[str, float]:
     are switched on one at a time (differences of medians, so they carry the noise of two timings).
     """
     from fisher_optim.engine import Probe, reduce_records
-    from fisher_optim.estimators import sum_of_squares
     from fisher_optim.hessian import plan
     from fisher_optim.likelihoods import get_likelihood
+    from fisher_optim.seeds import sum_of_squares
     from fisher_optim.variance import moments_from_probe, unit_seeds
 
     x, _ = data(case.batch, case.image, case.synthetic)

@@ -9,10 +9,11 @@ Layout (imports flow downwards only)::
     general       the general route: per-input gradients for any module (vmap of vjp, or an autograd loop)
     engine        one forward, coverage from autograd, seeded backward passes, per-layer records
     hessian       exact Hessian-diagonal residual for Î₂ (zero / chain / HVP routes)
-    estimators    diagonal_fisher: exact, mc1 (Î₁), mc2 (Î₂), empirical, hutchinson(_batch), gnb
+    seeds         what each estimator backpropagates (exact, sampled, Rademacher, observed) and its reduction
+    estimators    one estimation path: a plan gives each parameter its (estimator, N) in one probe
+                  (estimate_plan); diagonal_fisher is its uniform plan
     variance      closed-form variances of the estimators, per parameter and per layer
     bounds        eigenvalue and Frobenius bounds on those variances
-    plans         mixed-plan estimation: each parameter with its own (estimator, N) in one probe
     costs         what a refresh costs (measured or parameter-count units), per layer
     plan_search   the joint per-layer plan search (numpy scorer over many plans at once)
     selection     per-layer estimator / sample-count choice, with the reasons
@@ -23,12 +24,12 @@ Layout (imports flow downwards only)::
 """
 
 from .bounds import frobenius_bounds, trace_bounds, variance_bounds
-from .estimators import ESTIMATORS, diagonal_fisher
+from .estimators import ESTIMATORS, diagonal_fisher, estimate_plan
 from .ewc import EWC
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
 from .optim import FisherAdam, FisherReport, NaturalGradient
 from .schedule import Schedule
-from .selection import Choice, estimate_plan, select
+from .selection import Choice, select
 from .settings import FisherSettings
 from .variance import fisher_moments, fisher_variance, joint_variance, layer_summary
 

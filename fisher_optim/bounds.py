@@ -36,9 +36,9 @@ from torch.func import functional_call, hessian, jacrev
 from ._checks import check_estimator, check_n_samples
 from .batch import OutputSpec
 from .engine import Probe, reduce_records
-from .estimators import exact_from_probe, exact_records, exact_reducer
 from .hessian import residual_records
 from .likelihoods import Categorical, Likelihood, get_likelihood
+from .seeds import exact_records, exact_reducer, exact_sum
 from .variance import unit_seeds
 
 __all__ = ["variance_bounds", "trace_bounds", "lambda_min_moment4_tensor", "frobenius_bounds", "moment4_operator"]
@@ -74,7 +74,7 @@ def _sqnorm_reducer(lik: Likelihood, h: Tensor, weight: Tensor, power: int):
 def _hutchinson_upper(probe: Probe, batch: bool) -> dict[str, Tensor]:
     """``2 (sum_m F_i(x_m))^2`` (``batch``) or ``2 sum_m F_i(x_m)^2``: single-probe variance bounds times ``M^2``."""
     if batch:
-        return {n: 2 * f * f for n, f in exact_from_probe(probe).items()}
+        return {n: 2 * f * f for n, f in exact_sum(probe).items()}
     per_input = exact_reducer(probe)
     recs = exact_records(probe, list(probe.params))
     return reduce_records(recs, lambda x, idx: 2 * per_input(x, idx) ** 2, 4, probe.params)

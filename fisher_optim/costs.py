@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .engine import Probe
-from .plans import plan_from_probe
+from .estimators import plan_from_probe
 
 __all__ = [
     "Costs",

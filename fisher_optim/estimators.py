@@ -47,6 +47,12 @@ positions").
 The model is evaluated with dropout off; BatchNorm in eval mode uses its running statistics, in train mode the
 estimation batch's own statistics held constant (the function being trained, without coupling between inputs).
 Train/eval flags, BatchNorm buffers and ``.grad`` are left untouched.
+
+**One estimation path.**  A *plan* gives each parameter its own ``(estimator, n_samples)``:
+:func:`plan_from_probe` runs it on one probe (one forward, one draw per kind of seed, each group's backward
+restricted to its layers), :func:`estimate_plan` wraps it with the probe and the mean over inputs (the optimizers'
+refreshes and EWC's auto mode), and :func:`diagonal_fisher` is the uniform plan ``{name: (estimator, n_samples)}``
+with its argument checks and the all-zero warning.  The seeds and reductions live in :mod:`fisher_optim.seeds`.
 """
 
 from __future__ import annotations
@@ -62,253 +68,166 @@ from .engine import Probe, reduce_records, trainable_parameters
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .likelihoods import Categorical, Likelihood, get_likelihood
+from .seeds import (
+    batch_squares,
+    check_targets_use,
+    empirical_seeds,
+    exact_sum,
+    hutchinson_seeds,
+    identity_sum,
+    per_input_squares,
+    sampled_seeds,
+    sum_of_squares,
+    target_mask,
+)
 
 __all__ = [
     "diagonal_fisher",
+    "estimate_plan",
+    "plan_from_probe",
     "ESTIMATORS",
-    "check_estimator",
-    "check_n_samples",
-    "sum_of_squares",
 ]
 
-def square_sum(x: Tensor, n: int | None = None) -> Tensor:
-    """``sum_{k < n} x_k^2`` over the leading axis (default all of it), accumulated in place with ``addcmul_``:
-    ``(x * x).sum(0)`` allocates a tensor as large as ``x`` and reduces across its slowest axis, ~10x slower on CPU
-    for the large per-sample tensors of convolutional layers."""
-    n = x.shape[0] if n is None else n
-    out = x[0].square()
-    for k in range(1, n):
-        out.addcmul_(x[k], x[k])
+
+# -- the one estimation path: a plan, each parameter with its own (estimator, n_samples) ----------------------
+def _check_plan(plan: dict[str, tuple[str, int]], params: dict[str, Tensor]) -> dict[str, tuple[str, int]]:
+    """``plan`` with its names among ``params``, its estimators known and its sample counts integers >= 1."""
+    missing = [n for n in plan if n not in params]
+    if missing:
+        raise ValueError(f"unknown or frozen parameter names: {missing}")
+    out = {}
+    for name, spec in plan.items():
+        est, n = spec
+        check_estimator(est)
+        out[name] = (est, check_n_samples(n))
     return out
 
 
-def sum_of_squares(scale: float = 1.0):
-    """Per-input reducer ``scale * sum_k x_k^2`` (degree 2)."""
+def plan_from_probe(probe: Probe, plan, generator=None, targets=None) -> dict[str, Tensor]:
+    """Sum over inputs of the diagonal Fisher, each parameter with its own ``(estimator, n_samples)``.
 
-    def fn(x: Tensor, idx: slice) -> Tensor:
-        out = square_sum(x)
-        return out.mul_(scale) if scale != 1.0 else out
-
-    return fn
-
-
-def _identity_sum(x: Tensor, idx: slice) -> Tensor:
-    return x.sum(0)
-
-
-#: upper bound on the seed elements (seeds x inputs x output width) of one exact backward over positions
-EXACT_SEED_ELEMENTS = 2**24
-
-
-def target_mask(probe: Probe, targets) -> Tensor | None:
-    """``(B, D)`` seed mask from ``targets`` (0 at positions whose target is ``ignore_index``), or ``None``."""
-    return None if targets is None else probe.lik.target_mask(probe.h.detach(), targets)
-
-
-def exact_record_chunks(probe: Probe, names, mask: Tensor | None = None):
-    r"""Record lists whose reductions by :func:`exact_reducer`, summed, give ``sum_m I_ii(theta|x_m)``.
-
-    Categorical: the columns of ``S`` (``S S^T = I(h)``) as seeds, reduced by ``sum_k x_k^2``.  With ``T``
-    positions ``S`` is block-diagonal (docs/fisher-math.md §12): the ``T*C`` seeds ``S_t e_c`` (nonzero at position
-    ``t``
-    only) go in chunks of positions, at most :data:`EXACT_SEED_ELEMENTS` seed entries each; positions that
-    ``mask`` leaves unlabelled in every input take no seeds.
-    Factorised likelihoods (``I(h)`` diagonal): the ``C`` unit seeds ``e_c`` (a stride-0 view, nothing
-    materialised; the output layer's backward is a row scaling, see
-    :meth:`~fisher_optim.engine.Probe.output_grads`), reduced by ``sum_c I_cc x_c^2`` = ``fisher_quad``.
-    ``mask`` (``B x D``, see :func:`target_mask`) zeroes the seeds of unlabelled positions.
+    One label draw of ``max N`` samples serves every Î₁/Î₂ parameter (a parameter with ``N_l`` samples
+    uses the first ``N_l``); each group's backward is restricted to its layers.  Likewise one Rademacher draw
+    serves the ``hutchinson`` parameters, one the ``hutchinson_batch`` parameters, and one label draw the ``gnb``
+    parameters (drawn in that order, after the Î₁/Î₂ labels).  The batch estimators return the squared batch
+    gradient (unbiased for the *sum* over inputs, like every entry here).  Î₂ is the exact pass where the
+    residual ``d2h/dtheta_i^2`` is zero (docs/fisher-math.md §6a, §6g), and such parameters need no labels.
+    ``targets``: the labels of ``empirical``, and for categorical outputs a mask of unlabelled positions for the
+    other estimators (see :func:`diagonal_fisher`).
     """
-    h = probe.h.detach()
-    b, d = h.shape
+    plan = _check_plan(plan, probe.params)
+    zero = hessian_plan(probe.model, probe.params).zero if any(e == "mc2" for e, _ in plan.values()) else set()
+    return _run_plan(probe, plan, zero, generator, targets)
+
+
+def _run_plan(probe: Probe, plan, zero: set[str], generator, targets, draw_zero_mc2: bool = False) -> dict[str, Tensor]:
+    """:func:`plan_from_probe` for a checked ``plan``; ``zero``: the parameters whose Î₂ residual is zero.
+    ``draw_zero_mc2`` draws the Î₂ labels even where no Î₂ parameter uses them (every residual zero), as
+    :func:`diagonal_fisher` always has: its random stream stays the same."""
     lik = probe.lik
-    if lik.factorized:
-        seeds = torch.eye(d, dtype=h.dtype, device=h.device).unsqueeze(1).expand(d, b, d)
-        diagonal = torch.ones_like(h) if mask is None else mask
-        yield probe.seeded(seeds if mask is None else seeds * mask, names=names, diagonal=diagonal)
-        return
-    if not isinstance(lik, Categorical) or lik.n_positions(h) == 1:
-        seeds = lik.fisher_factor(h).permute(2, 0, 1)
-        yield probe.seeded(seeds if mask is None else seeds * mask, names=names)
-        return
-    factor = lik.position_factor(h)  # (B, T, C, C): column k of S_t in factor[:, t, :, k]
-    t, c = factor.shape[1], factor.shape[2]
-    active = torch.arange(t, device=h.device)
-    if mask is not None:  # positions unlabelled in every input (padding) need no seeds
-        active = active[mask.reshape(b, t, c)[..., 0].amax(0) > 0]
-    step = max(1, EXACT_SEED_ELEMENTS // (c * b * d))
-    for start in range(0, active.numel(), step):
-        pos = active[start : start + step]
-        seeds = h.new_zeros(pos.numel(), c, b, t, c)
-        j = torch.arange(pos.numel(), device=h.device)
-        seeds[j, :, :, pos, :] = factor[:, pos].permute(1, 3, 0, 2)  # (n, K, B, C)
-        seeds = seeds.reshape(pos.numel() * c, b, d)
-        yield probe.seeded(seeds if mask is None else seeds * mask, names=names)
+    groups: dict[str, dict[str, int]] = {e: {} for e in ESTIMATORS}
+    n_zero = 0
+    for name, (est, n) in plan.items():
+        if est == "mc2" and name in zero:
+            est, n_zero = "exact", max(n_zero, n)  # Î₂ = exact where d2h/dtheta_i^2 = 0
+        groups[est][name] = n
+    masked = targets is not None and isinstance(lik, Categorical)
+    mask = target_mask(probe, targets) if masked and any(groups[e] for e in ESTIMATORS if e != "empirical") else None
+    out: dict[str, Tensor] = {}
+    exact_names = set(groups["exact"]) | set(groups["mc2"])
+    if exact_names:
+        out.update(exact_sum(probe, exact_names, mask))
+    n_max = max([*groups["mc1"].values(), *groups["mc2"].values(), n_zero if draw_zero_mc2 else 0])
+    if n_max:
+        _, grads = sampled_seeds(probe, n_max, generator, mask)
+        if groups["mc1"]:
+            kmax = max(groups["mc1"].values())
+            recs = probe.seeded(grads if kmax == n_max else grads[:kmax], names=groups["mc1"])
+            out.update(per_input_squares(probe, recs, groups["mc1"]))
+        for n in sorted(set(groups["mc2"].values())):
+            names = {k for k, v in groups["mc2"].items() if v == n}
+            rrecs = residual_records(probe, grads[:n].mean(0, keepdim=True), per_sample=False)
+            res = reduce_records(rrecs, identity_sum, 1, probe.params, names)
+            for k in names:
+                out[k] = out[k] + res[k]
+    if groups["hutchinson"]:
+        n_h = max(groups["hutchinson"].values())
+        recs = probe.seeded(hutchinson_seeds(probe, n_h, generator, mask), names=groups["hutchinson"])
+        out.update(per_input_squares(probe, recs, groups["hutchinson"]))
+    if groups["hutchinson_batch"]:
+        seeds = hutchinson_seeds(probe, max(groups["hutchinson_batch"].values()), generator, mask)
+        out.update(batch_squares(probe, seeds, groups["hutchinson_batch"]))
+    if groups["gnb"]:
+        _, seeds = sampled_seeds(probe, max(groups["gnb"].values()), generator, mask)
+        out.update(batch_squares(probe, seeds, groups["gnb"]))
+    if groups["empirical"]:
+        if targets is None:
+            raise ValueError("estimator 'empirical' needs targets (the observed labels)")
+        recs = probe.seeded(empirical_seeds(probe, targets), names=groups["empirical"])
+        out.update(reduce_records(recs, sum_of_squares(), 2, probe.params, groups["empirical"]))
+    return {n: out[n] for n in probe.params if n in out}  # in the order of probe.params
 
 
-def exact_records(probe: Probe, names, mask: Tensor | None = None) -> list:
-    """All of :func:`exact_record_chunks` as one record list (one backward for every seed)."""
-    return [r for chunk in exact_record_chunks(probe, names, mask) for r in chunk]
+def _estimate(
+    model: nn.Module,
+    inputs,
+    lik: Likelihood,
+    plan: dict[str, tuple[str, int]] | tuple[str, int],
+    *,
+    generator,
+    targets,
+    output: OutputSpec,
+    reduction: str,
+    draw_zero_mc2: bool = False,
+) -> tuple[dict[str, Tensor], list[str]]:
+    """The one path: one probe, the plan, the reduction over inputs.  ``plan``: checked, over trainable parameters
+    of ``model``; or one checked ``(estimator, n_samples)``, the uniform plan over all of them.  Returns the
+    estimates and the names of the parameters the output depends on."""
+    uniform = isinstance(plan, tuple)
+    estimators = {plan[0]} if uniform else {e for e, _ in plan.values()}
+    zero = hessian_plan(model, trainable_parameters(model)).zero if "mc2" in estimators else set()  # before any work
+    with Probe(model, inputs, lik, names=None if uniform else list(plan), output=output) as probe:
+        if uniform:
+            plan = dict.fromkeys(probe.params, plan)
+        out = _run_plan(probe, plan, zero, generator, targets, draw_zero_mc2)
+        m = probe.h.shape[0]
+        depends = [n for n in probe.params if n not in probe.unused]
+    if reduction == "mean":
+        out = {n: v / m for n, v in out.items()}
+    return {n: v.detach() for n, v in out.items()}, depends
 
 
-def exact_reducer(probe: Probe):
-    """The per-input reducer that goes with :func:`exact_records` (degree 2)."""
-    if probe.lik.factorized:
-        h = probe.h.detach()
-        return lambda x, idx: probe.lik.fisher_quad(h[idx], x)
-    return sum_of_squares()
+def estimate_plan(
+    model: nn.Module,
+    inputs,
+    *,
+    likelihood: str | Likelihood,
+    output: OutputSpec = None,
+    plan: dict[str, tuple[str, int]],
+    generator: torch.Generator | None = None,
+    targets: Tensor | None = None,
+) -> dict[str, Tensor]:
+    r"""Mean over inputs of the diagonal Fisher for the parameters in ``plan``, each with its own estimator.
 
+    ``plan`` maps parameter names (as in ``model.named_parameters()``) to ``(estimator, n_samples)``; every
+    estimator of :func:`diagonal_fisher` is allowed.  The scaling contract is :func:`diagonal_fisher`'s:
+    :math:`\frac1M\sum_m \hat I_{ii}`, and with one estimator for every parameter the result is
+    :func:`diagonal_fisher`'s (which is this call with the uniform plan).  One forward serves every group; see
+    :func:`plan_from_probe` for the draws.  This is what the optimizers' refreshes and EWC's auto mode call.
 
-def exact_sum(probe: Probe, names=None, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """``sum_m I_ii(theta|x_m)`` for ``names`` (default all): the output layer in closed form when nothing is
-    masked, the others by :func:`exact_record_chunks` (summed over chunks)."""
-    names = list(probe.params) if names is None else [n for n in probe.params if n in set(names)]
-    out, done = probe.exact_output_layer(names) if mask is None else ({}, set())  # the output layer needs no seeds
-    rest = [n for n in names if n not in done]
-    if rest:
-        fn = exact_reducer(probe)
-        for recs in exact_record_chunks(probe, rest, mask):
-            part = reduce_records(recs, fn, 2, probe.params, rest)
-            for n, v in part.items():
-                out[n] = out[n] + v if n in out else v
-    zero = torch.contiguous_format
-    return {n: out[n] if n in out else torch.zeros_like(probe.params[n], memory_format=zero) for n in names}
-
-
-def exact_from_probe(probe: Probe, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """``sum_m I_ii(theta|x_m)`` for every parameter of the probe (see :func:`exact_sum`)."""
-    return exact_sum(probe, None, mask)
-
-
-def sampled_seeds(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Draw ``N`` labels per input (at every position); return ``(labels (N, B, ...), score seeds eta - t(y)
-    (N, B, D))``, the seeds zeroed where ``mask`` is 0: one seed per draw is the whole input's score."""
-    h = probe.h.detach()
-    y = probe.lik.sample(h, n_samples, generator=generator)
-    seeds = probe.lik.grad(h, y)
-    return y, seeds if mask is None else seeds * mask
-
-
-def mc1_from_probe(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> dict[str, Tensor]:
-    """``sum_m (1/N) sum_k (d_i log p(y_mk|x_m))^2``."""
-    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
-    return reduce_records(probe.seeded(seeds), sum_of_squares(1.0 / n_samples), 2, probe.params)
-
-
-def mc2_from_probe(
-    probe: Probe, n_samples: int, generator, exact: dict[str, Tensor] | None = None, mask: Tensor | None = None
-):
-    """``sum_m [I_ii(theta|x_m) + rho_i(eta_m - tbar_m)]`` (the Hessian of the sampled-label NLL)."""
-    if exact is None:
-        exact = exact_from_probe(probe, mask)
-    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
-    recs = residual_records(probe, seeds.mean(0, keepdim=True), per_sample=False)
-    res = reduce_records(recs, _identity_sum, 1, probe.params)
-    return {n: exact[n] + res[n] for n in exact}
-
-
-def rademacher(shape, generator, dtype, device) -> Tensor:
-    """Independent signs ``+-1`` of ``shape`` (one ``torch.randint`` call with ``generator``)."""
-    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
-
-
-def hutchinson_seeds(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> Tensor:
-    r"""``N`` Hutchinson seeds per input, :math:`S_b \xi_{k,b}` (``(N, B, D)``), with :math:`S_b S_b^\top = I(h_b)`
-    and :math:`\xi_{k,b}` Rademacher, independent over probes ``k``, inputs ``b`` and the columns of ``S``.
-
-    Factorised likelihoods use :math:`S = \mathrm{diag}(\sqrt{I_{cc}})` (no ``C x C`` matrix is built);
-    categorical outputs with ``T`` positions the block-diagonal factor, one ``S_t`` per position (BackPACK's factor,
-    ``T x C`` signs per probe).  ``mask`` (``B x D``) zeroes the seeds of unlabelled positions.
+    Example:
+        >>> import torch
+        >>> from fisher_optim import estimate_plan
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> plan = {"0.weight": ("mc1", 4), "0.bias": ("mc1", 4), "2.weight": ("exact", 1)}
+        >>> F = estimate_plan(net, torch.randn(8, 4), likelihood="categorical", plan=plan)
+        >>> sorted(F)
+        ['0.bias', '0.weight', '2.weight']
     """
-    h = probe.h.detach()
-    lik = probe.lik
-    if lik.factorized:
-        scale = lik.unit_variance(h).clamp_min(0).sqrt()
-        seeds = rademacher((n_samples, *h.shape), generator, h.dtype, h.device).mul_(scale)
-    elif isinstance(lik, Categorical):
-        S = lik.position_factor(h)  # (B, T, C, C)
-        xi = rademacher((n_samples, *S.shape[:3]), generator, h.dtype, h.device)
-        seeds = torch.einsum("btck,nbtk->nbtc", S, xi).reshape(n_samples, *h.shape)
-    else:
-        S = lik.fisher_factor(h)  # (B, C, K)
-        xi = rademacher((n_samples, h.shape[0], S.shape[-1]), generator, h.dtype, h.device)
-        seeds = torch.einsum("bck,nbk->nbc", S, xi)
-    return seeds if mask is None else seeds * mask
-
-
-def hutchinson_from_probe(probe: Probe, n_samples: int, generator, mask: Tensor | None = None) -> dict[str, Tensor]:
-    r"""``sum_m (1/N) sum_k (d_i (S_m xi_mk)^T h_m)^2`` (per-input squares, like :func:`mc1_from_probe`)."""
-    seeds = hutchinson_seeds(probe, n_samples, generator, mask)
-    return reduce_records(probe.seeded(seeds), sum_of_squares(1.0 / n_samples), 2, probe.params)
-
-
-def batch_squares(probe: Probe, seeds: Tensor, counts: dict[str, int] | None = None) -> dict[str, Tensor]:
-    r"""``(1/N_i) sum_{k < N_i} g_{k,i}^2`` with :math:`g_k = \partial_\theta \sum_b \mathrm{seed}[k,b]^\top h_b`.
-
-    One ordinary ``torch.autograd.grad`` of the probe's output per seed ``k`` (``seeds``: ``(K, B, C)``), straight
-    to the parameters: no hooks, no per-sample gradients, no per-layer rule, so any module autograd differentiates
-    works.  ``counts`` (default: every parameter of the probe with ``N = K``) gives each parameter its ``N_i <= K``.
-    Unused parameters get zeros.  The forward ran in the probe's eval mode: on CUDA, cuDNN's RNN backward refuses
-    eval mode (a PyTorch restriction, not checked here on a GPU); CPU RNNs are fine.
-    """
-    params = probe.params
-    if counts is None:
-        counts = {n: seeds.shape[0] for n in params}
-    out = {n: torch.zeros_like(params[n], memory_format=torch.contiguous_format) for n in counts}
-    if probe.h.requires_grad:
-        for k in range(max(counts.values(), default=0)):
-            names = [n for n, c in counts.items() if c > k]
-            grads = torch.autograd.grad(
-                probe.h, [params[n] for n in names], seeds[k].detach().to(probe.h.dtype),
-                retain_graph=True, allow_unused=True,
-            )  # fmt: skip
-            for n, g in zip(names, grads):
-                if g is not None:
-                    out[n].addcmul_(g, g)
-    return {n: out[n].div_(c) if c > 1 else out[n] for n, c in counts.items()}
-
-
-def hutchinson_batch_from_probe(probe: Probe, n_samples: int, generator, mask=None) -> dict[str, Tensor]:
-    r"""``(1/N) sum_k (d_i sum_m (S_m xi_mk)^T h_m)^2``: unbiased for ``sum_m I_ii(theta|x_m)`` (docs/fisher-math.md
-    §13)."""
-    return batch_squares(probe, hutchinson_seeds(probe, n_samples, generator, mask))
-
-
-def gnb_from_probe(probe: Probe, n_samples: int, generator, mask=None) -> dict[str, Tensor]:
-    r"""``(1/N) sum_k (sum_m d_i log p(y_mk|x_m))^2`` (Sophia's Gauss-Newton-Bartlett, Liu et al. 2023): unbiased
-    for ``sum_m I_ii(theta|x_m)`` (the cross terms have zero mean); its variance exceeds Î₁'s and
-    is unbounded where Î₁'s is (:func:`~fisher_optim.fisher_variance`)."""
-    _, seeds = sampled_seeds(probe, n_samples, generator, mask)
-    return batch_squares(probe, seeds)
-
-
-def empirical_seeds(probe: Probe, targets) -> Tensor:
-    """The observed-label score seeds ``eta - t(y~)`` (``1 x B x D``; zero at ``ignore_index`` positions)."""
-    h = probe.h.detach()
-    lik = probe.lik
-    y = lik.check_targets(h, targets)
-    if isinstance(lik, Categorical):
-        single = y.dim() == (1 if lik.position_shape(h) is None else 2)
-    else:
-        single = y.dim() == 2
-    if not single:
-        raise ValueError("empirical: give one target per input")
-    return lik.grad(h, y).unsqueeze(0)
-
-
-def empirical_from_probe(probe: Probe, targets) -> dict[str, Tensor]:
-    """``sum_m (d_i log p(y~_m|x_m))^2`` with observed targets ``y~``."""
-    return reduce_records(probe.seeded(empirical_seeds(probe, targets)), sum_of_squares(), 2, probe.params)
-
-
-def check_targets_use(lik: Likelihood, estimator: str, targets) -> None:
-    """``targets`` are labels for ``empirical``, and a mask (categorical only) for the other estimators."""
-    if estimator == "empirical" and targets is None:
-        raise ValueError("estimator 'empirical' needs targets (the observed labels)")
-    if estimator != "empirical" and targets is not None and not isinstance(lik, Categorical):
-        raise ValueError(
-            f"targets are only used by estimator 'empirical', not {estimator!r}, for likelihood {lik.name!r} "
-            "(as a mask of unlabelled positions they need 'categorical')"
-        )
+    lik = get_likelihood(likelihood)
+    plan = _check_plan(plan, trainable_parameters(model))
+    kw = dict(generator=generator, targets=targets, output=output, reduction="mean")
+    return _estimate(model, inputs, lik, plan, **kw)[0]
 
 
 def diagonal_fisher(
@@ -352,7 +271,8 @@ def diagonal_fisher(
 
     Returns:
         ``{name: tensor}`` keyed like ``model.named_parameters()`` (parameters that require grad), each
-        of the parameter's shape: :math:`\frac1M \sum_m \hat I_{ii}(\theta \mid x_m)`.
+        of the parameter's shape: :math:`\frac1M \sum_m \hat I_{ii}(\theta \mid x_m)`.  This is
+        :func:`estimate_plan` with the uniform plan ``{name: (estimator, n_samples)}`` (and ``reduction``).
 
     The batch estimators square a gradient of the whole batch, :math:`g_k = \partial_\theta \sum_m
     s_{m,k}^\top h_m` (seeds :math:`s = S\xi` for ``hutchinson_batch``, :math:`s = \eta - t(y)` for ``gnb``):
@@ -390,28 +310,8 @@ def diagonal_fisher(
     n_samples = check_n_samples(n_samples)
     check_reduction(reduction)
     check_targets_use(lik, estimator, targets)
-    if estimator == "mc2":
-        hessian_plan(model, trainable_parameters(model))  # unsupported modules fail before any work
-    with Probe(model, inputs, lik, output=output) as probe:
-        mask = None if estimator == "empirical" else target_mask(probe, targets)
-        if estimator == "exact":
-            out = exact_from_probe(probe, mask)
-        elif estimator == "mc1":
-            out = mc1_from_probe(probe, n_samples, generator, mask)
-        elif estimator == "mc2":
-            out = mc2_from_probe(probe, n_samples, generator, mask=mask)
-        elif estimator == "hutchinson":
-            out = hutchinson_from_probe(probe, n_samples, generator, mask)
-        elif estimator == "hutchinson_batch":
-            out = hutchinson_batch_from_probe(probe, n_samples, generator, mask)
-        elif estimator == "gnb":
-            out = gnb_from_probe(probe, n_samples, generator, mask)
-        else:
-            out = empirical_from_probe(probe, targets)
-        m = probe.h.shape[0]
-        depends = [n for n in probe.params if n not in probe.unused]
-    if reduction == "mean":
-        out = {n: v / m for n, v in out.items()}
+    kw = dict(generator=generator, targets=targets, output=output, reduction=reduction, draw_zero_mc2=True)
+    out, depends = _estimate(model, inputs, lik, (estimator, n_samples), **kw)  # the uniform plan
     if depends and estimator != "mc2" and all(not bool(out[n].any()) for n in depends):
         warnings.warn(
             f"diagonal_fisher: the {estimator} Fisher is exactly zero for every parameter the output depends on "
@@ -419,4 +319,4 @@ def diagonal_fisher(
             RuntimeWarning,
             stacklevel=2,
         )
-    return {n: v.detach() for n, v in out.items()}
+    return out

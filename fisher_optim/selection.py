@@ -62,13 +62,12 @@ from ._checks import check_n_samples
 from .batch import OutputSpec
 from .costs import COST_MODELS, SAMPLED, Costs, build_costs, module_units  # noqa: F401 (re-exported)
 from .engine import Probe
-from .estimators import (
-    target_mask,
-)
+from .estimators import ESTIMATORS as PLAN_ESTIMATORS  # noqa: F401 (re-exported)
+from .estimators import estimate_plan  # noqa: F401 (re-exported)
 from .hessian import plan as hessian_plan
 from .likelihoods import Categorical, Likelihood, get_likelihood
 from .plan_search import HutchMoments, PlanScorer, UnitStats, joint_plan, tensor_sums, unit_stats
-from .plans import PLAN_ESTIMATORS, estimate_plan, plan_from_probe  # noqa: F401 (re-exported)
+from .seeds import target_mask
 from .variance import factor_moments, moments_from_probe
 
 __all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]

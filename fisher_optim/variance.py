@@ -47,11 +47,11 @@ from torch import Tensor, nn
 from ._checks import check_estimator, check_n_samples, check_reduction
 from .batch import OutputSpec
 from .engine import Probe
-from .estimators import check_targets_use, target_mask
 from .hessian import plan as hessian_plan
 from .hessian import residual_records
 from .layers import LinearRecord, linear_reduce
 from .likelihoods import Likelihood, get_likelihood
+from .seeds import check_targets_use, target_mask
 
 __all__ = [
     "OnlineVariance",
@@ -105,7 +105,7 @@ def moments_from_probe(
     together (:meth:`~fisher_optim.likelihoods.Likelihood.quad_and_moment4`), and the Hessian residual
     route gives :math:`u_c` for the same unit seeds (reusing the backward's output gradients), so
     :math:`	ilde v_2 = u^	op I u`.  ``mask`` (``B x D``, from
-    :func:`~fisher_optim.estimators.target_mask`) zeroes the unit seeds of unlabelled positions, which drops
+    :func:`~fisher_optim.seeds.target_mask`) zeroes the unit seeds of unlabelled positions, which drops
     them from every statistic.  Per layer, every statistic is reduced in one multi-reducer pass;
     on ``nn.Linear`` layers the statistics multiplying :math:`a^4` (``fisher_sq``, ``v1``, ``v2``) share one
     matmul (docs/fisher-math.md §7.1 factorisation).

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from fisher_optim.engine import Probe
+from fisher_optim.estimators import plan_from_probe
 from fisher_optim.likelihoods import get_likelihood
-from fisher_optim.selection import HutchMoments, plan_from_probe, run_selection
+from fisher_optim.selection import HutchMoments, run_selection
 from fisher_optim.variance import OnlineVariance, factor_moments, moments_from_probe
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -29,6 +29,7 @@ from conftest import (
     inputs,
     make_likelihood,
     mlp,
+    model_output,
     reference_case,
 )
 from reference import (
@@ -42,7 +43,7 @@ from reference import (
 )
 from torch import nn
 
-from fisher_optim import diagonal_fisher
+from fisher_optim import diagonal_fisher, estimate_plan
 from fisher_optim.hessian import plan
 from fisher_optim.likelihoods import Bernoulli, Categorical, Gaussian, Poisson
 
@@ -469,3 +470,22 @@ def test_scaling_contract(lik_name, estimator):
         assert_params_close(call(x[m : m + 1], "sum", idx=m), single)
     assert_params_close(base, {n: sum(s[n] for s in singles) / M for n in base})
 
+
+
+def test_mc2_random_stream_where_every_residual_is_zero():
+    """Î₂ on a ReLU network is the exact Fisher (every residual zero) and needs no labels: ``diagonal_fisher`` still
+    draws its ``N`` (one ``lik.sample`` call, as it always has: its random stream is unchanged), ``estimate_plan``
+    draws none (as the optimizers' refreshes always have); the estimates are the exact Fisher either way."""
+    model, x, lik = mlp("relu"), inputs((5, 3)), make_likelihood("categorical")
+    assert plan(model, dict(model.named_parameters())).route == "zero"
+    exact = diagonal_fisher(model, x, likelihood=lik, estimator="exact")
+    g, drawn = gen(0), gen(0)
+    got = diagonal_fisher(model, x, likelihood=lik, estimator="mc2", n_samples=3, generator=g)
+    lik.sample(model_output(model, x, lik), 3, generator=drawn)
+    assert torch.equal(g.get_state(), drawn.get_state())
+    g = gen(0)
+    uniform = {n: ("mc2", 3) for n, _ in model.named_parameters()}
+    got_plan = estimate_plan(model, x, likelihood=lik, plan=uniform, generator=g)
+    assert torch.equal(g.get_state(), gen(0).get_state())
+    for n in exact:
+        assert torch.equal(got[n], exact[n]) and torch.equal(got_plan[n], exact[n])

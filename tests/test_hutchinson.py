@@ -29,8 +29,8 @@ from fisher_optim import (
     variance_bounds,
 )
 from fisher_optim.engine import Probe, reduce_records
-from fisher_optim.estimators import batch_squares, hutchinson_seeds, sum_of_squares
 from fisher_optim.likelihoods import Categorical
+from fisher_optim.seeds import batch_squares, hutchinson_seeds, sum_of_squares
 
 R = 2000  # Monte Carlo draws
 Z = 5.0  # z-score of the mean's error bars (Bonferroni over the few dozen parameters: false alarms ~1e-5)

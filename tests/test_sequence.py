@@ -156,11 +156,11 @@ def test_exact_matches_bruteforce(case, masked):
 
 def test_exact_chunked_over_positions(monkeypatch):
     """The exact seeds go in chunks of positions when T*C*B*D is large: same result with one position a chunk."""
-    import fisher_optim.estimators as est
+    import fisher_optim.seeds as seeds
 
     model, x = tagger(), tagger_inputs()
     whole = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
-    monkeypatch.setattr(est, "EXACT_SEED_ELEMENTS", 1)
+    monkeypatch.setattr(seeds, "EXACT_SEED_ELEMENTS", 1)
     chunked = diagonal_fisher(model, x, likelihood="categorical", estimator="exact", targets=MASKED)
     for n in whole:
         torch.testing.assert_close(chunked[n], whole[n], rtol=1e-12, atol=1e-14)
