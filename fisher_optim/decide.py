@@ -10,7 +10,7 @@ per-layer options (each layer its own family and ``N``), applies the tie rule an
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _current_codes(current, units, k: int) -> list[int] | None:
 
 def decide(
     units, fams: dict, sources: dict[str, str], m: int, costs: Costs, hp, phi: float, target_rse: float,
-    max_samples: int, out_unit: set, current=None,
+    max_samples: int, out_unit: set, current=None, cap_need: bool = False,
 ) -> tuple[dict[str, Choice], list[int], list[int] | None, str]:
     """Per-parameter :class:`Choice` of the joint plan, the plan's options (:func:`~fisher_optim.plan_search.decode`)
     and those of ``current`` (``None`` if not given or not a plan over these layers), and the summary line.
@@ -69,7 +69,9 @@ def decide(
     ``fams``: ``{family: moments}`` (each with ``fisher``, ``fisher_sq``, ``v1``, ``v2``; sums over the ``M``
     inputs) for the families that may be chosen; ``sources``: where each family's ``v1`` came from.  A plan
     within ``COST_TIE`` of exact everywhere gives way to it, and ``current`` is kept unless the new optimum beats
-    it by that margin (no flip-flopping on the noise of one batch)."""
+    it by that margin (no flip-flopping on the noise of one batch).  ``cap_need`` (exact out of reach: more seeds
+    per input than the closed form may take): a sampled family whose ``N`` would have to exceed ``max_samples``
+    to meet ``target_rse`` stays a candidate with ``max_samples`` (the reason says so) instead of forcing exact."""
     k = max_samples
     first = next(iter(fams.values()))
     names_all = [n for u in units for n in u if n in first.fisher]
@@ -80,6 +82,13 @@ def decide(
         return [unit_stats(u, sums, ne, m, phi, target_rse, mm.v2 is not None) for u, ne in zip(units, numel)]
 
     stats = {f: stats_of(mm) for f, mm in fams.items()}
+    wanted = {}  # capped layers: the N the rse target would need
+    if cap_need:  # exact is out of reach: a layer that misses the target with max_samples takes the most it can
+        for f, fstats in stats.items():
+            for i, st in enumerate(fstats):
+                if st is not None and st.n_need > k:
+                    wanted[(f, i)] = st.n_need
+                    fstats[i] = replace(st, n_need=k)
     scorer = PlanScorer(stats, costs, k)
     opts, j = joint_plan(stats, costs, k, scorer=scorer)
     pref = ""
@@ -136,9 +145,12 @@ def decide(
             lab = LABEL[est]
             reason = (
                 f"{lab} with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
-                f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
+                + (f"{st.l_mean / n / st.a_mean:.2g} x input noise" if st.a_mean > 0 else "> 0, input noise ~0")
+                + "; exact here would make a refresh "
                 f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
             )
+            if (est, i) in wanted:
+                reason = reason.replace(f"needs N>={st.n_need})", f"needs N>={wanted[(est, i)]} > max_samples: missed)")
             reason += _other_family(scorer, opts, i, j, k)
             if sources[est] != "closed form":
                 reason += f" ({lab}'s variance: {sources[est]})"

@@ -78,7 +78,13 @@ from .plan_search import (  # noqa: F401 (re-exported)
 from .plans import PLAN_ESTIMATORS, estimate_plan, plan_from_probe  # noqa: F401 (re-exported)
 from .variance import OnlineVariance, factor_moments, moments_from_probe
 
-__all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
+#: default ``closed_form_seeds`` of :func:`run_selection`: past this many seeds per input (positions x classes) the
+#: closed-form moments, which cost an exact pass, give way to per-probe draws
+CLOSED_FORM_SEEDS = 1024
+
+__all__ = [
+    "CLOSED_FORM_SEEDS", "Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS",
+]
 
 # -- selection -------------------------------------------------------------------------------------
 @dataclass
@@ -179,7 +185,7 @@ def run_selection(
     current: dict[str, tuple[str, int]] | None = None,
     targets: Tensor | None = None,
     hutchinson: bool = True,
-    closed_form_seeds: int = 4096,
+    closed_form_seeds: int = CLOSED_FORM_SEEDS,
     hutchinson_variance: dict[str, Tensor] | None = None,
     online: dict[str, OnlineVariance] | None = None,
 ) -> Selection:
@@ -254,7 +260,7 @@ def run_selection(
         unused = list(probe.unused)
         out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
     out, opts, cur, summary = decide(
-        units, fams, sources, m, costs, hp, phi, target_rse, max_samples, out_unit, current
+        units, fams, sources, m, costs, hp, phi, target_rse, max_samples, out_unit, current, cap_need=not closed
     )
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
