@@ -137,6 +137,8 @@ def _time(fn, repeats: int = 1) -> float:
 COST_PROBE_SAMPLES = 4
 #: exact seeds per input (positions x classes) past which the measured model times a subsample of the exact pass
 EXACT_TIMING_SEEDS = 1024
+#: seeds per input of the smaller of the two subsample timings (the larger has twice as many)
+EXACT_SUBSAMPLE = 16
 
 
 def exact_seeds(probe: Probe) -> int:
@@ -148,8 +150,9 @@ def exact_seeds(probe: Probe) -> int:
 def _time_exact(probe: Probe, names: list[str], gen: torch.Generator, warm: bool) -> float:
     """Seconds of the exact pass over ``names``: the whole pass (:func:`plan_from_probe`) when it has at most
     :data:`EXACT_TIMING_SEEDS` seeds per input, else extrapolated from two seeded backward passes of ``k`` and
-    ``2k`` random seeds (``k = EXACT_TIMING_SEEDS / 4``) with the exact pass's reduction: the first timing plus
-    ``D - k`` times the marginal cost of a seed (``D``: :func:`exact_seeds`), plus the seedless output layer's closed
+    ``2k`` random seeds (``k = EXACT_SUBSAMPLE``) with the exact pass's reduction: the second timing plus
+    ``D - 2k`` times the larger of the marginal and the average cost of a seed (``D``: :func:`exact_seeds`), plus
+    the seedless output layer's closed
     form.  The exact pass on a language model (``T*C`` seeds per input) takes seconds; this takes milliseconds."""
     d = exact_seeds(probe)
     if d <= EXACT_TIMING_SEEDS:
@@ -159,7 +162,7 @@ def _time_exact(probe: Probe, names: list[str], gen: torch.Generator, warm: bool
         return _time(lambda: plan_from_probe(probe, plan, generator=gen.manual_seed(0)))
     _, done = probe.exact_output_layer(names)
     rest = [n for n in names if n not in done]
-    k = EXACT_TIMING_SEEDS // 4
+    k = EXACT_SUBSAMPLE
     h = probe.h.detach()
     seeds = torch.randn((2 * k, *h.shape), generator=gen.manual_seed(0), dtype=h.dtype, device=h.device)
 
@@ -169,10 +172,12 @@ def _time_exact(probe: Probe, names: list[str], gen: torch.Generator, warm: bool
         probe.exact_output_layer(names)
 
     run(seeds[:k])
-    t_a = _time(lambda: run(seeds[:k]))
-    t_b = _time(lambda: run(seeds))
-    per_seed = max((t_b - t_a) / k, 0.25 * t_b / (2 * k))  # timing noise can make the difference <= 0
-    return t_a + (d - k) * per_seed
+    t_a = _time(lambda: run(seeds[:k]), repeats=2)
+    t_b = _time(lambda: run(seeds), repeats=2)
+    # per seed: the larger of the marginal and the average cost (on a CPU a seed costs more in a large batch of
+    # seeds than the marginal cost of a small one suggests; the average includes the per-call overhead)
+    per_seed = max((t_b - t_a) / k, t_b / (2 * k))
+    return t_b + (d - 2 * k) * per_seed
 
 
 def measured_costs(

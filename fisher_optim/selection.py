@@ -1,13 +1,15 @@
-r"""Per-layer choice of estimator and sample count from the closed-form variances, and mixed estimation.
+r"""Per-layer choice of estimator and sample count from the variances (closed form, online, or bounds).
 
 :func:`select` chooses one *plan* for the whole model: for every layer (a module's weight and bias, which share one
-backward pass; any other parameter on its own) the exact Fisher or Î₁ with ``N`` samples.
+backward pass; any other parameter on its own) the exact Fisher or, each layer with its own ``N``, Î₁, Hutchinson
+or hutchinson_batch (:func:`~fisher_optim.decide.decide`; ties within ``COST_TIE`` go to the Î₁-only plan).
 
 **What a plan costs.**  A refresh runs one forward pass (and a per-call overhead), ``s``, then one seeded backward
-per group of layers: ``C`` seeds for the exact layers (none for an output ``nn.Linear``, whose exact Fisher is a
-closed form) and ``N_max`` sampled seeds for the Î₁ layers.  Each backward is as deep as the deepest layer of its
-group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So one exact layer deep in the network
-costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
+per group of layers: ``D`` seeds per input for the exact layers (``D = T*C`` for ``T`` positions of ``C`` classes,
+``C`` otherwise; none for an output ``nn.Linear``, whose exact Fisher is a closed form) and, per sampled family,
+``N_max`` seeds per input (hutchinson_batch: ``N_max`` ordinary backward passes).  Each backward is as deep as
+the deepest layer of its group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So one exact
+layer deep in the network costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
 
 **What a plan buys.**  The running estimate is an exponential moving average with decay ``beta`` of refreshes on
 ``M`` inputs.  Per tensor ``t``, a refresh's expected squared relative error is :math:`(a_t + l_t/N)/M`
@@ -36,7 +38,9 @@ Two cost models give the per-layer backward and reduction costs and the shared p
   layer (sizes summed; a ``torch.func``-route parameter crosses the whole model), its reduction costs the layer's
   size; ``s`` is the parameter count;
 * ``"measured"``: whole-model timings on the current batch of the calls a refresh makes: one forward pass, one
-  exact pass and a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
+  exact pass (past ``EXACT_TIMING_SEEDS`` seeds per input: two subsamples of its seeds, scaled by the seed count,
+  :func:`~fisher_optim.costs.measured_costs`), one pass of each sampled family, and a one-sample and a
+  ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
   separate the marginal cost of a sample from the per-call overhead, which joins the forward pass in ``s``; the
   ``"flops"`` model's per-layer costs are scaled so that it prices the exact and the one-sample plans at what was
   measured, and mixed plans from there.
@@ -46,7 +50,10 @@ Costs depend on the input shape and the layers, not on the parameter values: :fu
 :class:`~fisher_optim.optim.FisherAdam` does.  The selection's moments pass computes the exact Fisher
 :math:`\sum_m F(x_m)` anyway (:func:`~fisher_optim.variance.moments_from_probe`); :func:`run_selection` returns it as
 :attr:`Selection.fisher`, scaled as :func:`estimate_plan` (mean over the inputs), so the refresh that follows a
-selection needs no estimation pass of its own.
+selection needs no estimation pass of its own.  Past ``closed_form_seeds`` seeds per input (default
+:data:`CLOSED_FORM_SEEDS`) the closed-form moments would cost an exact pass: the statistics then come from a few
+probes per input (:mod:`fisher_optim.draws`, docs/fisher-math.md §14), and :attr:`Selection.fisher` is their unbiased
+mean.
 """
 
 from __future__ import annotations
