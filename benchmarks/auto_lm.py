@@ -3,8 +3,9 @@
 Exact is infeasible at full size, so the reference is the exact Fisher of a small *validation subset*
 (``--batch`` windows of ``--seq-len`` characters; one seed per position x class); every estimator is measured
 against it on that same subset, so the numbers are label/probe noise only (no input noise).  For each choice --
-exact, Î₁ N=1, Hutchinson N=1, hutchinson_batch N=1, and auto's plan (``run_selection`` with measured costs; past
-``CLOSED_FORM_SEEDS`` seeds per input its statistics come from per-probe draws, no exact pass) -- the estimates of
+exact, Î₁ and Hutchinson with N=1 and N=8, hutchinson_batch N=1, and auto's plan (``run_selection`` with measured
+costs; past ``CLOSED_FORM_SEEDS`` seeds per input its statistics come from per-probe draws, no exact pass) -- the
+estimates of
 repeated refreshes are averaged for a wall-time budget of ``--budget`` exact refreshes, and the relative L2 error of
 the average (mean over tensors) is reported, with the regret of auto against the best fixed choice; auto is
 reported with and without its selection's time charged to its budget.
@@ -99,6 +100,8 @@ def main(argv=None):
         "mc1 N=1": {n: ("mc1", 1) for n in names},
         "hutchinson N=1": {n: ("hutchinson", 1) for n in names},
         "hutchinson_batch N=1": {n: ("hutchinson_batch", 1) for n in names},
+        "mc1 N=8": {n: ("mc1", 8) for n in names},  # more samples per forward pass: the per-call cost amortised
+        "hutchinson N=8": {n: ("hutchinson", 8) for n in names},
         "auto": auto_plan,
         "auto (selection time charged)": auto_plan,
     }

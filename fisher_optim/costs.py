@@ -21,6 +21,7 @@ __all__ = [
     "Costs",
     "COST_MODELS",
     "COST_PROBE_SAMPLES",
+    "COST_PROBE_SAMPLES_LONG",
     "EXACT_TIMING_SEEDS",
     "exact_seeds",
     "family_scales",
@@ -135,6 +136,10 @@ def _time(fn, repeats: int = 1) -> float:
 
 #: samples of the second one-sample-kind timing in the measured cost model (marginal cost per sample)
 COST_PROBE_SAMPLES = 4
+#: ... past ``EXACT_TIMING_SEEDS`` seeds per input, where exact is out of reach and plans take many samples: on a CPU
+#: a sample costs more in a large batch than the marginal cost of four suggests (the LM: a 16-sample pass cost 3x an
+#: 8-sample one), so the marginal cost is measured up to this many samples
+COST_PROBE_SAMPLES_LONG = 16
 #: exact seeds per input (positions x classes) past which the measured model times a subsample of the exact pass
 EXACT_TIMING_SEEDS = 1024
 #: seeds per input of the smaller of the two subsample timings (the larger has twice as many)
@@ -188,7 +193,8 @@ def measured_costs(
 
     Three whole-model timings of the calls a refresh makes (:func:`plan_from_probe`): an exact pass (past
     :data:`EXACT_TIMING_SEEDS` seeds per input, a subsample of its seeds scaled by the seed count,
-    :func:`_time_exact`), a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over every layer in ``units``.
+    :func:`_time_exact`), a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over every layer in ``units``
+    (``COST_PROBE_SAMPLES_LONG`` past ``EXACT_TIMING_SEEDS``).
     Their difference gives the marginal
     cost of one sample; the rest of the one-sample call is per-call overhead (label draw, hooks, reductions' set-up),
     returned apart so that the caller adds it to the shared part (it is paid once per refresh, whatever the plan).
@@ -202,7 +208,8 @@ def measured_costs(
         return {}, 0.0, (0.0, 0.0)
     gen = torch.Generator(device=probe.h.device)  # private: the caller's label stream is never advanced
     one_plan = {n: ("mc1", 1) for n in names}
-    many_plan = {n: ("mc1", COST_PROBE_SAMPLES) for n in names}
+    k_many = COST_PROBE_SAMPLES if exact_seeds(probe) <= EXACT_TIMING_SEEDS else COST_PROBE_SAMPLES_LONG
+    many_plan = {n: ("mc1", k_many) for n in names}
 
     def run(plan):  # the very calls a refresh makes (plan_from_probe), output-layer shortcut included
         plan_from_probe(probe, plan, generator=gen.manual_seed(0))
@@ -212,7 +219,7 @@ def measured_costs(
     t_ex = _time_exact(probe, names, gen, warm_exact)
     t_1 = _time(lambda: run(one_plan))
     t_many = _time(lambda: run(many_plan))
-    per_sample = max((t_many - t_1) / (COST_PROBE_SAMPLES - 1), 0.05 * t_1)  # timing noise can make it <= 0
+    per_sample = max((t_many - t_1) / (k_many - 1), 0.05 * t_1)  # timing noise can make it <= 0
     overhead = max(t_1 - per_sample, 0.0)
     exact_work = max(t_ex - overhead, per_sample)
     flops = flops_costs(probe, units)
