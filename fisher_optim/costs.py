@@ -88,12 +88,15 @@ class Costs:
         ``N`` samples, or ``(estimator, N)`` for any estimator of :data:`SAMPLED` (or ``("exact", 1)``).
 
         Each group (exact; each sampled family) runs one backward as deep as its deepest layer, with as many seeds
-        as its largest ``N`` (exact: the seeds of :func:`unit_flops`, priced in ``b_ex``), plus one reduction per
-        layer (``N r_1`` for a sampled layer)."""
+        as its largest ``N`` (exact: the seeds of :func:`unit_flops`, priced in ``b_ex``), plus reductions: ``r_ex``
+        per exact layer and, per family, for each distinct ``N`` among its layers, ``N r_1`` over *every* layer of
+        the family (the mixed-plan estimation, :func:`~fisher_optim.plans.plan_from_probe`, reduces the family's
+        records once per distinct ``N``: a plan with one ``N`` per family is the cheapest to reduce)."""
         b_ex = r_ex = 0.0
         fam_b = [0.0] * len(SAMPLED)
         fam_n = [0] * len(SAMPLED)
-        r_1 = 0.0
+        fam_r = [0.0] * len(SAMPLED)
+        fam_ns: list[set[int]] = [set() for _ in SAMPLED]
         for opt, (bex, rex, b1, r1) in zip(options, self.unit_costs):
             est, n = ("exact", 1) if opt == 0 else ("mc1", int(opt)) if isinstance(opt, (int, np.integer)) else opt
             if est == "exact":
@@ -103,7 +106,10 @@ class Costs:
             f = SAMPLED.index(est)
             fam_n[f] = max(fam_n[f], int(n))
             fam_b[f] = max(fam_b[f], b1 * self.family_scale[f])
-            r_1 += int(n) * r1 * self.family_scale[f]
+            fam_r[f] += r1 * self.family_scale[f]
+            fam_ns[f].add(int(n))
+        # per distinct N of a family, one reduction of its first N seeds over every layer of the family's backward
+        r_1 = sum(sum(ns) * r for ns, r in zip(fam_ns, fam_r))
         return self.shared + b_ex + r_ex + sum(n * b for n, b in zip(fam_n, fam_b)) + r_1
 
     def refresh_cost(self, plan: dict[str, tuple[str, int]]) -> float:

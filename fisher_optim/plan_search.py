@@ -169,7 +169,9 @@ class PlanScorer:
         for f in range(self.n_fam):
             nf = n * (fam == f)
             cost = cost + nf.max(1, initial=0) * ((nf > 0) * uc[:, 2]).max(1, initial=0.0) * self.scale[f]
-            cost = cost + (nf @ uc[:, 3]) * self.scale[f]
+            # one reduction over every layer of the family per distinct N (Costs.unit_refresh_cost)
+            distinct = sum(v * (nf == v).any(1) for v in range(1, k + 1))
+            cost = cost + distinct * ((nf > 0) @ uc[:, 3]) * self.scale[f]
         with np.errstate(invalid="ignore"):
             return np.where(err < np.inf, cost * err * err, np.inf)  # inf where an option is infeasible
 
