@@ -256,7 +256,8 @@ def run_selection(
         lik = probe.lik
         mask = target_mask(probe, targets) if targets is not None and isinstance(lik, Categorical) else None
         units = [tuple(u) for u in module_units(probe)]
-        closed = exact_seeds(probe) <= closed_form_seeds
+        exact_d = exact_seeds(probe)  # past CLOSED_FORM_SEEDS exact is out of reach: rse targets cap at max_samples
+        closed = exact_d <= closed_form_seeds
         if closed:
             fams, sources = _closed_form(probe, mask, with_v2 and hp is not None and hp.route in ("chain", "zero"),
                                          hutchinson, hutchinson_variance)  # fmt: skip
@@ -267,7 +268,8 @@ def run_selection(
         unused = list(probe.unused)
         out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
     out, opts, cur, summary = decide(
-        units, fams, sources, m, costs, hp, phi, target_rse, max_samples, out_unit, current, cap_need=not closed
+        units, fams, sources, m, costs, hp, phi, target_rse, max_samples, out_unit, current,
+        cap_need=exact_d > CLOSED_FORM_SEEDS,
     )
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
