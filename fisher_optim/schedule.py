@@ -12,10 +12,12 @@ The rules:
 * a refresh is due at the first step, then every ``fisher_interval`` steps, and whenever a parameter has no
   Fisher state yet (:meth:`Schedule.refresh_due`);
 * auto mode: the first refresh is exact (an estimate at once; the selection at the next refresh times a warm
-  exact pass), the second is the first selection, and selections follow every ``select_interval`` refreshes
-  (:meth:`Schedule.select_due`; also when a parameter is not in the plan).  Each selection that keeps the plan in
-  use doubles the interval to the next one, at most ``SELECT_BACKOFF_MAX`` times ``select_interval``; a changed
-  plan resets it (:func:`next_select_interval`, applied by :meth:`Schedule.after_selection`);
+  exact pass; the optimizer starts with Hutchinson instead on outputs with more than ``CLOSED_FORM_SEEDS``
+  positions x classes per input, :mod:`fisher_optim.optim.auto`), the second is the first selection, and
+  selections follow every ``select_interval`` refreshes (:meth:`Schedule.select_due`; also when a parameter is
+  not in the plan).  Each selection that keeps the plan in use doubles the interval to the next one, at most
+  ``SELECT_BACKOFF_MAX`` times ``select_interval``; a changed plan resets it (:func:`next_select_interval`,
+  applied by :meth:`Schedule.after_selection`);
 * selection costs (:class:`fisher_optim.selection.Costs`) are cached by a key (the optimizer's: the selection
   batch's shape and dtype and the selected parameter names): :meth:`Schedule.cached_costs` returns them until
   they were reused ``COST_REUSE`` times (timings drift with the machine's load), then ``None`` (measure again);

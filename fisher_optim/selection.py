@@ -1,13 +1,15 @@
-r"""Per-layer choice of estimator and sample count from the closed-form variances, and mixed estimation.
+r"""Per-layer choice of estimator and sample count from the variances (closed form, online, or bounds).
 
 :func:`select` chooses one *plan* for the whole model: for every layer (a module's weight and bias, which share one
-backward pass; any other parameter on its own) the exact Fisher or Î₁ with ``N`` samples.
+backward pass; any other parameter on its own) the exact Fisher or, each layer with its own ``N``, Î₁, Hutchinson
+or hutchinson_batch (:func:`~fisher_optim.decide.decide`; ties within ``COST_TIE`` go to the Î₁-only plan).
 
 **What a plan costs.**  A refresh runs one forward pass (and a per-call overhead), ``s``, then one seeded backward
-per group of layers: ``C`` seeds for the exact layers (none for an output ``nn.Linear``, whose exact Fisher is a
-closed form) and ``N_max`` sampled seeds for the Î₁ layers.  Each backward is as deep as the deepest layer of its
-group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So one exact layer deep in the network
-costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
+per group of layers: ``D`` seeds per input for the exact layers (``D = T*C`` for ``T`` positions of ``C`` classes,
+``C`` otherwise; none for an output ``nn.Linear``, whose exact Fisher is a closed form) and, per sampled family,
+``N_max`` seeds per input (hutchinson_batch: ``N_max`` ordinary backward passes).  Each backward is as deep as
+the deepest layer of its group, and each layer adds its own reduction (:meth:`Costs.refresh_cost`).  So one exact
+layer deep in the network costs nearly a whole exact pass, and the layers cannot be chosen one at a time.
 
 **What a plan buys.**  The running estimate is an exponential moving average with decay ``beta`` of refreshes on
 ``M`` inputs.  Per tensor ``t``, a refresh's expected squared relative error is :math:`(a_t + l_t/N)/M`
@@ -36,7 +38,9 @@ Two cost models give the per-layer backward and reduction costs and the shared p
   layer (sizes summed; a ``torch.func``-route parameter crosses the whole model), its reduction costs the layer's
   size; ``s`` is the parameter count;
 * ``"measured"``: whole-model timings on the current batch of the calls a refresh makes: one forward pass, one
-  exact pass and a one-sample and a ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
+  exact pass (past ``EXACT_TIMING_SEEDS`` seeds per input: two subsamples of its seeds, scaled by the seed count,
+  :func:`~fisher_optim.costs.measured_costs`), one pass of each sampled family, and a one-sample and a
+  ``COST_PROBE_SAMPLES``-sample Î₁ pass over *all* layers.  The two Î₁ timings
   separate the marginal cost of a sample from the per-call overhead, which joins the forward pass in ``s``; the
   ``"flops"`` model's per-layer costs are scaled so that it prices the exact and the one-sample plans at what was
   measured, and mixed plans from there.
@@ -46,61 +50,49 @@ Costs depend on the input shape and the layers, not on the parameter values: :fu
 :class:`~fisher_optim.optim.FisherAdam` does.  The selection's moments pass computes the exact Fisher
 :math:`\sum_m F(x_m)` anyway (:func:`~fisher_optim.variance.moments_from_probe`); :func:`run_selection` returns it as
 :attr:`Selection.fisher`, scaled as :func:`estimate_plan` (mean over the inputs), so the refresh that follows a
-selection needs no estimation pass of its own.
+selection needs no estimation pass of its own.  Past ``closed_form_seeds`` seeds per input (default
+:data:`CLOSED_FORM_SEEDS`) the closed-form moments would cost an exact pass: the statistics then come from a few
+probes per input (:mod:`fisher_optim.draws`, docs/fisher-math.md §14), and :attr:`Selection.fisher` is their unbiased
+mean.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_n_samples
 from .batch import OutputSpec
-from .costs import COST_MODELS, SAMPLED, Costs, build_costs, module_units  # noqa: F401 (re-exported)
+from .costs import COST_MODELS, SAMPLED, Costs, build_costs, exact_seeds, module_units  # noqa: F401 (re-exported)
+from .decide import COST_TIE, Choice, decide  # noqa: F401 (re-exported)
+from .draws import SampledMoments, probe_draws
 from .engine import Probe
 from .estimators import ESTIMATORS as PLAN_ESTIMATORS  # noqa: F401 (re-exported)
-from .estimators import estimate_plan  # noqa: F401 (re-exported)
+from .estimators import estimate_plan, plan_from_probe  # noqa: F401 (re-exported)
 from .hessian import plan as hessian_plan
 from .likelihoods import Categorical, Likelihood, get_likelihood
-from .plan_search import HutchMoments, PlanScorer, UnitStats, joint_plan, tensor_sums, unit_stats
+from .plan_search import (  # noqa: F401 (re-exported)
+    BatchMoments,
+    HutchMoments,
+    PlanScorer,
+    UnitStats,
+    decode,
+    joint_plan,
+    tensor_sums,
+    unit_stats,
+)
 from .seeds import target_mask
-from .variance import factor_moments, moments_from_probe
+from .variance import OnlineVariance, factor_moments, moments_from_probe
 
-__all__ = ["Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS"]
+#: default ``closed_form_seeds`` of :func:`run_selection`: past this many seeds per input (positions x classes) the
+#: closed-form moments, which cost an exact pass, give way to per-probe draws
+CLOSED_FORM_SEEDS = 1024
 
-#: relative cost difference treated as a tie (timing noise); ties go to the zero-variance exact estimator
-COST_TIE = 0.25
-#: labels of the sampled estimators in reasons
-_LABEL = {"mc1": "Î₁", "hutchinson": "Hutchinson"}
-
-
-@dataclass
-class Choice:
-    """The estimator chosen for one parameter tensor, and why.
-
-    ``rse`` is the predicted relative standard error of the running (EMA) estimate, ``cost`` the predicted
-    seconds per refresh for this tensor (``"flops"`` cost model: relative units), ``rse_mc1``/``rse_mc2``
-    the one-sample, one-refresh relative standard errors, ``mean_fisher`` the mean exact Fisher entry.
-    """
-
-    estimator: str
-    n_samples: int
-    rse: float
-    cost: float
-    reason: str
-    rse_mc1: float = float("nan")
-    rse_mc2: float = float("nan")
-    mean_fisher: float = float("nan")
-    #: where the predicted variance came from: "closed form" (the moments of the batch), "online" or "bound"
-    source: str = "closed form"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
+__all__ = [
+    "CLOSED_FORM_SEEDS", "Choice", "Costs", "Selection", "select", "run_selection", "estimate_plan", "PLAN_ESTIMATORS",
+]
 
 # -- selection -------------------------------------------------------------------------------------
 @dataclass
@@ -121,172 +113,6 @@ class Selection:
     exact_cost: float = float("nan")
     #: one line: the plan against exact everywhere and against the best plan with Î₁ on every layer that takes seeds
     summary: str = ""
-
-
-def _decide(
-    units, mom, m, costs: Costs, hp, phi, target_rse, max_samples, out_unit, current=None, a4=None,
-    h_source: str | None = None, h_var=None,
-) -> tuple[dict[str, Choice], list[int], list[int] | None, str]:
-    """Per-parameter :class:`Choice` of the joint plan (see :func:`joint_plan`), with the reasons, the plan's options
-    and those of ``current`` (``None`` if not given or not a plan of exact/Î₁ over these layers).  ``current`` (a
-    plan ``name -> (estimator, n)``) is kept when the new optimum does not beat it by the tie margin.
-
-    With ``a4`` (per parameter ``sum_{m,a} A^4``, :func:`~fisher_optim.variance.factor_moments`) the sampled layers
-    take Î₁ or Hutchinson, one estimator for the whole plan (they share one backward of ``N_max`` seeds, so the cost
-    model is the same): the joint plan is searched with each estimator's per-input variance and the lower predicted
-    error at equal time wins (ties within ``COST_TIE`` go to Î₁, the estimator the MLP defaults were tuned on)."""
-    names_all = [n for u in units for n in u if n in mom.fisher]
-
-    def stats_of(mm):
-        sums = tensor_sums(mm, names_all)
-        return [
-            unit_stats(u, sums, sum(mom.fisher[n].numel() for n in u if n in mom.fisher), m, phi, target_rse,
-                        mm.v2 is not None)
-            for u in units
-        ]  # fmt: skip
-
-    def search(stats):
-        feasible = list(stats)  # a layer whose label noise misses target_rse at max_samples can only be exact
-        for i, st in enumerate(feasible):
-            if st is not None and st.n_need > max_samples:
-                feasible[i] = UnitStats(st.names, st.a, st.l, max_samples + 1, st.f, st.v1, st.v2, st.a_mean,
-                                         st.l_mean)  # fmt: skip
-        scorer = PlanScorer(feasible, costs, max_samples)
-        opts, j = joint_plan(feasible, costs, max_samples, scorer=scorer)
-        return feasible, scorer, opts, j
-
-    stats = stats_of(mom)
-    stats_mc1 = stats
-    est = "mc1"
-    feasible, scorer, opts, j = search(stats)
-    other = ""
-    source = "closed form"
-    if h_source is not None:
-        stats_h = stats_of(HutchMoments(mom, a4, h_var))
-        found_h = search(stats_h)
-        if found_h[3] * (1.0 + COST_TIE) < j:
-            other = (f"; Hutchinson over Î₁ (Hutchinson's variance: {h_source}): with Î₁ the plan's predicted "
-                     f"error at equal time would be {math.sqrt(j / found_h[3]) if found_h[3] > 0 else math.inf:.3g}x")
-            est, stats, source = "hutchinson", stats_h, h_source
-            feasible, scorer, opts, j = found_h
-        elif any(found_h[2]) and found_h[3] < math.inf and j > 0:
-            ratio = math.sqrt(found_h[3] / j)
-            other = f"; Î₁ over Hutchinson (Hutchinson's plan: predicted error at equal time {ratio:.3g}x)"
-    lab = _LABEL[est]
-    all_exact = [0] * len(units)
-    j_ex = float(scorer.score(np.zeros((1, len(units)), dtype=np.int64))[0]) if units else 0.0
-    if not j * (1.0 + COST_TIE) < j_ex:  # within the timing noise of exact: take the zero-variance estimator
-        opts, j = all_exact, j_ex
-    cur = None
-    if current is not None:
-        try:
-            cur = [0 if current[u[0]][0] == "exact" else int(current[u[0]][1]) for u in units]
-            if any(current[u[0]][0] not in ("exact", est) for u in units):
-                cur = None
-        except KeyError:
-            cur = None
-    kept = ""
-    if cur is not None and all(o == 0 or (st is not None and o >= st.n_need) for o, st in zip(cur, feasible)):
-        j_cur = float(scorer.score(np.asarray(cur, dtype=np.int64)[None, :])[0]) if units else 0.0
-        if not j * (1.0 + COST_TIE) < j_cur:  # hysteresis: the plan in use is within the margin, keep it
-            if cur != opts and j_cur > 0:
-                kept = (
-                    f"kept the plan in use (the new optimum's predicted error at equal time is "
-                    f"{math.sqrt(j / j_cur):.3g}x its, within the {COST_TIE:.0%} margin); "
-                )
-            opts, j = cur, j_cur
-    plan_cost = costs.unit_refresh_cost(opts)
-    costs_pp = costs.per_param
-    out: dict[str, Choice] = {}
-    for i, (unit, st) in enumerate(zip(units, stats)):
-        unit = [n for n in unit if n in mom.fisher]
-        if st is None:
-            for n in unit:
-                out[n] = Choice("exact", 1, 0.0, 0.0, "empty parameter", 0.0, 0.0, 0.0)
-            continue
-        c_ex = sum(costs_pp.get(n, (0.0, 0.0))[0] for n in unit)
-        c_1 = sum(costs_pp.get(n, (0.0, 0.0))[1] for n in unit)
-        st1 = stats_mc1[i]
-        rse1 = math.sqrt(st1.v1) / st1.f if st1.f > 0 else 0.0
-        rse2 = math.sqrt(st.v2) / st.f if st.f > 0 and st.v2 == st.v2 else float("nan")
-        # the best alternative for this layer with the others as chosen: how much worse the plan would be
-        cand, js = scorer.alternatives(opts, i)
-        alt_j, alt_o = (float(js.min()), int(cand[int(js.argmin())])) if len(cand) else (math.inf, None)
-        if alt_j == math.inf:
-            alt_o = None
-        worse = math.sqrt(alt_j / j) if j > 0 and alt_j < math.inf else float("inf")
-        alt_cost = costs.unit_refresh_cost(opts[:i] + [alt_o] + opts[i + 1 :]) if alt_o is not None else plan_cost
-        if st.f <= 0:
-            ch = Choice(est if opts[i] else "exact", max(1, opts[i]), 0.0, c_1 if opts[i] else c_ex,
-                        "zero Fisher on this batch: the cheapest option in the joint plan", 0.0, 0.0, st.f)  # fmt: skip
-        elif opts[i]:
-            n = opts[i]
-            reason = (
-                f"{lab} with N={n} (rse target {target_rse:g} needs N>={st.n_need}): label noise L/N = "
-                f"{st.l_mean / n / max(st.a_mean, 1e-300):.2g} x input noise; exact here would make a refresh "
-                f"{alt_cost / plan_cost:.3g}x as costly and the plan's predicted error at equal time {worse:.3g}x"
-            )
-            if source != "closed form":
-                reason += f" (Hutchinson's variance: {source})"
-            ch = Choice(est, n, math.sqrt(phi * st.v1 / n) / st.f, n * c_1, reason, rse1, rse2, st.f, source)
-        else:
-            zero_res = hp is not None and all(n in hp.zero for n in unit)
-            if zero_res and set(unit) <= out_unit:
-                reason = "output layer: exact without seeds (Î₂ = exact here, d²h/dθ² = 0): zero variance"
-            elif zero_res:
-                reason = "Î₂ = exact here (d²h/dθ² = 0: piecewise-linear path): zero variance"
-            else:
-                reason = "exact: zero variance"
-            if feasible[i].n_need > max_samples:
-                reason += f"; {lab} would need N={st.n_need} > max_samples={max_samples}"
-            elif alt_o is not None:
-                reason += (
-                    f"; {lab} (best N={alt_o}) would make a refresh {alt_cost / plan_cost:.3g}x as costly and the "
-                    f"plan's predicted error at equal time {worse:.3g}x"
-                )
-            if opts == all_exact and j_ex > 0 and alt_o is not None and worse < 1.0:
-                reason += f" (within the {COST_TIE:.0%} timing-noise margin: ties go to exact)"
-            ch = Choice("exact", 1, 0.0, c_ex, reason, rse1, rse2, st.f)
-        for n in unit:
-            out[n] = ch
-    return out, opts, cur, kept + _plan_summary(scorer, opts, costs, units, max_samples, lab) + other
-
-
-def _plan_summary(
-    scorer: PlanScorer, opts: list[int], costs: Costs, units, max_samples: int, lab: str = "Î₁"
-) -> str:
-    """The chosen plan against exact everywhere and against the best uniform Î₁ plan (exact on the seedless output
-    layer): predicted refresh cost and predicted error at equal time (``sqrt`` of the ratio of ``J``)."""
-    n_units = len(opts)
-    if n_units == 0:
-        return "plan: 0 of 0 layers exact (no parameter used by the forward pass)"
-    chosen = np.asarray(opts, dtype=np.int64)[None, :]
-    exact = np.zeros((1, n_units), dtype=np.int64)
-    seedless = scorer.uc[:, 0] == 0.0
-    uniform = np.stack([np.where(seedless | (scorer.need > max_samples), 0, np.maximum(n, scorer.need))
-                        for n in range(1, max_samples + 1)])  # fmt: skip
-    j, j_ex, j_u = scorer.score(chosen)[0], scorer.score(exact)[0], scorer.score(uniform)
-    best = int(np.argmin(j_u))
-
-    def fmt(cost: float) -> str:
-        return f"{1e3 * cost:.3g} ms" if costs.cost_model == "measured" else f"{cost:.3g} (flops units)"
-
-    n_exact = sum(o == 0 for o in opts)
-    ns = sorted({o for o in opts if o})
-    text = (
-        f"plan: {n_exact} of {n_units} layers exact"
-        + (f", {n_units - n_exact} {lab} with N={'/'.join(map(str, ns))}" if ns else "")
-        + f", predicted refresh {fmt(costs.unit_refresh_cost(opts))}"
-    )
-    alts = []
-    for name, jj, plan in [("exact everywhere", j_ex, exact[0]),
-                           (f"{lab} N={int(uniform[best].max())} on every layer with seeds", j_u[best], uniform[best])]:
-        if (plan == chosen[0]).all() or (name.startswith(lab) and not (plan != 0).any()) or not jj < math.inf:
-            continue
-        ratio = f"{math.sqrt(j / jj):.3g}x" if jj > 0 else "inf x"
-        alts.append(f"{name}: refresh {fmt(costs.unit_refresh_cost([int(o) for o in plan]))}, this plan's predicted "
-                    f"error at equal time {ratio} its")  # fmt: skip
-    return "; ".join([text, *alts])
 
 
 def _check_select_args(target_rse, ema_decay, max_samples, cost_model) -> int:
@@ -367,8 +193,9 @@ def run_selection(
     current: dict[str, tuple[str, int]] | None = None,
     targets: Tensor | None = None,
     hutchinson: bool = True,
-    closed_form_seeds: int = 4096,
+    closed_form_seeds: int = CLOSED_FORM_SEEDS,
     hutchinson_variance: dict[str, Tensor] | None = None,
+    online: dict[str, OnlineVariance] | None = None,
 ) -> Selection:
     r""":func:`select`, returning its by-products too: a :class:`Selection` with the ``choices``, the ``costs``
     (measured now, or ``costs`` passed back) and ``fisher``, the exact diagonal Fisher
@@ -394,12 +221,22 @@ def run_selection(
         >>> again.costs is sel.costs and plan(again) == plan(sel)
         True
 
-    Sampled layers take Î₁ or (``hutchinson=True``) Hutchinson, whichever plan predicts the lower error at equal
-    time.  Hutchinson's per-input variance is the closed form :math:`2(F^2-\sum_a A^4)` (one more backward with
-    the exact pass's seeds) up to ``closed_form_seeds`` seeds per input (positions x classes); past it the bound
-    :math:`2F(x)^2` (relative error :math:`\sqrt{2/N}`), or ``hutchinson_variance`` when given (per parameter,
-    summed over the inputs: :class:`~fisher_optim.variance.OnlineVariance` of the estimator's own draws).  Each
-    :class:`Choice` says which in ``source``.
+    Each layer takes exact or, with its own ``N``, Î₁, or (``hutchinson=True``) Hutchinson or hutchinson_batch,
+    whichever plan predicts the lower error at equal time (:func:`~fisher_optim.decide.decide`; ``mc2`` costs the
+    exact pass plus the Hessian residual, so it never pays: where the residual vanishes Î₂ *is* exact).  The
+    variances, by ``closed_form_seeds`` (the most seeds per input, positions x classes, that the closed form may
+    take; every :class:`Choice` says which in ``source``):
+
+    * up to it, the closed forms: Î₁'s :math:`\tilde v_1`, Hutchinson's :math:`2(F^2-\sum_a A^4)` and
+      hutchinson_batch's :math:`2((\sum A^2)^2 - \sum A^4)/M^2` (one more backward with the exact pass's seeds);
+      ``hutchinson_variance`` (per parameter, summed over the inputs) replaces Hutchinson's when given (``"online"``);
+    * past it (a language model: ``T*C`` seeds per input, the cost of an exact pass), no exact pass at all:
+      :func:`~fisher_optim.draws.probe_draws` runs ``DRAW_PROBES`` probes per input of Î₁ and of Hutchinson; the
+      Fisher, the input noise and the per-probe variances come from them (§14).  The variances are pooled in
+      ``online`` (``{"mc1": OnlineVariance, "hutchinson": OnlineVariance}``, updated here; the optimizer keeps them
+      across selections; ``"online"``), hutchinson_batch's is the bound :math:`2S^2` (relative std
+      :math:`\sqrt2`, ``"bound"``), and :attr:`Selection.fisher` is the draws' unbiased mean.  The probes come
+      from ``generator`` (the only case where it is advanced).
     """
     max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
     lik = get_likelihood(likelihood)
@@ -417,39 +254,66 @@ def run_selection(
             hp = hessian_plan(model, probe.params)
         except ValueError:
             hp = None
-        # V2 is reported only when asked: mc2 costs the exact pass plus the residual, so it is never chosen
         lik = probe.lik
         mask = target_mask(probe, targets) if targets is not None and isinstance(lik, Categorical) else None
-        mom = moments_from_probe(
-            probe,
-            with_v2=with_v2 and hp is not None and hp.route in ("chain", "zero"),
-            with_fisher_sq=True,
-            mask=mask,
-        )
         units = [tuple(u) for u in module_units(probe)]
-        # Hutchinson's per-input variance needs sum_a A^4: one more backward with the exact pass's seeds
-        # (closed form); past ``closed_form_seeds`` seeds per input (positions x classes) the variance tracked online
-        # from Hutchinson's own draws (``hutchinson_variance``, summed over the inputs) or else the bound 2 F(x)^2
-        a4, h_source = None, None
-        if hutchinson_variance is not None:
-            h_source = "online"
-        elif hutchinson:
-            seeds = math.prod(probe.h.shape[1:])
-            h_source = "closed form" if seeds <= closed_form_seeds else "bound"
-            a4 = factor_moments(probe, mask=mask)["a4"] if h_source == "closed form" else None
+        exact_d = exact_seeds(probe)  # past CLOSED_FORM_SEEDS exact is out of reach: rse targets cap at max_samples
+        closed = exact_d <= closed_form_seeds
+        if closed:
+            fams, sources = _closed_form(probe, mask, with_v2 and hp is not None and hp.route in ("chain", "zero"),
+                                         hutchinson, hutchinson_variance)  # fmt: skip
+        else:
+            fams, sources = _from_draws(probe, mask, generator, hutchinson, online)
         if costs is None or tuple(costs.units) != tuple(units):  # new costs, or the layers used changed
-            costs = build_costs(probe, units, cost_model, warm_exact=True)  # the moments pass warmed the backward up
+            costs = build_costs(probe, units, cost_model, warm_exact=closed)  # the moments pass warmed it up
         unused = list(probe.unused)
         out_unit = set(probe.module_params(probe.output_index)) if probe.output_index is not None else set()
-    out, opts, cur, summary = _decide(
-        units, mom, m, costs, hp, phi, target_rse, max_samples, out_unit, current, a4=a4, h_source=h_source,
-        h_var=hutchinson_variance,
+    out, opts, cur, summary = decide(
+        units, fams, sources, m, costs, hp, phi, target_rse, max_samples, out_unit, current,
+        cap_need=exact_d > CLOSED_FORM_SEEDS,
     )
     for n in unused:
         out[n] = Choice("exact", 1, 0.0, 0.0, "unused by the forward pass: zero Fisher", 0.0, 0.0, 0.0)
-    fisher = {n: (f / m).detach() for n, f in mom.fisher.items()}
+    fisher = {n: (f / m).detach() for n, f in fams["mc1" if "mc1" in fams else next(iter(fams))].fisher.items()}
     changed = cur is None or cur != opts
     if current is not None and not changed:  # the same layers, options and unused parameters as before
         changed = any((c.estimator, c.n_samples) != tuple(current.get(n, ("", 0))) for n, c in out.items())
-    exact_cost = costs.unit_refresh_cost([0] * len(opts))
-    return Selection(out, fisher, costs, changed, costs.unit_refresh_cost(opts), exact_cost, summary)
+    plan = [decode(o, max_samples) for o in opts]
+    return Selection(out, fisher, costs, changed, costs.unit_refresh_cost(plan),
+                     costs.unit_refresh_cost([0] * len(opts)), summary)  # fmt: skip
+
+
+def _closed_form(probe: Probe, mask, with_v2: bool, hutchinson: bool, h_var) -> tuple[dict, dict[str, str]]:
+    """Per family the moments whose ``v1`` is its one-probe variance (sums over inputs), from the closed forms: one
+    backward with unit seeds (:func:`~fisher_optim.variance.moments_from_probe`) and, for the Hutchinson families,
+    one with the columns of the factor (:func:`~fisher_optim.variance.factor_moments`)."""
+    mom = moments_from_probe(probe, with_v2=with_v2, with_fisher_sq=True, mask=mask)
+    fams, sources = {"mc1": mom}, {"mc1": "closed form"}
+    if hutchinson:
+        a4 = factor_moments(probe, mask=mask)["a4"]
+        fams["hutchinson"] = HutchMoments(mom, None if h_var is not None else a4, h_var)
+        fams["hutchinson_batch"] = BatchMoments(mom, a4)
+        sources["hutchinson"] = "online" if h_var is not None else "closed form"
+        sources["hutchinson_batch"] = "closed form"
+    return fams, sources
+
+
+def _from_draws(probe: Probe, mask, generator, hutchinson: bool, online) -> tuple[dict, dict[str, str]]:
+    """:func:`_closed_form`'s moments from :func:`~fisher_optim.draws.probe_draws` (no exact pass): the Fisher is
+    the draws' mean, ``fisher_sq`` the product of two Hutchinson probes, each family's variance pooled in
+    ``online`` (fresh trackers when ``None``), hutchinson_batch's the bound."""
+    draws = probe_draws(probe, generator, mask=mask)
+    trackers = online if online is not None else {}
+    var = {}
+    for fam in ("mc1", "hutchinson"):
+        tr = trackers.setdefault(fam, OnlineVariance())
+        tr.update(draws.per_probe[fam])
+        var[fam] = tr.variance()
+    fisher = draws.fisher()
+    mom = SampledMoments(fisher, draws.pair, var["mc1"], draws.cross())
+    fams, sources = {"mc1": mom}, {"mc1": "online"}
+    if hutchinson:
+        fams["hutchinson"] = HutchMoments(mom, var=var["hutchinson"])
+        fams["hutchinson_batch"] = BatchMoments(mom)
+        sources["hutchinson"], sources["hutchinson_batch"] = "online", "bound"
+    return fams, sources

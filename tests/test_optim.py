@@ -475,10 +475,10 @@ def test_auto_mode_report_and_log(caplog):
 def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed):
     """A selection that keeps the plan in use doubles the interval to the next one (2, 4, 8, capped at 8x the
     base); a changed plan resets it.  The plan in use is passed to ``run_selection`` as ``current``."""
-    from fisher_optim.optim import base
+    from fisher_optim.optim import auto as auto_mod
 
     at, currents = [], []
-    real = base.run_selection
+    real = auto_mod.run_selection
 
     def spy(*args, **kwargs):
         sel = real(*args, **kwargs)
@@ -487,7 +487,7 @@ def test_selection_interval_backs_off_while_the_plan_holds(monkeypatch, changed)
         sel.changed = changed or kwargs.get("current") is None
         return sel
 
-    monkeypatch.setattr(base, "run_selection", spy)
+    monkeypatch.setattr(auto_mod, "run_selection", spy)
     net = make_mlp()
     opt = FisherAdam(net, fisher_interval=1, variance_interval=2, cost_model="flops", seed=0)
     train(net, opt, 40)

@@ -208,11 +208,11 @@ def test_wide_output_exact_on_the_output_layer_and_several_samples_below():
     ch = select(net, x, likelihood="bernoulli", cost_model="flops")
     assert (ch["4.weight"].estimator, ch["4.bias"].estimator) == ("exact", "exact")
     sel = run_selection(net, x, likelihood="bernoulli", cost_model="flops")
-    assert sel.summary.startswith("plan: 1 of 3 layers exact, 2 Î₁ with N=")
+    assert sel.summary.startswith("plan: 1 of 3 layers exact, 2 ")
     assert "exact everywhere: refresh" in sel.summary
     assert sel.plan_cost < sel.exact_cost
     for n in ("0.weight", "0.bias", "2.weight", "2.bias"):
-        assert ch[n].estimator == "mc1" and ch[n].n_samples > 1, (n, ch[n])
+        assert ch[n].estimator in ("mc1", "hutchinson") and ch[n].n_samples > 1, (n, ch[n])
 
 
 def plan_error_cost(stats, costs, options):

@@ -15,13 +15,14 @@ One ``step()``:
    Fisher state yet): :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
    fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
-   In auto mode the first refresh is exact; at the second, :func:`fisher_optim.selection.run_selection` first
+   In auto mode the first refresh is exact (Hutchinson with one probe past ``CLOSED_FORM_SEEDS`` seeds per
+   input: :mod:`~fisher_optim.optim.auto`); at the second, :func:`fisher_optim.selection.run_selection` first
    chooses a plan on the same inputs, and again every ``select_interval`` steps; the plan in use is kept
    unless the new one beats it by the tie margin, and each selection that keeps it doubles the interval to the
    next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``select_interval``; a change resets it;
    :class:`fisher_optim.schedule.Schedule`).  The selection's
-   variance pass computes the exact Fisher anyway, and that refresh uses it (the mean over the inputs, as
-   ``estimate_plan``) instead of a second estimation pass: a selection's refresh is exact and draws no labels.
+   variance pass computes the exact Fisher anyway (past ``CLOSED_FORM_SEEDS``: an unbiased mean of its draws), and
+   that refresh uses it (the mean over the inputs, as ``estimate_plan``) instead of a second estimation pass.
    Under DDP only rank 0 selects (its choices are broadcast) and the other ranks compute their exact estimate
    with ``estimate_plan``.  The estimates are then averaged over ranks (one ``all_reduce``);
 3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
@@ -68,9 +69,9 @@ from torch.optim import Optimizer
 from ..batch import NonFiniteError
 from ..likelihoods import Categorical, Likelihood, get_likelihood
 from ..schedule import Schedule
-from ..selection import estimate_plan, run_selection
+from ..selection import estimate_plan
 from ..settings import FisherSettings
-from . import distributed
+from . import auto, distributed
 from ._functional import preconditioned_update, refresh_preconditioner
 from .capture import InputCapture
 from .finite import all_finite, all_zero, describe_nonfinite
@@ -119,6 +120,7 @@ class FisherOptimizer(Optimizer):
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed((base + rank) % 2**63)
         self._schedule = Schedule(settings.fisher_interval, settings.select_refreshes)
+        self._online: dict = {}  # auto mode: per-family OnlineVariance of the selections' draws (not checkpointed)
 
         self._capture = InputCapture(model, output=self.output)
         self._finalizer = weakref.finalize(self, self._capture.remove)
@@ -374,9 +376,9 @@ class FisherOptimizer(Optimizer):
                 pending, est = self._select(x, names, targets if mask_targets else None)
                 if est is None:  # a DDP rank other than 0: the exact Fisher of its own inputs
                     plan = {n: ("exact", 1) for n in names}
+            elif self.estimator == "auto" and self._schedule.plan is None:  # exact, or Hutchinson on long outputs
+                plan = auto.start_plan(names, self._capture.output_size)
             elif self.estimator == "auto":
-                # the first refresh is exact: an estimate at once, and the selection at the next refresh times a
-                # warm exact pass (a first call is up to several times slower)
                 plan = self._schedule.plan_for(names)
             else:
                 plan = {n: (self.estimator, self.n_samples) for n in names}
@@ -405,22 +407,11 @@ class FisherOptimizer(Optimizer):
         spread = distributed.is_distributed(self._pg)
         info, fisher = None, None
         if not spread or distributed.rank(self._pg) == 0:
-            key = (tuple(x.first.shape), x.first.dtype, tuple(sorted(names)))
-            cached = self._schedule.cached_costs(key)
-            sel = run_selection(
-                self._net, x, likelihood=self._lik, output=self.output, generator=self._generator,
-                target_rse=self.target_rse,
-                ema_decay=self.fisher_decay, max_samples=self.max_samples, names=names, cost_model=self.cost_model,
-                costs=cached, current=self._schedule.plan, targets=targets,
+            info, fisher = auto.select(
+                self._net, x, self._lik, self.output, self._generator, names, self._schedule, self._online, targets,
+                target_rse=self.target_rse, ema_decay=self.fisher_decay, max_samples=self.max_samples,
+                cost_model=self.cost_model,
             )  # fmt: skip
-            self._schedule.remember_costs(key, sel.costs, reused=cached is not None)
-            info = {
-                "choices": {n: {k: getattr(c, k) for k in ("estimator", "n_samples", "rse", "cost", "reason")}
-                            for n, c in sel.choices.items()},
-                "changed": sel.changed, "plan_cost": sel.plan_cost, "exact_cost": sel.exact_cost,
-                "summary": sel.summary,
-            }  # fmt: skip
-            fisher = sel.fisher
         if spread:
             info = distributed.broadcast_from_first(info, self._pg)
         return info, fisher

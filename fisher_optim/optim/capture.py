@@ -49,6 +49,8 @@ class InputCapture:
         self.enabled = True
         self.calls: list[_Call] = []
         self.snapshot: list[tuple[nn.Module, str, Tensor]] | None = None
+        #: entries per input of the latest captured output's natural parameters (positions x classes), or None
+        self.output_size: int | None = None
         self._norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
         self._handles = [
             model.register_forward_pre_hook(self._before),
@@ -79,6 +81,8 @@ class InputCapture:
             h = None
         if isinstance(h, Tensor) and h.requires_grad:
             h.register_hook(call.mark)
+        if isinstance(h, Tensor) and h.dim() > 0:
+            self.output_size = h[0].numel()
         # keep the backpropagated calls and the latest one (the fallback); drop older unused ones
         self.calls = [c for c in self.calls if c.used] + [call]
 

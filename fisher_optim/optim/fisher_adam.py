@@ -76,8 +76,10 @@ class FisherAdam(FisherOptimizer):
             see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over inputs)),
             ``n_samples``, ``fisher_interval`` (steps between refreshes, default 10), ``fisher_batch`` (captured
             inputs the estimation uses, default 32), ``target_rse``, ``select_interval``, ``max_samples``,
-            ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is exact and its
-            first selection at the second; it re-selects every ``select_interval`` steps (default 50 refreshes),
+            ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is exact (Hutchinson
+            with one probe when the output has more than ``CLOSED_FORM_SEEDS`` = 1024 positions x classes per input:
+            no exact pass on a language model) and its first selection at the second; it re-selects every
+            ``select_interval`` steps (default 50 refreshes),
             doubled after each selection that keeps the plan in use (up to 8x; reset when the plan changes).  A
             selection's refresh reuses the exact Fisher of its variance pass, and its measured costs are cached
             per input shape (:mod:`fisher_optim.schedule`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU)
