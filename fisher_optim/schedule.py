@@ -45,7 +45,7 @@ COST_REUSE = 10
 #: at most this many cached selection costs (keys) are kept, the oldest dropped first
 COST_CACHE_SIZE = 8
 
-_CHOICE_KEYS = ("estimator", "n_samples", "rse", "cost", "reason")
+_CHOICE_KEYS = ("estimator", "n_samples", "rse", "cost", "reason", "source")
 
 
 def next_select_interval(interval: int, base: int, changed: bool) -> int:
@@ -113,11 +113,11 @@ class Schedule:
         exact_cost: float = math.nan,
         summary: str = "",
     ) -> None:
-        """A selection made ``choices`` (``{name: {estimator, n_samples, rse, cost, reason}}``): it becomes the
+        """A selection made ``choices`` (``{name: {estimator, n_samples, rse, cost, reason, source}}``): it becomes the
         plan in use, and the interval to the next selection backs off (kept) or resets (``changed``)."""
         self.select_every = next_select_interval(self.select_every, self.select_interval, changed)
         self.plan_costs, self.plan_summary = (float(plan_cost), float(exact_cost)), summary
-        self.choices = {n: {k: c[k] for k in _CHOICE_KEYS} for n, c in choices.items()}
+        self.choices = {n: {k: c[k] for k in _CHOICE_KEYS if k in c} for n, c in choices.items()}
         self.plan = {n: (c["estimator"], c["n_samples"]) for n, c in self.choices.items()}
         self.selections += 1
         self.since_select = 0

@@ -25,7 +25,7 @@ __all__ = ["START", "select", "start_plan"]
 #: auto mode's first plan past ``CLOSED_FORM_SEEDS`` seeds per input: Hutchinson, one probe per input
 START = ("hutchinson", 1)
 
-_KEYS = ("estimator", "n_samples", "rse", "cost", "reason")
+_KEYS = ("estimator", "n_samples", "rse", "cost", "reason", "source")
 
 
 def start_plan(names: list[str], output_size: int | None) -> dict[str, tuple[str, int]]:

@@ -448,8 +448,9 @@ class FisherOptimizer(Optimizer):
 
     # -- report (the non-finite check: optim/finite.py) ----------------------------------------------
     def fisher_report(self) -> FisherReport:
-        """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason and
-        the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
+        """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason, source (of
+        the predicted variance: "closed form", "online" or "bound"; "-" before a selection or with a fixed
+        estimator) and the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
         """
         rep = FisherReport()
         rep.cost_unit = self._settings.cost_unit
@@ -457,13 +458,14 @@ class FisherOptimizer(Optimizer):
             if self.estimator == "auto":
                 c = self._schedule.choices.get(name)
                 row = (
-                    dict(c)
+                    {"source": "-", **c}  # (choices saved before the source was reported lack it)
                     if c is not None
-                    else dict(estimator="-", n_samples=0, rse=math.nan, cost=math.nan, reason="not selected yet")
+                    else dict(estimator="-", n_samples=0, rse=math.nan, cost=math.nan, reason="not selected yet",
+                              source="-")
                 )
             else:
                 row = dict(estimator=self.estimator, n_samples=self.n_samples, rse=math.nan, cost=math.nan,
-                           reason=f"fixed (estimator={self.estimator!r})")  # fmt: skip
+                           reason=f"fixed (estimator={self.estimator!r})", source="-")  # fmt: skip
             st = self.state.get(p, {})
             if "fisher_count" in st and st["fisher_ema"].numel():
                 beta2 = self._refresh_kwargs(self._group_of(p))["beta2"]
