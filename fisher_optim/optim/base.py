@@ -450,7 +450,8 @@ class FisherOptimizer(Optimizer):
     def fisher_report(self) -> FisherReport:
         """Per parameter (name in ``model.named_parameters()``): estimator, n_samples, rse, cost, reason, source (of
         the predicted variance: "closed form", "online" or "bound"; "-" before a selection or with a fixed
-        estimator) and the mean of the bias-corrected running Fisher; run counters as attributes (see :class:`FisherReport`).
+        estimator) and the mean of the bias-corrected running Fisher; run counters as attributes (see
+        :class:`FisherReport`).
         """
         rep = FisherReport()
         rep.cost_unit = self._settings.cost_unit
