@@ -263,6 +263,9 @@ def lm_goal(stats, lm_keys: list[str], label) -> list[str]:
             L.append(f"LM goal on {k}: no baseline reached the target in half its seeds; not decidable.")
             continue
         b = min(finite, key=finite.get)
+        if finite[b] <= 0:  # the target was met before the first step (smoke budgets): no ratio exists
+            L.append(f"LM goal on {k}: {label(b)} met the target at step 0; not decidable.")
+            continue
         ratio = mine / finite[b] if math.isfinite(mine) else math.inf
         verdict = "met" if ratio <= LM_GOAL else "not met"
         L.append(f"LM goal on {k} ({label(MAIN)} within {LM_GOAL - 1:.0%} of the best baseline's median steps): "
