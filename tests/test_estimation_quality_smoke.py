@@ -18,6 +18,7 @@ pytestmark = pytest.mark.bench  # benchmark tier: `pytest -m "not bench"` runs t
 pytest.importorskip("matplotlib")
 
 from benchmarks import estimation_quality as eq  # noqa: E402
+from benchmarks import estimation_quality_stream as eq_stream  # noqa: E402
 from fisher_optim import diagonal_fisher  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -163,7 +164,7 @@ def test_auto_stream_folds_the_selections_exact_fisher(monkeypatch):
     model = eq.make_model(cfg)
     ref = eq.full_data_references(model, x, y, cfg)
     calls = {"estimate_plan": 0, "run_selection": []}
-    real_estimate, real_select = eq.estimate_plan, eq.run_selection
+    real_estimate, real_select = eq_stream.estimate_plan, eq_stream.run_selection
 
     def estimate_plan(*args, **kwargs):
         calls["estimate_plan"] += 1
@@ -174,8 +175,8 @@ def test_auto_stream_folds_the_selections_exact_fisher(monkeypatch):
         calls["run_selection"].append((kwargs.get("costs"), sel))
         return sel
 
-    monkeypatch.setattr(eq, "estimate_plan", estimate_plan)
-    monkeypatch.setattr(eq, "run_selection", run_selection)
+    monkeypatch.setattr(eq_stream, "estimate_plan", estimate_plan)
+    monkeypatch.setattr(eq_stream, "run_selection", run_selection)
     st = eq.run_stream(model, x, y, ref, cfg, seed=3)
     tr = st["traces"]
     auto = tr[eq.AUTO]
