@@ -279,7 +279,7 @@ def cost_lines(c: SimpleNamespace) -> list[str]:
             + f" | {ms(a['plan_cpu'])} [{a['plan_n']}] / {ms(a['sel_measured_cpu'])} [{a['sel_measured_n']}] / "
             f"{ms(a['sel_cached_cpu'])} [{a['sel_cached_n']}] | {100 * a['sel_share']:.0f} % / "
             f"{100 * a['sel_share_cpu']:.0f} % | {g3(cm['ratio'])} "
-            f"({g3(cm['ratio_min'])}–{g3(cm['ratio_max'])}) {'vs' if ex else ','} {tail} |"
+            f"({g3(cm['ratio_min'])}–{g3(cm['ratio_max'])}){' vs' if ex else ','} {tail} |"
         )  # fmt: skip
     return lines + sweep_lines(c)
 
