@@ -111,7 +111,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import log, machine_info  # noqa: E402
-from benchmarks.estimation_quality_findings import findings, plot  # noqa: E402, F401
+from benchmarks.estimation_quality_findings import findings, plot, selection_counts  # noqa: E402, F401
 from benchmarks.estimation_quality_prediction import (  # noqa: E402, F401
     REGRET_FROM,
     TAU,
@@ -178,12 +178,23 @@ def saved_results(res: dict, rows: list[dict], cpu_rows: list[dict], command: st
             "counts": {s: [float(v) for v in r["counts"][s]] for s in cfg.curves},
         } for r in rs]  # fmt: skip
 
+    names = res["checkpoints"][0]["ref"]["names"]
+    autos = []
+    for ck in res["checkpoints"]:
+        cs = cost_summary(ck, cfg)
+        sels, chosen, mixed = selection_counts(ck, names)
+        autos.append({
+            "epoch": ck["epoch"], "selections_per_stream": len(sels) / len(ck["streams"]),
+            "sel_share_cpu": cs[AUTO]["sel_share_cpu"], "sel_measured_cpu_s": cs[AUTO]["sel_measured_cpu"],
+            "choices": dict(chosen.most_common()), "mixed_plans": mixed,
+            "cpu_s_per_refresh": {s: cs[s]["cpu"] for s in cfg.curves},
+        })  # fmt: skip
     return {
         "problem": cfg.problem, "model": cfg.describe_model(), "command": command, "machine": info,
         "seconds": res["seconds"], "fixed": list(cfg.fixed), "auto": AUTO, "fractions": list(cfg.fractions),
         "regret_from": REGRET_FROM, "budget_by": cfg.budget_by, "k_budget": cfg.k_exact, "M": cfg.m,
         "config": {k: v for k, v in asdict(cfg).items() if k != "defaults"}, "defaults": cfg.defaults,
-        "wall": clock(rows), "cpu": clock(cpu_rows),
+        "wall": clock(rows), "cpu": clock(cpu_rows), "auto_detail": autos,
     }  # fmt: skip
 
 
