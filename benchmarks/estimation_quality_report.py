@@ -430,7 +430,7 @@ def per_tensor_lines(c: SimpleNamespace) -> list[str]:
         for s in pred_cols:
             n_s, lab = PREDICTED[s]
             pred[s] = predicted_error(ref, names, cfg, max(1, int(r["counts"][s][-1])), n_s, lab, True)
-        ncols = len(pred_cols) + len(other) + emp + stream_col + 7 + ex
+        ncols = len(pred_cols) + len(other) + emp + stream_col + 6 + ex  # tensor, ρ₁, auto and its three columns
         lines += [
             f"**epoch {r['epoch']}**",
             "",

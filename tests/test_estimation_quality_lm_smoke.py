@@ -18,6 +18,14 @@ from fisher_optim import diagonal_fisher  # noqa: E402
 from fisher_optim.selection import CLOSED_FORM_SEEDS  # noqa: E402
 
 
+def assert_tables_well_formed(md: str) -> None:
+    """Every markdown table's delimiter row has as many cells as its header (else it does not render)."""
+    lines = md.splitlines()
+    for i, line in enumerate(lines[1:], 1):
+        if line.startswith("|---"):
+            assert line.count("|") == lines[i - 1].count("|"), lines[i - 1]
+
+
 def test_lm_problem_data_model_and_reference():
     cfg = eq.Config.smoke("lm")
     x, y = eq.load_data(cfg)
@@ -46,6 +54,9 @@ def test_lm_smoke_run_and_regret_script(tmp_path):
     md = (tmp_path / "estimation_quality_lm.md").read_text()
     assert "python benchmarks/estimation_quality.py --smoke --problem lm" in md and "Goal (c)" in md
     assert "held-out validation windows" in md and "## Why" in md
+    for problem in ("lm", "cnn"):
+        stem = f"estimation_quality_{problem}"
+        assert_tables_well_formed((tmp_path / f"{stem}.md").read_text())
     assert (tmp_path / "estimation_quality_lm.png").stat().st_size > 0
     for ck in res["checkpoints"]:
         for st in ck["streams"]:
@@ -68,6 +79,7 @@ def test_lm_smoke_run_and_regret_script(tmp_path):
                                   str(tmp_path / "estimation_quality_cnn.json"), "--out", str(out)])  # fmt: skip
     text = out.read_text()
     assert "python benchmarks/estimation_regret.py" in text and "Goal (c)" in text and "| **auto** |" in text
+    assert_tables_well_formed(text)
     for p in reg["per"]:
         for s, v in p.items():
             assert math.isfinite(v["worst"]) and v["worst"] > 0

@@ -103,6 +103,8 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
     assert f"python benchmarks/estimation_quality.py --smoke --problem {problem}" in md
     assert "## Answer" in md and "## Why" in md and "## Open proposal" in md
     assert f"]({stem}.png)" in md
+    lines = md.splitlines()  # every table's delimiter row has as many cells as its header (else it does not render)
+    assert all(ln.count("|") == lines[i - 1].count("|") for i, ln in enumerate(lines) if ln.startswith("|---"))
     assert "selection counted" not in md and "not counted" not in md  # one auto curve, selections included
     assert ("same-stream reference: label noise" in md) == (problem == "mlp")
     sweep = res["cost_vs_m"]  # the refresh-size sweep of the cost ratio, one row per M, in the report
