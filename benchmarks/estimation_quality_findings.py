@@ -221,8 +221,9 @@ def lm_epoch_finding(cfg, r: dict, ck: dict, cs: dict, names: list[str]) -> str:
         f"- **Epoch {ck['epoch']}**: at T best fixed = {best} ({g3(fixed[best])}), auto {g3(auto_t)} "
         f"({g3(auto_t / fixed[best])}×); at {cfg.fractions[j]:g} T best fixed = {best_early} "
         f"({g3(early[best_early])}), auto {g3(auto_early)} ({g3(auto_early / early[best_early])}×, after "
-        f"{r['counts'][AUTO][j]:g} refreshes against {r['counts'][best_early][j]:g}). Auto stays below every fixed "
-        "choice from " + (f"{g3(fw)} T on." if math.isfinite(fw) else "nowhere up to T.")
+        f"{r['counts'][AUTO][j]:g} refreshes against {r['counts'][best_early][j]:g}). "
+        + (f"Auto stays below every fixed choice from {g3(fw)} T on." if math.isfinite(fw)
+           else "Auto is not below every fixed choice at T.")
         + f" Its choices (tensors × its {len(sels)} selections): "
         + ", ".join(f"{k} {n}×" for k, n in chosen.most_common())
         + f" ({mixed} of {len(sels)} selections gave a mixed plan). Its plan refreshes cost {ms(a['plan_cpu'])} ms "
