@@ -260,6 +260,7 @@ def plot(res: dict, rows: list[dict], path: Path, command: str) -> None:
             ax.grid(alpha=0.3, which="both")
             ax.set_xlabel("cumulative estimation time (ms, wall)")
             ref = "full-data exact Fisher" if which == "full" else "exact Fisher of the same stream (EMA)"
+            ref = f"exact Fisher of the {cfg.n_pool}-window pool" if cfg.problem == "lm" else ref
             ax.set_title(f"epoch {r['epoch']}: error vs {ref}", fontsize=9)
         axes[0][col].axvline(1e3 * r["T"], color="gray", lw=0.8, ls=":")
     axes[0][0].set_ylabel("mean over tensors of ||F̃ − F|| / ||F||")
@@ -271,11 +272,12 @@ def plot(res: dict, rows: list[dict], path: Path, command: str) -> None:
         f"Running diagonal Fisher (EMA β₂={cfg.defaults['beta2']}, M={cfg.m}) at equal estimation time "
         f"(auto: selections included)\n{cfg.describe_model()}, {cfg.likelihood}, "
         f"{'pydoc_data text' if cfg.problem == 'lm' else 'synthetic' if cfg.synthetic else 'MNIST'}, "
-        f"mean of {cfg.repeats} stream{'s' if cfg.repeats > 1 else ''} "
+        f"{chr(10) if cfg.problem == 'lm' else ''}mean of {cfg.repeats} stream{'s' if cfg.repeats > 1 else ''} "
         "(time f·T of each stream shown at f·mean T; dotted: T)",
         fontsize=9,
     )
     fig.text(0.005, 0.004, f"made by: {command}", ha="left", fontsize=7, color="gray")
-    fig.tight_layout(rect=(0, 0.11 if len(refs) == 1 else 0.06, 1, 0.93 if len(refs) == 1 else 0.95))
+    top = (0.93 if len(refs) == 1 else 0.95) - (0.04 if cfg.problem == "lm" else 0.0)  # lm: a three-line title
+    fig.tight_layout(rect=(0, 0.11 if len(refs) == 1 else 0.06, 1, top))
     fig.savefig(path, dpi=100)
     plt.close(fig)
