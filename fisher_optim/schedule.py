@@ -4,7 +4,7 @@ r"""The refresh and selection schedule of the Fisher optimizers, as one object w
 plan, and nothing that computes: the plan in use and the choices behind it, the counters (steps, refreshes,
 selections, steps since the last refresh, refreshes since the last selection, skipped steps), the selection
 interval and its back-off, and the cache of selection costs.  The optimizers
-(:class:`~fisher_optim.optim.FisherOptimizer`) and ``benchmarks/estimation_quality.py`` (auto's stream) run the
+(:class:`~fisher_optim.optim.FisherOptimizer`) and ``benchmarks/estimation_quality_stream.py`` (auto's stream) run the
 same object; its tests run it without a model (``tests/test_schedule.py``).
 
 The rules:
