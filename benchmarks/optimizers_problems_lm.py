@@ -31,6 +31,7 @@ import functools
 import torch
 from torch import nn
 
+from . import models
 from .lm_data import VOCAB_SIZE, char_lstm, char_transformer, corpus
 from .optimizers_problems import Data, Problem, register_problem
 
@@ -70,10 +71,8 @@ def _vit_data(smoke: bool) -> Data:
 
 
 def small_vit() -> nn.Module:
-    from torchvision.models import VisionTransformer
-
-    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                             num_classes=10)  # fmt: skip
+    """The ViT problem's model: :func:`benchmarks.models.vit` with 4 heads."""
+    return models.vit(heads=4)
 
 
 @register_problem("lm_transformer")

