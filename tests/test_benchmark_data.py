@@ -46,6 +46,7 @@ def test_mnist_scalings_shapes_and_shuffles():
     b, _ = data.mnist(binary=True)
     assert torch.equal(b, (x >= 0.5).float())
     assert data.mnist(7, image=True)[0].shape == (7, 1, 28, 28)
+    assert all(torch.equal(a, b) for a, b in zip(data.mnist(7, device="cpu"), (x[:7], y[:7])))
     xs, ys = data.mnist(seed=3)
     x10, y10 = data.mnist(10, seed=3)
     assert torch.equal(x10, xs[:10]) and torch.equal(y10, ys[:10])  # the cut comes after the shuffle
