@@ -25,10 +25,6 @@ from collections.abc import Callable
 
 import torch
 
-# moved to benchmarks/data.py and benchmarks/models.py; re-exported for the scripts that still import them from here
-from benchmarks.data import mnist_arrays  # noqa: F401
-from benchmarks.models import seeded_mlp  # noqa: F401
-
 __all__ = ["machine_info", "calibrate", "interleaved_timings", "median_time", "quantiles", "summarise"]
 
 

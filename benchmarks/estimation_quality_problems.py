@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks._common import mnist_arrays, seeded_mlp
+from benchmarks.data import mnist
+from benchmarks.models import seeded_mlp, small_cnn
 from fisher_optim import FisherAdam, FisherSettings, diagonal_fisher, fisher_moments
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -194,14 +195,10 @@ def load_data(cfg: Config) -> tuple[Tensor, Tensor]:
             return x, x
         y = torch.randint(0, cfg.widths[-1], (cfg.n_train,), generator=g)
         return (x.reshape(-1, 1, 28, 28), y) if cfg.problem == "cnn" else (x, y)
-    X, y = mnist_arrays()
-    X = torch.as_tensor(X, dtype=torch.float32)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_train]
     if cfg.problem == "autoencoder":
-        x = (X[perm] >= 128).float()
+        x, _ = mnist(cfg.n_train, seed=cfg.seed, binary=True)
         return x, x
-    x = X[perm] / 255.0
-    return (x.reshape(-1, 1, 28, 28) if cfg.problem == "cnn" else x), torch.as_tensor(y).long()[perm]
+    return mnist(cfg.n_train, seed=cfg.seed, image=cfg.problem == "cnn")
 
 
 
@@ -232,9 +229,7 @@ def make_model(cfg: Config) -> nn.Module:
         if cfg.lm_tiny:
             return char_transformer(VOCAB_SIZE, d_model=8, n_heads=2, n_layers=1, max_len=cfg.seq_len)
         return lm_transformer().model()
-    if cfg.problem == "cnn":  # the optimizer suite's small CNN (benchmarks/optimizers_problems.py)
-        from benchmarks.optimizers_problems import small_cnn
-
+    if cfg.problem == "cnn":  # the optimizer suite's small CNN (benchmarks/models.py)
         torch.manual_seed(cfg.seed)
         return small_cnn()
     return seeded_mlp(cfg.widths, {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[cfg.activation], cfg.seed)

@@ -218,7 +218,7 @@ def test_autoencoder_data_are_binary_pixels_and_their_own_targets():
 
 
 def test_cnn_problem_is_the_optimizer_suites_cnn_on_images():
-    from benchmarks.optimizers_problems import small_cnn
+    from benchmarks.models import small_cnn
 
     cfg = eq.Config.smoke("cnn")
     x, y = eq.load_data(cfg)
