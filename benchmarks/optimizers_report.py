@@ -220,6 +220,8 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
               + ("" if any(k.startswith("lm") for k in have) else " The LM part of the goal (within 10 % of the best "
                  "baseline's steps on the language model) needs the LM problems, not in this run."), ""]  # fmt: skip
         L += lm_goal(stats, [k for k in have if k.startswith("lm")], label)
+        if not (ok_s and ok_t):
+            L += goal_needs(stats, have, o, label(o), label(ref))
         wins = [k for k in have if steps[k] == "better"]
         losses = [k for k in have if steps[k] == "worse"]
         L.append(f"Where {label(o)} is clearly ahead of {label(ref)} (paired interval; final validation metric where "
@@ -245,6 +247,32 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
             best.append(f"{k}: no optimizer reached the target in half its seeds")
     L += ["Fewest median steps to target per problem: " + "; ".join(best) + ".", ""]
     return L
+
+
+def goal_needs(stats, have: list[str], o: str, name: str, ref_name: str) -> list[str]:
+    """What the goal would need, from the paired medians: the problems where the steps ratio is still >= 1 (sorted,
+    closest first), and the per-step cost at which the measured steps ratio would turn into less wall-clock
+    (``1 / steps ratio`` times the reference's per-step cost) against the cost measured."""
+    vs = {k: stats[k][o]["vs_ref"] for k in have}
+    steps = {k: vs[k]["steps"].median for k in have if vs[k]["steps"].n}
+    need_s = max(0, math.ceil(GOAL_STEPS * len(have)) - sum(r < 1 for r in steps.values()))
+    need_t = max(0, math.ceil(GOAL_TIME * len(have)) - sum(vs[k]["time"].median < 1 for k in have))
+    behind = sorted((r, k) for k, r in steps.items() if r >= 1)
+    L = [f"What the goal would need: fewer steps than {ref_name} on {need_s} more problem(s); its median paired "
+         "steps ratio where it is not below 1, closest first: "
+         + (", ".join(f"{k} {r:.2f}×" for r, k in behind) or "none") + "."]  # fmt: skip
+    if need_t:
+        rows = [(k, steps[k], vs[k]["ms"].median) for k in have if k in steps and vs[k]["ms"].n]
+        rows = [(k, 1 / r, c) for k, r, c in rows if r > 0]
+        ok = [k for k, allow, c in rows if c < allow]
+        dear = [k for k, allow, c in rows if 1 < allow <= c]
+        L.append(f"Less wall-clock on {need_t} more problem(s): at the measured steps ratio r it needs a per-step "
+                 f"cost below 1/r × {ref_name}'s; allowed / measured per problem: "
+                 + ", ".join(f"{k} {allow:.2f}/{c:.2f}×" for k, allow, c in sorted(rows, key=lambda t: t[2] - t[1]))
+                 + f". The cost is within the allowance on {len(ok)} problem(s)"
+                 + (f"; fewer steps but a step too dear on {', '.join(dear)}" if dear else "")
+                 + "; elsewhere the steps ratio itself is at or above 1, so a cheaper step alone cannot meet it.")
+    return L + [""]
 
 
 #: the LM part of the goal: FisherAdam (auto)'s median steps within this factor of the best baseline's

@@ -320,3 +320,20 @@ def testlm_goal_compares_with_the_best_baseline_only():
     assert "not met" in line and "soap's 100" in line and "1.15×" in line  # exact (fisher_optim) is no baseline
     stats["lm_x"]["fisher_adam"]["steps"] = (105.0, 0, 0)
     assert ": met:" in rep.lm_goal(stats, ["lm_x"], str)[0]
+
+
+def test_goal_needs_names_the_missing_problems_and_the_cost_allowance():
+    from benchmarks import optimizers_report as rep
+    from benchmarks.stats import Paired
+
+    def vs(steps, time, ms):
+        return {w: Paired(v, v, v, 5, 0, 0, 1.0) for w, v in (("steps", steps), ("time", time), ("ms", ms))}
+
+    stats = {"a": {"f": {"vs_ref": vs(0.5, 0.9, 1.8)}},  # fewer steps and less time
+             "b": {"f": {"vs_ref": vs(0.8, 1.1, 1.4)}},  # fewer steps, step too dear: allowance 1.25
+             "c": {"f": {"vs_ref": vs(1.5, 1.6, 1.1)}}}  # more steps  # fmt: skip
+    lines = rep.goal_needs(stats, ["a", "b", "c"], "f", "F", "R")
+    assert "on 0 more problem(s)" in lines[0] and "c 1.50×" in lines[0] and "a " not in lines[0]
+    assert "Less wall-clock on 1 more problem(s)" in lines[1]
+    assert "b 1.25/1.40×" in lines[1] and "within the allowance on 1 problem(s)" in lines[1]
+    assert "step too dear on b" in lines[1]
