@@ -220,27 +220,49 @@ def factor_moments(probe: Probe, names=None, mask: Tensor | None = None) -> dict
 
     ``fisher`` :math:`\sum_m F_i(x_m)`, ``fisher_sq`` :math:`\sum_m F_i(x_m)^2` and ``a4``
     :math:`\sum_{m,a} A_{m,ia}^4`.  One backward with the ``C`` columns of ``S`` as seeds (the exact pass's
-    seeds; for factorised likelihoods :math:`S = \mathrm{diag}(\sqrt{I_{cc}})`), one degree-4 reduction.  ``mask``
+    seeds; for factorised likelihoods :math:`S = \mathrm{diag}(\sqrt{I_{cc}})`), one degree-4 reduction; an
+    ``nn.Linear`` output layer takes no seeds (its statistics in closed form from its input, as in
+    :func:`moments_from_probe`).  ``mask``
     (``B x D``) zeroes unlabelled positions (the rows of ``S``; with positions ``S`` is block-diagonal, so their
     columns vanish too).
     """
     h = probe.h.detach()
+    wanted = None if names is None else set(names)
+    # the output layer (a Linear producing h) in closed form, as in moments_from_probe: its per-input gradient of
+    # s^T h is s a^T, so A_(kj),c = S_kc a_j and the statistics are (sum_c S_kc^2) a_j^2, its square and
+    # (sum_c S_kc^4) a_j^4 (no seeds through its reduction)
+    out_keys: dict[str, str] = {}
+    if probe.output_index is not None:
+        out_keys = dict(zip(("weight", "bias"), probe.module_params(probe.output_index)))
+        out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
+    rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
     if probe.lik.factorized:
         scale = probe.lik.unit_variance(h).clamp_min(0).sqrt()
         seeds = unit_seeds(h) * scale.T.unsqueeze(-1)  # seed[k, b] = sqrt(I_kk(h_b)) e_k
         if mask is not None:
             seeds, scale = seeds * mask, scale * mask
-        recs = probe.seeded(seeds, names=names, diagonal=scale)
+        recs = probe.seeded(seeds, names=rest, diagonal=scale) if rest else []
+        s2 = scale * scale
+        s4 = s2 * s2
     else:
         seeds = probe.lik.fisher_factor(h).permute(2, 0, 1)
-        recs = probe.seeded(seeds if mask is None else seeds * mask, names=names)
+        if mask is not None:
+            seeds = seeds * mask
+        recs = probe.seeded(seeds, names=rest) if rest else []
+        s2 = seeds.square().sum(0) if out_keys else None
+        s4 = seeds.pow(4).sum(0) if out_keys else None
 
     def stats(x: Tensor, idx: slice) -> tuple[Tensor, Tensor, Tensor]:
         x2 = x * x
         f = x2.sum(0)
         return f, f * f, x2.square_().sum(0)
 
-    f, f2, a4 = _reduce_many(probe, recs, stats, (2, 4, 4), None if names is None else set(names))
+    f, f2, a4 = _reduce_many(probe, recs, stats, (2, 4, 4), wanted)
+    if out_keys:
+        vals = linear_reduce(probe.output_layer_input, [(s2, 2), (s2 * s2, 4), (s4, 4)], "bias" in out_keys)
+        for d, v in zip((f, f2, a4), vals):
+            for key, name in out_keys.items():
+                d[name] = v[key].reshape(probe.params[name].shape)
     return {"fisher": f, "fisher_sq": f2, "a4": a4}
 
 

@@ -118,3 +118,36 @@ def test_online_tracker_converges_to_the_closed_form_and_is_named():
 
 def _stack(draws):
     return {n: [d[n] for d in draws] for n in draws[0]}
+
+
+@pytest.mark.parametrize("lik_name", ["categorical", "bernoulli", "poisson"])
+@pytest.mark.parametrize("linear_head", [True, False])
+def test_factor_moments_against_brute_force(lik_name, linear_head):
+    """``factor_moments``' Fisher, squared Fisher and ΣA⁴ (A = JᵀS per input) against float64 ``torch.func``
+    Jacobians; with a Linear head its statistics come from the output layer's closed form, without one (a Tanh
+    after the head) from the seeded backward."""
+    from torch.func import functional_call, jacrev
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)] + ([] if linear_head else [nn.Tanh()])
+    net = nn.Sequential(*layers).double()
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    lik = get_likelihood(lik_name)
+    with Probe(net, x, lik) as probe:
+        assert (probe.output_index is not None) == linear_head
+        got = factor_moments(probe)
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    want = {k: {n: torch.zeros_like(p) for n, p in params.items()} for k in ("fisher", "fisher_sq", "a4")}
+    for m in range(len(x)):
+        h = net(x[m : m + 1]).detach()
+        S = lik.fisher_factor(h)[0]  # C x K
+        jac = jacrev(lambda p, xm=x[m : m + 1]: functional_call(net, p, (xm,))[0])(params)
+        for n, p in params.items():
+            A = torch.einsum("c...,ck->...k", jac[n], S)  # per coordinate, K columns
+            f = (A * A).sum(-1)
+            want["fisher"][n] += f
+            want["fisher_sq"][n] += f * f
+            want["a4"][n] += A.pow(4).sum(-1)
+    for k in want:
+        for n in params:
+            torch.testing.assert_close(got[k][n], want[k][n], rtol=1e-10, atol=1e-14, msg=f"{k} {n}")
