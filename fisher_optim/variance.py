@@ -89,6 +89,17 @@ class FisherMoments:
     m: int
 
 
+def _split_output_layer(probe: Probe, wanted: set[str] | None) -> tuple[dict[str, str], list[str]]:
+    """``({"weight"/"bias": name}, the other wanted parameters)``: the output ``nn.Linear``'s parameters, whose
+    statistics have a closed form in its input (no seeds through them), apart from the rest."""
+    out_keys: dict[str, str] = {}
+    if probe.output_index is not None:
+        out_keys = dict(zip(("weight", "bias"), probe.module_params(probe.output_index)))
+        out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
+    rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
+    return out_keys, rest
+
+
 def moments_from_probe(
     probe: Probe,
     with_v1: bool = True,
@@ -117,12 +128,7 @@ def moments_from_probe(
         seeds, diagonal = seeds * mask, mask
     wanted = None if names is None else set(names)
     # the output layer (a Linear producing h) in closed form: v = e_a, no seeds (see Probe.exact_output_layer)
-    out_keys: dict[str, str] = {}
-    if probe.output_index is not None:
-        i = probe.output_index
-        out_keys = dict(zip(("weight", "bias"), probe.module_params(i)))
-        out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
-    rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
+    out_keys, rest = _split_output_layer(probe, wanted)
     recs = probe.seeded(seeds, names=rest, diagonal=diagonal) if rest else []
     grads = dict(probe.last_grads) if rest else {}
     if probe.output_index is not None:
@@ -231,11 +237,7 @@ def factor_moments(probe: Probe, names=None, mask: Tensor | None = None) -> dict
     # the output layer (a Linear producing h) in closed form, as in moments_from_probe: its per-input gradient of
     # s^T h is s a^T, so A_(kj),c = S_kc a_j and the statistics are (sum_c S_kc^2) a_j^2, its square and
     # (sum_c S_kc^4) a_j^4 (no seeds through its reduction)
-    out_keys: dict[str, str] = {}
-    if probe.output_index is not None:
-        out_keys = dict(zip(("weight", "bias"), probe.module_params(probe.output_index)))
-        out_keys = {k: n for k, n in out_keys.items() if wanted is None or n in wanted}
-    rest = [n for n in probe.params if (wanted is None or n in wanted) and n not in out_keys.values()]
+    out_keys, rest = _split_output_layer(probe, wanted)
     if probe.lik.factorized:
         scale = probe.lik.unit_variance(h).clamp_min(0).sqrt()
         seeds = unit_seeds(h) * scale.T.unsqueeze(-1)  # seed[k, b] = sqrt(I_kk(h_b)) e_k
