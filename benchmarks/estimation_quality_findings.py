@@ -20,8 +20,21 @@ from benchmarks.estimation_quality_prediction import (
     verdicts,
 )
 from benchmarks.estimation_quality_problems import AUTO, STYLE
-from benchmarks.estimation_quality_report import g3, ms, span
 from fisher_optim.selection import COST_TIE
+
+
+# -- formatting --------------------------------------------------------------------------------------------------
+def g3(x: float) -> str:
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.3g}"
+
+
+def ms(x: float) -> str:
+    return f"{1e3 * x:.3g}"
+
+
+def span(values) -> str:
+    lo, hi = min(values), max(values)
+    return g3(lo) if g3(lo) == g3(hi) else f"{g3(lo)}–{g3(hi)}"
 
 
 def findings(res: dict, rows: list[dict], costs: dict) -> list[str]:

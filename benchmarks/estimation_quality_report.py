@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.estimation_quality_findings import findings, g3, ms, span
 from benchmarks.estimation_quality_prediction import (
     REGRET_FROM,
     TAU,
@@ -31,20 +32,6 @@ REFRESH_KS = (10, 30, 100)
 LABELS = {"exact": "exact", "mc1 N=1": "mc1 (Î₁) N=1", "mc1 N=4": "mc1 N=4", "mc2 N=1": "mc2 (Î₂) N=1",
           "empirical": "empirical (observed labels)", "hutchinson N=1": "hutchinson N=1",
           "hutchinson_batch N=1": "hutchinson_batch N=1", "mc1 N=8": "mc1 N=8"}  # fmt: skip
-
-
-# -- formatting --------------------------------------------------------------------------------------------------
-def g3(x: float) -> str:
-    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.3g}"
-
-
-def ms(x: float) -> str:
-    return f"{1e3 * x:.3g}"
-
-
-def span(values) -> str:
-    lo, hi = min(values), max(values)
-    return g3(lo) if g3(lo) == g3(hi) else f"{g3(lo)}–{g3(hi)}"
 
 
 def context(res: dict, rows: list[dict], cpu_rows: list[dict], command: str, info: str) -> SimpleNamespace:
@@ -470,7 +457,6 @@ def training_lines(c: SimpleNamespace) -> list[str]:
 
 
 def write_markdown(res: dict, rows: list[dict], cpu_rows: list[dict], path: Path, command: str, info: str) -> None:
-    from benchmarks.estimation_quality_findings import findings
 
     c = context(res, rows, cpu_rows, command, info)
     lines = intro_lines(c) + setup_lines(c) + cost_lines(c) + equal_time_lines(c) + verdict_lines(c)

@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -76,6 +76,7 @@ from benchmarks.optimizers_baselines import (  # noqa: E402
     make_optimizers,
 )
 from benchmarks.optimizers_problems import PROBLEMS, Data, Problem, evaluate, make_problems  # noqa: E402
+from benchmarks.optimizers_runs import Run, runs_of  # noqa: E402, F401 (runs_of: re-exported)
 from benchmarks.tuning import GridSearch, lr_of, selection_key  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,29 +85,6 @@ __all__ = ["Run", "train", "run_benchmark", "runs_of", "fisher_scale", "main", "
 
 
 # -- one training run ------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    problem: str
-    optimizer: str
-    lr: float
-    seed: int
-    steps: int = 0  # steps taken
-    train_s: float = 0.0  # training wall-clock, evaluation excluded
-    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train_s, validation metric)
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean training loss since the last eval)
-    steps_to_target: float = math.inf
-    time_to_target: float = math.inf
-    final_val: float = math.nan
-    test: float = math.nan
-    diverged: bool = False
-    capped: bool = False  # stopped by the problem's time cap
-    error: str = ""
-
-    @property
-    def ms_per_step(self) -> float:
-        return 1e3 * self.train_s / self.steps if self.steps else math.nan
-
-
 class TimeCap(Exception):
     """A run's training wall-clock reached its problem's cap."""
 
@@ -293,12 +271,6 @@ def run_benchmark(problems: list[Problem], specs: list[OptSpec], seeds: int, epo
                 "notes": notes,
             }
     return out
-
-
-def runs_of(res: dict, problem: str, kind: str, opt: str) -> list[Run]:
-    """The saved runs of one optimizer on one problem (``kind``: ``"tuning"`` or ``"final"``)."""
-    return [Run(**{**d, "curve": [tuple(c) for c in d["curve"]], "losses": [tuple(c) for c in d.get("losses", [])]})
-            for d in res["problems"][problem][kind][opt]]  # fmt: skip
 
 
 # -- mc1 versus exact: the size of the preconditioner at the first refresh ---------------------------------

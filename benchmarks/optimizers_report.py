@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from benchmarks.optimizers import Run, runs_of
 from benchmarks.optimizers_baselines import OptSpec, hidden_matrices
 from benchmarks.optimizers_problems import Problem
+from benchmarks.optimizers_runs import Run, runs_of
 from benchmarks.stats import Paired, median_ci, paired_difference, paired_ratio
 
 __all__ = ["write_markdown", "plot", "problem_stats"]
