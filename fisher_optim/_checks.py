@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .batch import OutputSpec
+from typing import Any
 
 __all__ = [
     "ESTIMATORS",
@@ -96,7 +93,7 @@ def check_clip(clip) -> float | None:
     return clip
 
 
-def check_output_spec(output: OutputSpec) -> OutputSpec:
+def check_output_spec(output: Any) -> Any:
     """Validate ``output=`` at construction time: ``None``, a key, an index or a callable."""
     if output is None or (isinstance(output, (str, int)) and not isinstance(output, bool)) or callable(output):
         return output

@@ -7,21 +7,31 @@ r"""The general route: exact per-input, per-seed gradients for any module autogr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from .batch import Batch
 
-if TYPE_CHECKING:
-    from .engine import Probe
-
-__all__ = ["general_seeded_grads"]
+__all__ = ["general_seeded_grads", "Forward"]
 
 
-def general_seeded_grads(probe: Probe, seeds: Tensor, names: list[str], chunk: int | None = None) -> dict[str, Tensor]:
+class Forward(Protocol):
+    """What the general route needs of a :class:`~fisher_optim.engine.Probe`: the model, the batch, and its
+    natural parameters for a batch with optional substituted parameters (so this module does not import the
+    engine, which imports it)."""
+
+    model: nn.Module
+    batch: Batch
+
+    def outputs_of(self, batch: Batch, params: dict[str, Tensor] | None = None) -> Tensor: ...
+
+
+def general_seeded_grads(
+    probe: Forward, seeds: Tensor, names: list[str], chunk: int | None = None
+) -> dict[str, Tensor]:
     """General route: per-input, per-seed gradients ``(K, B, *shape)`` of ``seed[k,b]^T h(x_b)`` for ``names``.
 
     Runs ``vmap`` over inputs (each as a batch of one) of a ``vjp`` over the ``K`` seeds, in chunks of inputs.
@@ -45,7 +55,7 @@ def general_seeded_grads(probe: Probe, seeds: Tensor, names: list[str], chunk: i
             return _loop_route(probe, {n: named[n] for n in names}, batch, seeds, names)
 
 
-def _vmap_route(probe: Probe, params, batch: Batch, seeds: Tensor, names, chunk: int) -> dict[str, Tensor]:
+def _vmap_route(probe: Forward, params, batch: Batch, seeds: Tensor, names, chunk: int) -> dict[str, Tensor]:
     def per_input(pd, leaves, s):
         one = batch.with_batched([t.unsqueeze(0) for t in leaves])
 
@@ -65,7 +75,7 @@ def _vmap_route(probe: Probe, params, batch: Batch, seeds: Tensor, names, chunk:
     return {n: torch.cat(parts[n], 1) for n in names}
 
 
-def _loop_route(probe: Probe, params, batch: Batch, seeds: Tensor, names) -> dict[str, Tensor]:
+def _loop_route(probe: Forward, params, batch: Batch, seeds: Tensor, names) -> dict[str, Tensor]:
     plist = [params[n] for n in names]
     k = seeds.shape[0]
     out: dict[str, list[Tensor]] = {n: [] for n in names}
