@@ -141,7 +141,9 @@ def write_markdown(problems: dict[str, Problem], res: dict, specs: dict[str, Opt
           f"(`--epochs-scale {res.get('epochs_scale', 1):g}`); the",
           "time cap only stops runaway runs. Cells: median over seeds [95 % bootstrap interval]; '—': not reached",
           f"by half or more of the seeds. Paired columns compare each seed with {label(ref)}'s same seed:",
-          "median per-seed ratio [interval] (seeds with fewer / more, of n, sign-test p).", ""]  # fmt: skip
+          "median per-seed ratio [interval] (seeds with fewer / more, of n, sign-test p); a seed's steps ratio",
+          "is 0 where only the optimizer reached the target in that seed, ∞ (shown —) where only the reference did.",
+          ""]  # fmt: skip
     L += ["Optimizers (`benchmarks/optimizers_baselines.py`): "
           + "; ".join(f"{label(o)} ({specs[o].family}{', ' + specs[o].note if specs[o].note else ''})"
                       for o in dict.fromkeys(o for k in keys for o in res["problems"][k]["final"]) if o in specs)
@@ -333,7 +335,8 @@ def _fisher_scale(res, stats, problems) -> list[str]:
          "coordinates of the per-coordinate ratio; then, from the tuned runs, each one's lr and median steps to "
          "target, and the paired ratio of steps mc1 ÷ exact (same seeds).", "",
          "| problem | seeds | mean √F̃ mc1 ÷ exact | per-coordinate median ratio | lr mc1 / exact | steps mc1 / exact "
-         "| steps mc1 ÷ exact (paired) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+         "| steps mc1 ÷ exact (paired; 0: only mc1 reached the target in that seed) |",
+         "|---|---|---|---|---|---|---|"]  # fmt: skip
     ratios = []
     for fs in fs_list:
         k = fs["problem"]
