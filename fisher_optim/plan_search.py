@@ -292,12 +292,22 @@ class BatchMoments:
     mean Fisher with :math:`\mathrm{Var} = 2((\sum_{m,a} A^2)^2 - \sum_{m,a} A^4)/M^2` per coordinate
     (docs/fisher-math.md §13), so ``v1`` holds :math:`2(S_i^2 - \sum_{m,a} A_{m,ia}^4)` with
     :math:`S_i = \sum_m F_i(x_m)` (``unit_stats`` divides by ``M^2`` as for a per-input variance summed over
-    inputs).  Without ``a4`` the bound :math:`2 S_i^2` (relative std at most :math:`\sqrt2`)."""
+    inputs).  Without ``a4``, from Hutchinson's per-input variance summed over inputs, ``hutchinson_var``
+    :math:`= 2(\sum_m F_i(x_m)^2 - \sum_{m,a} A^4)` (tracked online from its draws): then
+    :math:`2(S_i^2 - \sum_m F_i(x_m)^2) +` ``hutchinson_var``, every term unbiased (:math:`S_i^2` from ``cross``
+    where the moments have it), clamped to :math:`[0, 2 S_i^2]`.  Without either, the bound :math:`2 S_i^2`
+    (relative std at most :math:`\sqrt2`)."""
 
-    def __init__(self, mom, a4: dict[str, Tensor] | None = None):
+    def __init__(self, mom, a4: dict[str, Tensor] | None = None, hutchinson_var: dict[str, Tensor] | None = None):
         self.fisher, self.fisher_sq, self.v2 = mom.fisher, mom.fisher_sq, None
         self.cross = getattr(mom, "cross", None)
         if a4 is not None:
             self.v1 = {n: (mom.fisher[n].square() - a4[n]).clamp_min(0).mul_(2) for n in mom.fisher}
+        elif hutchinson_var is not None:
+            s2 = self.cross if self.cross is not None else {n: f.square() for n, f in mom.fisher.items()}
+            self.v1 = {
+                n: torch.minimum((2 * (s2[n] - mom.fisher_sq[n]) + hutchinson_var[n]).clamp_min(0), 2 * s2[n].abs())
+                for n in mom.fisher
+            }
         else:
             self.v1 = {n: 2 * mom.fisher[n].square() for n in mom.fisher}

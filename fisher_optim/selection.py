@@ -234,8 +234,9 @@ def run_selection(
       :func:`~fisher_optim.draws.probe_draws` runs ``DRAW_PROBES`` probes per input of Î₁ and of Hutchinson; the
       Fisher, the input noise and the per-probe variances come from them (§14).  The variances are pooled in
       ``online`` (``{"mc1": OnlineVariance, "hutchinson": OnlineVariance}``, updated here; the optimizer keeps them
-      across selections; ``"online"``), hutchinson_batch's is the bound :math:`2S^2` (relative std
-      :math:`\sqrt2`, ``"bound"``), and :attr:`Selection.fisher` is the draws' unbiased mean.  The probes come
+      across selections; ``"online"``), hutchinson_batch's follows from Hutchinson's, the input noise and the
+      draws' unbiased :math:`S^2` (:class:`~fisher_optim.plan_search.BatchMoments`, ``"online"``), and
+      :attr:`Selection.fisher` is the draws' unbiased mean.  The probes come
       from ``generator`` (the only case where it is advanced).
     """
     max_samples = _check_select_args(target_rse, ema_decay, max_samples, cost_model)
@@ -301,7 +302,7 @@ def _closed_form(probe: Probe, mask, with_v2: bool, hutchinson: bool, h_var) -> 
 def _from_draws(probe: Probe, mask, generator, hutchinson: bool, online) -> tuple[dict, dict[str, str]]:
     """:func:`_closed_form`'s moments from :func:`~fisher_optim.draws.probe_draws` (no exact pass): the Fisher is
     the draws' mean, ``fisher_sq`` the product of two Hutchinson probes, each family's variance pooled in
-    ``online`` (fresh trackers when ``None``), hutchinson_batch's the bound."""
+    ``online`` (fresh trackers when ``None``), hutchinson_batch's from Hutchinson's (:class:`BatchMoments`)."""
     draws = probe_draws(probe, generator, mask=mask)
     trackers = online if online is not None else {}
     var = {}
@@ -314,6 +315,6 @@ def _from_draws(probe: Probe, mask, generator, hutchinson: bool, online) -> tupl
     fams, sources = {"mc1": mom}, {"mc1": "online"}
     if hutchinson:
         fams["hutchinson"] = HutchMoments(mom, var=var["hutchinson"])
-        fams["hutchinson_batch"] = BatchMoments(mom)
-        sources["hutchinson"], sources["hutchinson_batch"] = "online", "bound"
+        fams["hutchinson_batch"] = BatchMoments(mom, hutchinson_var=var["hutchinson"])
+        sources["hutchinson"], sources["hutchinson_batch"] = "online", "online"
     return fams, sources

@@ -69,7 +69,7 @@ def test_hutchinson_variance_matches_its_draws():
 
 def test_past_the_seed_budget_no_closed_form_pass(monkeypatch):
     """Past ``closed_form_seeds`` the selection runs no pass with the exact pass's seeds (the closed-form moments
-    would raise here): the variances come from the draws (Î₁, Hutchinson: online) or the bound (hutchinson_batch),
+    would raise here): the variances come from the draws (Î₁, Hutchinson; hutchinson_batch from those: online),
     each choice names its source, and the Fisher it returns is the draws' unbiased mean."""
     import fisher_optim.selection as sel_mod
 
@@ -82,7 +82,7 @@ def test_past_the_seed_budget_no_closed_form_pass(monkeypatch):
     g = torch.Generator().manual_seed(0)
     sel = run_selection(net, x, likelihood="categorical", cost_model="flops", target_rse=0.3, closed_form_seeds=1,
                         generator=g)  # fmt: skip
-    want = {"mc1": "online", "hutchinson": "online", "hutchinson_batch": "bound", "exact": "exact"}
+    want = {"mc1": "online", "hutchinson": "online", "hutchinson_batch": "online", "exact": "exact"}
     assert all(c.source == want[c.estimator] for c in sel.choices.values())
     sampled = [c for c in sel.choices.values() if c.estimator != "exact"]
     assert sampled and all(f"variance: {c.source})" in c.reason for c in sampled)
@@ -151,3 +151,42 @@ def test_factor_moments_against_brute_force(lik_name, linear_head):
     for k in want:
         for n in params:
             torch.testing.assert_close(got[k][n], want[k][n], rtol=1e-10, atol=1e-14, msg=f"{k} {n}")
+
+
+def test_batch_variance_from_hutchinson_equals_its_closed_form():
+    """hutchinson_batch's variance 2(S² − ΣA⁴) = 2(S² − ΣF²) + Hutchinson's 2(ΣF² − ΣA⁴): given the exact moments,
+    ``BatchMoments(hutchinson_var=...)`` is ``BatchMoments(a4=...)`` (float64)."""
+    from fisher_optim.plan_search import BatchMoments
+
+    net, x = confident_net(3.0), x_of(12)
+    with Probe(net, x, get_likelihood("categorical")) as probe:
+        mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
+        a4 = factor_moments(probe)["a4"]
+    closed = BatchMoments(mom, a4).v1
+    derived = BatchMoments(mom, hutchinson_var=HutchMoments(mom, a4).v1).v1
+    for n in closed:
+        torch.testing.assert_close(derived[n], closed[n], rtol=1e-9, atol=1e-15)
+        assert (closed[n] < 2 * mom.fisher[n].square() - 1e-12).any(), n  # tighter than the bound somewhere
+
+
+def test_batch_variance_from_draws_is_unbiased():
+    """From the draws (no exact pass): the mean over many selections of hutchinson_batch's ``v1`` (cross − pair
+    + Hutchinson's online variance) approaches the closed form; each selection names it ``online``."""
+    from fisher_optim.draws import SampledMoments, probe_draws
+    from fisher_optim.plan_search import BatchMoments
+
+    net, x = confident_net(3.0), x_of(12)
+    with Probe(net, x, get_likelihood("categorical")) as probe:
+        mom = moments_from_probe(probe, with_v2=False, with_fisher_sq=True)
+        closed = BatchMoments(mom, factor_moments(probe)["a4"]).v1
+        g = torch.Generator().manual_seed(5)
+        tracker, acc, reps = OnlineVariance(), None, 400
+        for _ in range(reps):
+            d = probe_draws(probe, g)
+            tracker.update(d.per_probe["hutchinson"])
+            sm = SampledMoments(d.fisher(), d.pair, tracker.variance(), d.cross())
+            v = BatchMoments(sm, hutchinson_var=tracker.variance()).v1
+            acc = v if acc is None else {n: acc[n] + v[n] for n in v}
+    for n in closed:
+        got, want = acc[n].sum().item() / reps, closed[n].sum().item()
+        assert got == pytest.approx(want, rel=0.15), n
