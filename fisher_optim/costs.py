@@ -148,8 +148,10 @@ COST_PROBE_SAMPLES = 4
 COST_PROBE_SAMPLES_LONG = 16
 #: exact seeds per input (positions x classes) past which the measured model times a subsample of the exact pass
 EXACT_TIMING_SEEDS = 1024
-#: seeds per input of the smaller of the two subsample timings (the larger has twice as many)
-EXACT_SUBSAMPLE = 16
+#: seeds per input of the smaller of the two subsample timings (the larger has twice as many).  Past
+#: ``EXACT_TIMING_SEEDS`` exact costs hundreds of sampled refreshes, so a rough price decides as well as a fine one,
+#: and on a layer without a ``vmap`` rule (an LSTM: a loop over inputs and seeds) every timed seed is dear
+EXACT_SUBSAMPLE = 8
 
 
 def exact_seeds(probe: Probe) -> int:
@@ -183,8 +185,8 @@ def _time_exact(probe: Probe, names: list[str], gen: torch.Generator, warm: bool
         probe.exact_output_layer(names)
 
     run(seeds[:k])
-    t_a = _time(lambda: run(seeds[:k]), repeats=2)
-    t_b = _time(lambda: run(seeds), repeats=2)
+    t_a = _time(lambda: run(seeds[:k]))
+    t_b = _time(lambda: run(seeds))
     # per seed: the larger of the marginal and the average cost (on a CPU a seed costs more in a large batch of
     # seeds than the marginal cost of a small one suggests; the average includes the per-call overhead)
     per_seed = max((t_b - t_a) / k, t_b / (2 * k))
