@@ -94,14 +94,19 @@ def epoch_finding(res: dict, rows: list[dict], costs: dict, v: dict, acc: Simple
         f"exact costs {g3(ratio1)}× mc1 N=1 and {g3(ratio4)}× mc1 N=4; `run_selection`'s measured cost model "
         f"predicts {g3(ck['cost_model']['ratio'])}× for N=1. Auto's choices (tensors × its {len(sels)} "
         "selections): " + ", ".join(f"{k} {n}×" for k, n in chosen.most_common())
-        + f" ({mixed} of {len(sels)} selections gave a mixed plan). Its plan refreshes cost "
-        f"{ms(a['plan_cpu'])} ms (CPU; exact: {ms(cs['exact']['cpu'])} ms), its selection refreshes "
-        f"{ms(a['sel_measured_cpu'])} ms with measured costs ({a['sel_measured_n']}×)"
-        + (f" and {ms(a['sel_cached_cpu'])} ms with cached costs ({a['sel_cached_n']}×)" if a["sel_cached_n"]
-           else " (none with cached costs)")
-        + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time "
-        f"({len(sels) / max(1, len(ck['streams'])):.1f} selections per stream)."
+        + f" ({mixed} of {len(sels)} selections gave a mixed plan). " + auto_costs(a, "exact", cs["exact"]["cpu"])
+        + f" ({len(sels) / max(1, len(ck['streams'])):.1f} selections per stream)."
     )  # fmt: skip
+
+
+def auto_costs(a: dict, ref: str, ref_cpu: float, measured_extra: str = "") -> str:
+    """Auto's CPU cost per plan refresh (beside ``ref``'s) and per selection refresh, with measured and with cached
+    costs, and the selections' share of its CPU time."""
+    return (f"Its plan refreshes cost {ms(a['plan_cpu'])} ms (CPU; {ref}: {ms(ref_cpu)} ms), its selection refreshes "
+            f"{ms(a['sel_measured_cpu'])} ms with measured costs ({a['sel_measured_n']}×{measured_extra})"
+            + (f" and {ms(a['sel_cached_cpu'])} ms with cached costs ({a['sel_cached_n']}×)" if a["sel_cached_n"]
+               else " (none with cached costs)")
+            + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time")  # fmt: skip
 
 
 def selection_counts(ck: dict, names: list[str]) -> tuple[list[dict], Counter, int]:
@@ -239,12 +244,9 @@ def lm_epoch_finding(cfg, r: dict, ck: dict, cs: dict, names: list[str]) -> str:
            else "Auto is not below every fixed choice at T.")
         + f" Its choices (tensors × its {len(sels)} selections): "
         + ", ".join(f"{k} {n}×" for k, n in chosen.most_common())
-        + f" ({mixed} of {len(sels)} selections gave a mixed plan). Its plan refreshes cost {ms(a['plan_cpu'])} ms "
-        f"(CPU; mc1 N=1: {ms(one)} ms), its selection refreshes {ms(a['sel_measured_cpu'])} ms with measured costs "
-        f"({a['sel_measured_n']}×, {g3(a['sel_measured_cpu'] / one)} Î₁ N=1 refreshes)"
-        + (f" and {ms(a['sel_cached_cpu'])} ms with cached costs ({a['sel_cached_n']}×)" if a["sel_cached_n"]
-           else " (none with cached costs)")
-        + f": {100 * a['sel_share_cpu']:.0f} % of auto's CPU time. `run_selection`'s cost model predicts an exact "
+        + f" ({mixed} of {len(sels)} selections gave a mixed plan). "
+        + auto_costs(a, "mc1 N=1", one, f", {g3(a['sel_measured_cpu'] / one)} Î₁ N=1 refreshes")
+        + ". `run_selection`'s cost model predicts an exact "
         f"refresh at {ms(ck['cost_model']['exact'])} ms, {g3(ck['cost_model']['ratio'])}× an Î₁ N=1 refresh."
     )  # fmt: skip
 

@@ -120,13 +120,17 @@ def _stack(draws):
     return {n: [d[n] for d in draws] for n in draws[0]}
 
 
-@pytest.mark.parametrize("lik_name", ["categorical", "bernoulli", "poisson"])
+@pytest.mark.parametrize(("lik_name", "masked"), [("categorical", False), ("categorical", True), ("bernoulli", False),
+                                                  ("poisson", False)])  # fmt: skip
 @pytest.mark.parametrize("linear_head", [True, False])
-def test_factor_moments_against_brute_force(lik_name, linear_head):
+def test_factor_moments_against_brute_force(lik_name, linear_head, masked):
     """``factor_moments``' Fisher, squared Fisher and ΣA⁴ (A = JᵀS per input) against float64 ``torch.func``
     Jacobians; with a Linear head its statistics come from the output layer's closed form, without one (a Tanh
-    after the head) from the seeded backward."""
+    after the head) from the seeded backward.  ``masked``: two inputs' targets are ``ignore_index`` (categorical),
+    so they drop out."""
     from torch.func import functional_call, jacrev
+
+    from fisher_optim.seeds import target_mask
 
     torch.manual_seed(0)
     layers = [nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)] + ([] if linear_head else [nn.Tanh()])
@@ -135,10 +139,13 @@ def test_factor_moments_against_brute_force(lik_name, linear_head):
     lik = get_likelihood(lik_name)
     with Probe(net, x, lik) as probe:
         assert (probe.output_index is not None) == linear_head
-        got = factor_moments(probe)
+        targets = torch.tensor([0, -100, 1, 2, -100, 3])
+        got = factor_moments(probe, mask=target_mask(probe, targets) if masked else None)
     params = {n: p.detach() for n, p in net.named_parameters()}
     want = {k: {n: torch.zeros_like(p) for n, p in params.items()} for k in ("fisher", "fisher_sq", "a4")}
     for m in range(len(x)):
+        if masked and targets[m] == -100:
+            continue
         h = net(x[m : m + 1]).detach()
         S = lik.fisher_factor(h)[0]  # C x K
         jac = jacrev(lambda p, xm=x[m : m + 1]: functional_call(net, p, (xm,))[0])(params)
