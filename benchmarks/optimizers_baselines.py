@@ -24,6 +24,9 @@ key                        implementation and settings (everything not named is 
                            scales it by the batch size, as the authors' training script does
 ``fisher_adam*``           ``fisher_optim.optim.FisherAdam`` with ``estimator`` auto / exact / mc1 (and mc2,
                            empirical, hutchinson_batch where ``fisher_optim.ESTIMATORS`` has it)
+``sf_fisher_adam``         ``fisher_optim.optim.ScheduleFreeFisherAdam`` (auto), driven as Schedule-Free AdamW
+``fisher_adam_010``        FisherAdam (auto) with 0.1.0's update (``V010``: per-input units, no signal term,
+                           clip 1; grid centred on 0.1.0's lr 5e-3), kept for comparison
 ``natural_gradient``       ``fisher_optim.optim.NaturalGradient`` (auto)
 =========================  ===============================================================================
 
@@ -223,12 +226,13 @@ class OptSpec:
 
 
 def fisher_classes() -> tuple[dict[str, type] | None, str]:
-    """``({"FisherAdam": cls, "NaturalGradient": cls}, "")`` or ``(None, reason)`` if fisher_optim.optim is missing."""
+    """``({"FisherAdam": cls, ...}, "")`` or ``(None, reason)`` if fisher_optim.optim is missing."""
     try:
-        from fisher_optim.optim import FisherAdam, NaturalGradient
+        from fisher_optim.optim import FisherAdam, NaturalGradient, ScheduleFreeFisherAdam
     except ImportError as e:
         return None, f"fisher_optim.optim is not importable ({e})"
-    return {"FisherAdam": FisherAdam, "NaturalGradient": NaturalGradient}, ""
+    return {"FisherAdam": FisherAdam, "NaturalGradient": NaturalGradient,
+            "ScheduleFreeFisherAdam": ScheduleFreeFisherAdam}, ""  # fmt: skip
 
 
 def _signature_lr(cls: type) -> float:
@@ -266,6 +270,8 @@ def _sophiag(m: nn.Module, lr: float, lik: str, seed: int) -> Runner:
 
 def _fisher(cls_name: str, **kw):
     runner = TargetsRunner if kw.get("estimator") == "empirical" else Runner
+    if cls_name == "ScheduleFreeFisherAdam":
+        runner = ScheduleFreeRunner
 
     def build(m, lr, lik, seed):
         classes, reason = fisher_classes()
@@ -276,8 +282,10 @@ def _fisher(cls_name: str, **kw):
     return build
 
 
-def _fisher_lr(cls_name: str) -> Callable[[], float]:
+def _fisher_lr(cls_name: str, fixed: float | None = None) -> Callable[[], float]:
     def lr():
+        if fixed is not None:
+            return fixed
         classes, reason = fisher_classes()
         if classes is None:
             raise RuntimeError(reason)
@@ -299,6 +307,10 @@ def _fisher_available(estimator: str | None = None) -> Callable[[], str]:
         return ""
 
     return check
+
+
+#: FisherAdam's 0.1.0 update: per-input units (divide by sqrt(F)), no signal term, clip 1, lr 5e-3 (the grid's centre)
+V010 = dict(units="input", signal=False, clip=1.0)
 
 
 def make_optimizers() -> dict[str, OptSpec]:
@@ -329,6 +341,10 @@ def make_optimizers() -> dict[str, OptSpec]:
                 "curvature", requires=po),
         OptSpec("sophiag", "Sophia-G (GNB)", lambda: 1e-3, _sophiag, "curvature", requires="sophia_opt"),
         fisher_adam("fisher_adam", "FisherAdam auto"),
+        OptSpec("sf_fisher_adam", "ScheduleFreeFisherAdam auto", _fisher_lr("ScheduleFreeFisherAdam"),
+                _fisher("ScheduleFreeFisherAdam"), "fisher_optim", available=_fisher_available()),
+        OptSpec("fisher_adam_010", "FisherAdam auto (0.1.0 units)", _fisher_lr("FisherAdam", 5e-3),
+                _fisher("FisherAdam", **V010), "fisher_optim", available=_fisher_available()),
         fisher_adam("fisher_adam_exact", "FisherAdam exact", "exact"),
         fisher_adam("fisher_adam_mc1", "FisherAdam mc1", "mc1"),
         fisher_adam("fisher_adam_hutchinson_batch", "FisherAdam hutchinson_batch", "hutchinson_batch"),

@@ -19,7 +19,7 @@ Layout (imports flow downwards only)::
     selection     per-layer estimator / sample-count choice, with the reasons
     settings      FisherSettings: the optimizers' estimation settings, one validated value
     schedule      when to refresh and re-select: counters, plan in use, back-off, cost cache
-    optim         FisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
+    optim         FisherAdam, ScheduleFreeFisherAdam, NaturalGradient: running Fisher, auto selection, fused updates
     ewc           EWC regularisation on the same estimates
 """
 
@@ -27,7 +27,7 @@ from .bounds import frobenius_bounds, trace_bounds, variance_bounds
 from .estimators import ESTIMATORS, diagonal_fisher, estimate_plan
 from .ewc import EWC
 from .likelihoods import Bernoulli, Categorical, Gaussian, Likelihood, Poisson, get_likelihood
-from .optim import FisherAdam, FisherReport, NaturalGradient
+from .optim import FisherAdam, FisherReport, NaturalGradient, ScheduleFreeFisherAdam
 from .schedule import Schedule
 from .selection import Choice, select
 from .settings import FisherSettings
@@ -56,6 +56,7 @@ __all__ = [
     "Choice",
     "FisherAdam",
     "NaturalGradient",
+    "ScheduleFreeFisherAdam",
     "FisherReport",
     "Schedule",
     "FisherSettings",

@@ -89,6 +89,16 @@ def assert_same(a, b):
     "cls, kwargs, err, msg",
     [
         (FisherAdam, dict(lr=-1.0), ValueError, r"Invalid learning rate: -1.0"),
+        (FisherAdam, dict(lr=math.inf), ValueError, r"Invalid learning rate: inf"),
+        (FisherAdam, dict(lr=math.nan), ValueError, r"Invalid learning rate: nan"),
+        (FisherAdam, dict(betas=(0.9, math.nan)), ValueError, r"Invalid beta parameter at index 1: nan"),
+        (FisherAdam, dict(betas=(0.9,)), ValueError, r"Invalid betas: \(0.9,\)"),
+        (FisherAdam, dict(floor=-0.1), ValueError, r"Invalid floor value: -0.1"),
+        (FisherAdam, dict(units="batch"), ValueError, r"Invalid units: 'batch'"),
+        (FisherAdam, dict(loss_reduction="none"), ValueError, r"Invalid loss_reduction: 'none'"),
+        (FisherAdam, dict(signal=1), ValueError, r"Invalid signal: 1"),
+        (NaturalGradient, dict(loss_reduction="avg"), ValueError, r"Invalid loss_reduction: 'avg'"),
+        (NaturalGradient, dict(lr=math.inf), ValueError, r"Invalid learning rate: inf"),
         (FisherAdam, dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08"),
         (FisherAdam, dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
         (FisherAdam, dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta parameter at index 1: -0.1"),
@@ -163,35 +173,46 @@ def test_empirical_needs_targets():
 # the update against a hand-written reference
 
 
-def reference_run(model, steps, *, kind, lr, beta1, beta2, eps, damping, wd, clip, interval, fisher_batch, seed):
-    """The docstring formulas, one parameter at a time, with diagonal_fisher(mc1) as the estimate."""
+def reference_run(model, steps, *, kind, lr, beta1, beta2, eps, damping, wd, clip, interval, fisher_batch, seed,
+                  signal=False, floor=0.0, units="loss", dtype=DTYPE):  # fmt: skip
+    """The docstring formulas, one parameter at a time in float64, with diagonal_fisher(mc1) as the estimate.
+
+    FisherAdam: ``p -= lr * clip(m_hat / (sqrt(F/B + signal * m_hat^2 + damping) + eps))`` with ``B`` the batch's
+    inputs (``units="loss"``) or 1 (``"input"``), ``F = max(Fbar/(1-beta2^k), floor * mean)``;
+    NaturalGradient: ``p -= lr * clip(m / (F + damping))`` (``m = beta1 m + g``).  Parameters in ``dtype``: the
+    state is float64 here, so bf16 parameters are rounded once per step, as the optimizer does with float32 state.
+    """
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
-    m = {n: torch.zeros_like(p) for n, p in params.items()}
-    fbar = {n: torch.zeros_like(p) for n, p in params.items()}
+    m = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    fbar = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     g = gen(seed)
     k = 0
     for t in range(1, steps + 1):
-        x, y = batch(t - 1)
+        x, y = batch(t - 1, dtype=dtype)
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         if (t - 1) % interval == 0:
             est = diagonal_fisher(model, x[:fisher_batch], likelihood="categorical", estimator="mc1", generator=g)
             k += 1
             for n in names:
-                fbar[n] = beta2 * fbar[n] + (1 - beta2) * est[n]
+                fbar[n] = beta2 * fbar[n] + (1 - beta2) * est[n].double()
+        scale = 1.0 / x.shape[0] if units == "loss" else 1.0
         with torch.no_grad():
             for n in names:
-                p, grad = params[n], params[n].grad
+                p, grad = params[n], params[n].grad.double()
                 fhat = (fbar[n] / (1 - beta2**k)).clamp_min(0)
+                if floor > 0:
+                    fhat = torch.maximum(fhat, floor * fhat.mean())
                 if kind == "FisherAdam":
                     m[n] = beta1 * m[n] + (1 - beta1) * grad
-                    u = m[n] / (1 - beta1**t) / ((fhat + damping).sqrt() + eps)
+                    mhat = m[n] / (1 - beta1**t)
+                    u = mhat / ((fhat * scale + signal * mhat**2 + damping).sqrt() + eps)
                 else:
                     m[n] = beta1 * m[n] + grad
                     u = m[n] / (fhat + damping)
-                p.mul_(1 - lr * wd)
-                p.sub_(lr * (u.clamp(-clip, clip) if clip is not None else u))
+                new = p.double() * (1 - lr * wd) - lr * (u.clamp(-clip, clip) if clip is not None else u)
+                p.copy_(new)
     return {n: p.detach().clone() for n, p in params.items()}
 
 
@@ -200,7 +221,8 @@ def reference_run(model, steps, *, kind, lr, beta1, beta2, eps, damping, wd, cli
 def test_update_matches_reference(kind, clip):
     hp = dict(lr=0.05, beta1=0.8, beta2=0.7, eps=1e-6, damping=0.01, wd=0.1, clip=clip, interval=2,
               fisher_batch=5, seed=3)  # fmt: skip
-    ref = reference_run(make_mlp(), 5, kind=kind, **hp)
+    extra = dict(signal=True) if kind == "FisherAdam" else {}
+    ref = reference_run(make_mlp(), 5, kind=kind, **hp, **extra)
     net = make_mlp()
     common = dict(lr=hp["lr"], weight_decay=hp["wd"], damping=hp["damping"], clip=clip, estimator="mc1",
                   fisher_interval=2, fisher_batch=5, seed=3)  # fmt: skip
@@ -212,6 +234,78 @@ def test_update_matches_reference(kind, clip):
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), ref[n], rtol=1e-12, atol=1e-14, msg=lambda m: f"{n}: {m}")
     assert opt.fisher_report().refreshes == 3  # steps 0, 2, 4
+    assert opt.loss_scale.inputs == 8
+    opt.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(signal=True, clip=None),  # the default rule
+        dict(signal=True, clip=0.3),
+        dict(signal=False, clip=1.0, floor=0.2),
+        dict(signal=False, clip=1.0, units="input"),  # 0.1.0's update
+    ],
+)
+def test_fisher_adam_rule_matches_reference_in_every_dtype(rule, foreach, dtype):
+    """The update of every documented variant against the float64 reference loop, foreach and for-loop, for
+    float64, float32 and bf16 parameters (tolerances: the parameter dtype's rounding of one step per step)."""
+    hp = dict(lr=0.02, beta1=0.9, beta2=0.8, eps=1e-8, damping=0.0, wd=0.01, interval=2, fisher_batch=6, seed=4)
+    rule = dict(rule)
+    clip = rule.pop("clip")
+    ref = reference_run(make_mlp(dtype=dtype), 5, kind="FisherAdam", clip=clip, dtype=dtype, **hp, **rule)
+    net = make_mlp(dtype=dtype)
+    opt = FisherAdam(net, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], weight_decay=hp["wd"],
+                     clip=clip, estimator="mc1", fisher_interval=2, fisher_batch=6, seed=4, foreach=foreach,
+                     **rule)  # fmt: skip
+    train(net, opt, 5)
+    tol = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n].to(dtype), rtol=tol[0], atol=tol[1], msg=lambda m: f"{n}: {m}")
+    opt.close()
+
+
+def test_signal_term_bounds_every_step_by_lr():
+    """With the signal term and no clip, |step| < lr in every coordinate, even with a stale, tiny Fisher."""
+    net = make_mlp()
+    opt = FisherAdam(net, lr=0.1, estimator="exact", fisher_interval=1000)
+    train(net, opt, 1)
+    for p in net.parameters():  # a Fisher 1e12 times too small
+        opt.state[p]["fisher"].mul_(1e-12)
+    before = [p.detach().clone() for p in net.parameters()]
+    train(net, opt, 1, start=1)
+    for p, b in zip(net.parameters(), before):
+        assert float((p.detach() - b).abs().max()) < 0.1
+    opt.close()
+
+
+def test_loss_scale_follows_the_batch_and_the_reduction():
+    """B is read from the captured batch every step (micro-batches joined, not only fisher_batch); the fisher_scale
+    of each reduction, and the curvature scale NaturalGradient uses."""
+    net = make_mlp()
+    opt = FisherAdam(net, estimator="exact", fisher_batch=4)
+    for n in (8, 8, 3):
+        x, y = torch.randn(n, 5, dtype=DTYPE), torch.randint(0, 3, (n,))
+        nn.functional.cross_entropy(net(x[: n // 2]), y[: n // 2]).backward()  # two micro-batches
+        nn.functional.cross_entropy(net(x[n // 2 :]), y[n // 2 :]).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt.loss_scale.inputs == n
+    assert opt.loss_scale.adam_scale == pytest.approx(1 / 3)
+    opt.close()
+    from fisher_optim.optim.units import LossScale
+
+    lm = LossScale(inputs=4, elements=32, reduction="element_mean")
+    assert lm.adam_scale == pytest.approx(1 / (4 * 32**2)) and lm.curvature_scale == pytest.approx(1 / 32)
+    assert LossScale(inputs=4, reduction="sum").adam_scale == 4 and LossScale(inputs=4, world=2).adam_scale == 1 / 8
+    seq = nn.Sequential(nn.Linear(5, 7 * 3), nn.Unflatten(1, (7, 3))).double()
+    opt = FisherAdam(seq, estimator="exact", loss_reduction="element_mean")
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.randint(0, 3, (4, 7))
+    nn.functional.cross_entropy(seq(x).reshape(-1, 3), y.reshape(-1)).backward()
+    opt.step()
+    assert (opt.loss_scale.inputs, opt.loss_scale.elements) == (4, 7)
     opt.close()
 
 
@@ -362,7 +456,7 @@ def test_bf16_parameters_keep_fisher_state_in_fp32(foreach):
     train(net, opt, 3)
     st = opt.state[net[0].weight]
     assert net[0].weight.dtype == torch.bfloat16 and not torch.equal(net[0].weight, w0)
-    for key in ("exp_avg", "fisher_ema", "precond", "step", "fisher_count"):
+    for key in ("exp_avg", "fisher_ema", "fisher", "step", "fisher_count"):
         assert st[key].dtype == torch.float32, key
     sd = opt.state_dict()
     opt2 = FisherAdam(net, estimator="exact", fisher_interval=2)

@@ -22,19 +22,22 @@ Usage (the loop is unchanged; the optimizer captures the inputs with a forward h
     opt.close()
 """
 
-from ._functional import fisher_adam, natural_gradient, preconditioned_update, refresh_preconditioner
+from ._functional import fisher_adam, natural_gradient, preconditioned_update, refresh_fisher, schedule_free_update
 from .base import FisherOptimizer
 from .fisher_adam import FisherAdam
 from .natural_gradient import NaturalGradient
+from .schedule_free import ScheduleFreeFisherAdam
 from .report import FisherReport
 
 __all__ = [
     "FisherAdam",
     "NaturalGradient",
+    "ScheduleFreeFisherAdam",
     "FisherOptimizer",
     "FisherReport",
     "fisher_adam",
     "natural_gradient",
     "preconditioned_update",
-    "refresh_preconditioner",
+    "refresh_fisher",
+    "schedule_free_update",
 ]

@@ -6,7 +6,8 @@ schedule (counters, plan in use, back-off, cost cache) in :mod:`fisher_optim.sch
 :class:`FisherOptimizer` is a :class:`torch.optim.Optimizer` that owns everything except the update rule.
 A subclass only validates its own hyperparameters and gives two sets of constants: those of
 :func:`~fisher_optim.optim._functional.preconditioned_update` (the per-step update) and those of
-:func:`~fisher_optim.optim._functional.refresh_preconditioner` (the Fisher refresh).
+:func:`~fisher_optim.optim._functional.refresh_fisher` (the Fisher refresh), the second as a function of the
+loss's size (:class:`~fisher_optim.optim.units.LossScale`: inputs in the captured batch, elements per input, ranks).
 
 One ``step()``:
 
@@ -31,8 +32,9 @@ One ``step()``:
    parameter and every state entry as it was (the label generator is rewound too) and counts the step in
    :meth:`FisherOptimizer.fisher_report`; ``nonfinite="raise"`` raises :class:`FloatingPointError` and
    changes nothing either;
-4. fold the estimates into the running Fisher and recompute the preconditioner
-   (:func:`~fisher_optim.optim._functional.refresh_preconditioner`), then run the fused update.
+4. fold the estimates into the running Fisher (:func:`~fisher_optim.optim._functional.refresh_fisher`), then run
+   the fused update, which converts the running Fisher (per-input units) into the training loss's units from the
+   captured batch's size (:mod:`fisher_optim.optim.units`).
    Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
 
 Selection costs: ``cost_model="measured"`` times whole-model passes (see :mod:`fisher_optim.selection`).  The
@@ -72,10 +74,11 @@ from ..schedule import Schedule
 from ..selection import estimate_plan
 from ..settings import FisherSettings
 from . import auto, distributed
-from ._functional import preconditioned_update, refresh_preconditioner
+from ._functional import preconditioned_update, refresh_fisher
 from .capture import InputCapture
 from .finite import all_finite, all_zero, describe_nonfinite
 from .report import FisherReport
+from .units import LossScale, check_loss_reduction
 
 __all__ = ["FisherOptimizer", "FisherReport"]
 
@@ -90,8 +93,9 @@ class FisherOptimizer(Optimizer):
 
     Subclasses implement ``_update_kwargs(group)`` and ``_refresh_kwargs(group)``: the constants of
     :func:`~fisher_optim.optim._functional.preconditioned_update` and
-    :func:`~fisher_optim.optim._functional.refresh_preconditioner`.  State per parameter: ``step``,
-    ``exp_avg`` (first moment), ``fisher_ema``, ``fisher_count`` (refresh counter) and ``precond``.
+    :func:`~fisher_optim.optim._functional.refresh_fisher`.  State per parameter: ``step``,
+    ``exp_avg`` (first moment), ``fisher_ema``, ``fisher_count`` (refresh counter) and ``fisher`` (the
+    bias-corrected running Fisher, per-input units).
     """
 
     def __init__(
@@ -101,12 +105,15 @@ class FisherOptimizer(Optimizer):
         params: Iterable | None,
         defaults: dict,
         settings: FisherSettings,
+        loss_reduction: str = "mean",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
         if not isinstance(settings, FisherSettings):
             raise TypeError(f"settings must be a FisherSettings, got {type(settings).__name__}")
         self._settings = settings
+        self._loss_reduction = check_loss_reduction(loss_reduction)
+        self._scale: LossScale | None = None  # the latest step's loss size (units.py)
         self._lik = get_likelihood(likelihood)
         self._net, self._pg = distributed.unwrap(model)
         self._names = {id(p): n for n, p in self._net.named_parameters()}
@@ -208,7 +215,7 @@ class FisherOptimizer(Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["fisher_ema"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["fisher_count"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
-        state["precond"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["fisher"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
     def state_dict(self) -> dict:
@@ -246,15 +253,57 @@ class FisherOptimizer(Optimizer):
                     else v
                     for k, v in saved[i].items()
                 }
+        for group in self.param_groups:  # 0.1.0 checkpoints stored the reciprocal "precond", not the Fisher
+            beta2 = self._refresh_kwargs(group)["beta2"]
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "precond" in st and "fisher" not in st:
+                    del st["precond"]
+                    bc = 1 - beta2 ** float(st["fisher_count"])
+                    st["fisher"] = st["fisher_ema"].div(bc).clamp_min_(0) if bc > 0 else st["fisher_ema"].clone()
         self._generator.set_state(extra["generator_state"].cpu())
         self._schedule.load_state_dict(extra)
 
     # -- subclass interface --------------------------------------------------------------------------
-    def _update_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
+    def _update_kwargs(self, group: dict, scale: LossScale) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _refresh_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
+                scale: LossScale) -> None:  # fmt: skip
+        """The fused update of one group's parameters (overridden by Schedule-Free)."""
+        preconditioned_update(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["fisher"] for s in states],
+            [s["step"] for s in states],
+            foreach=group["foreach"],
+            **self._update_kwargs(group, scale),
+        )
+
+    @property
+    def loss_reduction(self) -> str:
+        """How the training loss reduces over inputs (``"mean"``, ``"element_mean"``, ``"sum"``;
+        :mod:`fisher_optim.optim.units`)."""
+        return self._loss_reduction
+
+    @property
+    def loss_scale(self) -> LossScale | None:
+        """The latest step's loss size: inputs ``B``, elements per input, DDP ranks (``None`` before a step)."""
+        return self._scale
+
+    def _loss_scale(self) -> LossScale | None:
+        """The size of the loss of the batch being stepped on, from the captured forwards (no tensor is read);
+        the previous step's when nothing was captured."""
+        b = self._capture.batch_size()
+        if b is not None:
+            k = LossScale.elements_per_input(self._lik, self._capture.output_shape)
+            world = distributed.world_size(self._pg)
+            self._scale = LossScale(inputs=b, elements=k, world=world, reduction=self._loss_reduction)
+        return self._scale
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -317,6 +366,7 @@ class FisherOptimizer(Optimizer):
             logger.warning("%s: skipped step %d (non-finite %s)", type(self).__name__, self._schedule.steps, what)
             return loss
 
+        scale = self._loss_scale()
         if estimates is not None:
             self._apply_refresh(estimates, pending)
         blind = set() if estimates is None else self._without_curvature([p for p in with_grad if p in estimates])
@@ -326,16 +376,7 @@ class FisherOptimizer(Optimizer):
                 ps, grads = [p for p, _ in kept], [g for _, g in kept]
                 if not ps:
                     continue
-            states = [self.state[p] for p in ps]
-            preconditioned_update(
-                ps,
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["precond"] for s in states],
-                [s["step"] for s in states],
-                foreach=group["foreach"],
-                **self._update_kwargs(group),
-            )
+            self._update(group, ps, grads, [self.state[p] for p in ps], scale)
         self._capture.reset()
         self._schedule.after_step()
         return loss
@@ -436,11 +477,11 @@ class FisherOptimizer(Optimizer):
             if not ps:
                 continue
             states = [self.state[p] if "fisher_count" in self.state[p] else self._init_state(p) for p in ps]
-            refresh_preconditioner(
+            refresh_fisher(
                 [s["fisher_ema"] for s in states],
                 [s["fisher_count"] for s in states],
                 [estimates[p] for p in ps],
-                [s["precond"] for s in states],
+                [s["fisher"] for s in states],
                 foreach=group["foreach"],
                 **self._refresh_kwargs(group),
             )

@@ -51,6 +51,10 @@ class InputCapture:
         self.snapshot: list[tuple[nn.Module, str, Tensor]] | None = None
         #: entries per input of the latest captured output's natural parameters (positions x classes), or None
         self.output_size: int | None = None
+        #: shape of the latest captured output's natural parameters, or None
+        self.output_shape: tuple[int, ...] | None = None
+        #: called with no argument by a forward run without gradients (evaluation); ScheduleFreeFisherAdam's check
+        self.on_eval_forward = None
         self._norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
         self._handles = [
             model.register_forward_pre_hook(self._before),
@@ -59,6 +63,8 @@ class InputCapture:
 
     # -- hooks ------------------------------------------------------------------------------------------
     def _before(self, module, args):
+        if self.on_eval_forward is not None and not _grad_enabled() and not estimating():
+            self.on_eval_forward()
         if self.enabled and self.snapshot is None and _grad_enabled() and not estimating():
             self.snapshot = [
                 (m, name, buf.detach().clone())
@@ -83,6 +89,7 @@ class InputCapture:
             h.register_hook(call.mark)
         if isinstance(h, Tensor) and h.dim() > 0:
             self.output_size = h[0].numel()
+            self.output_shape = tuple(h.shape)
         # keep the backpropagated calls and the latest one (the fallback); drop older unused ones
         self.calls = [c for c in self.calls if c.used] + [call]
 
@@ -102,6 +109,15 @@ class InputCapture:
                 total += b.size
         batch = Batch.cat(parts)
         return batch if limit is None or batch.size <= limit else batch[:limit]
+
+    def batch_size(self) -> int | None:
+        """Inputs of the batch the training loss averaged over: the backpropagated calls since the last step that
+        :meth:`take` would join (all of them, not only the first ``limit``), or the latest call's when none was
+        backpropagated; ``None`` when nothing was captured.  No tensor is read or copied."""
+        used = [c.batch for c in self.calls if c.used]
+        if not used:
+            return self.calls[-1].batch.size if self.calls else None
+        return sum(b.size for b in used if b is used[0] or used[0].compatible(b))
 
     def reset(self) -> None:
         """Forget the calls and the buffer snapshot (after every step)."""

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-__all__ = ["unwrap", "is_distributed", "rank", "all_reduce_mean", "broadcast_from_first"]
+__all__ = ["unwrap", "is_distributed", "rank", "world_size", "all_reduce_mean", "broadcast_from_first"]
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, object | None]:
@@ -28,6 +28,11 @@ def is_distributed(group) -> bool:
 def rank(group) -> int:
     """This process's rank in ``group`` (0 without one)."""
     return dist.get_rank(group) if group is not None else 0
+
+
+def world_size(group) -> int:
+    """Ranks in ``group`` (1 without one)."""
+    return dist.get_world_size(group) if group is not None else 1
 
 
 def all_reduce_mean(est: dict[str, Tensor], names: list[str], group) -> dict[str, Tensor]:

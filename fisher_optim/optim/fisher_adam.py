@@ -1,4 +1,4 @@
-r"""FisherAdam: Adam's update with the running diagonal Fisher in place of the squared-gradient average."""
+r"""FisherAdam: Adam's update with the running diagonal Fisher as the noise part of the second moment."""
 
 from __future__ import annotations
 
@@ -6,86 +6,90 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .._checks import check_clip, check_decay, check_nonnegative
+from .._checks import check_choice, check_clip, check_decay, check_finite_nonnegative
 from ..likelihoods import Likelihood
 from ..settings import FisherSettings
 from .base import FisherOptimizer
+from .units import LossScale
 
-__all__ = ["FisherAdam"]
+__all__ = ["FisherAdam", "UNITS"]
+
+#: ``"loss"``: the Fisher of the training loss (Adam's units, the default); ``"input"``: the per-input Fisher (0.1.0)
+UNITS = ("loss", "input")
 
 
 class FisherAdam(FisherOptimizer):
-    r"""Adam-style optimizer preconditioned by the square root of a running diagonal Fisher.
+    r"""Adam whose second moment is the running diagonal Fisher of the loss being trained, plus Adam's signal term.
 
     .. math::
 
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad \hat m_t = m_t / (1-\beta_1^t) \\
-        \bar F_k &= \beta_2 \bar F_{k-1} + (1-\beta_2) \hat F_k, \qquad \tilde F = \bar F_k / (1-\beta_2^k)
+        \bar F_k &= \beta_2 \bar F_{k-1} + (1-\beta_2) \hat F_k, \qquad
+            F = \max(\bar F_k / (1-\beta_2^k), \rho\,\overline{F})
             \quad\text{(at refresh } k\text{, every } \texttt{fisher\_interval} \text{ steps)} \\
-        \theta_t &= \theta_{t-1}(1-\eta w) - \eta\,\mathrm{clip}_c\!\Big(
-            \frac{\hat m_t}{\sqrt{\max(\tilde F, 0) + \lambda} + \epsilon}\Big)
+        \theta_t &= \theta_{t-1}(1-\eta w) - \eta\,
+            \frac{\hat m_t}{\sqrt{F/B + \hat m_t^2 + \lambda} + \epsilon}
 
-    ``g`` is the gradient of the **mean over the batch** of the per-input negative log-likelihood
-    (``F.cross_entropy`` with its default ``reduction="mean"`` for ``likelihood="categorical"``) and
-    :math:`\hat F_k` is :func:`fisher_optim.diagonal_fisher`'s quantity: the **mean over inputs of the
-    per-input** diagonal Fisher, estimated on the first ``fisher_batch`` inputs of the latest batch;
-    :math:`\tilde F` is the bias-corrected running estimate.
+    ``g`` is the gradient of the training loss, by default the **mean over the batch's B inputs** of the
+    per-input negative log-likelihood (``F.cross_entropy`` with ``reduction="mean"`` on ``(B, C)`` logits; other
+    reductions: ``loss_reduction``).  :math:`\hat F_k` is :func:`fisher_optim.diagonal_fisher`'s quantity: the
+    **mean over inputs of the per-input** diagonal Fisher (summed over positions for sequence outputs), estimated
+    on the first ``fisher_batch`` inputs of the latest batch.  :math:`\overline F` is its mean over the tensor
+    (``floor`` :math:`\rho`, default 0: no floor).
 
-    **Scale, and why the default lr is 5e-3 rather than Adam's 1e-3.**  Adam divides by
-    :math:`\sqrt{v}`, :math:`v \approx E[g^2] = \bar g^2 + \mathrm{Var}(g)`; under the model the variance of a
-    mean over ``B`` inputs is :math:`F/B`, so where gradient noise dominates Adam's denominator is about
-    :math:`\sqrt{F/B}`.  FisherAdam divides by :math:`\sqrt F`, the per-input scale, with no ``1/B``: its step
-    :math:`\eta\,|\hat m|/\sqrt F` is about :math:`\eta\,|\bar g|/\sqrt F` (at most about :math:`\eta`, since
-    :math:`\bar g^2 \lesssim F` near a good fit) where the gradient signal dominates, and shrinks as
-    :math:`1/\sqrt B` where noise dominates, as a natural-gradient step of the mean loss does; the
-    preconditioner itself does not depend on the batch size.  The same nominal ``lr`` therefore gives smaller
-    steps than Adam's.  The default ``lr=5e-3`` comes from a sweep over logistic regression, a small CNN,
-    torchvision ResNet-18 and MobileNetV3-small in train mode (BatchNorm), a small ViT, a Transformer and an
-    LSTM classifier (``benchmarks/defaults_sweep.py``, ``benchmarks/results/defaults_sweep.md``): the former
-    ``2e-2``, tuned on MLPs, ended 2x (ResNet-18) to 26x (MobileNetV3) above AdamW(lr=1e-3)'s training loss
-    on the BatchNorm networks, which train best at 1e-3 to 2e-3, while the small models need about 5e-3
-    or more; no single lr suits both, and the results file says where ``5e-3`` misses.  **An lr tuned for
-    Adam** at batch size ``B`` carries over as ``lr = lr_adam * sqrt(B)`` with ``clip = 1/sqrt(B)``:
-    that is exactly preconditioning by :math:`\sqrt{F/B}`, the Fisher of the mini-batch mean loss, whose
-    scale is Adam's (the sweep measures it against AdamW).  The clip ``c`` (default 1,
-    Sophia-style) bounds every coordinate's step by :math:`\eta`: it guards against
-    :math:`|\bar g| \gg \sqrt F` (confident mistakes, where the Fisher is small but the data gradient large,
-    and noisy one-sample estimates); without it the defaults are unstable at batch size 8 on digits.
-    ``clip=None`` disables it (the step is then one fused ``addcmul_``).
+    **Units (docs/fisher-math.md §15).**  Under the model, the covariance of the gradient of a mean over ``B``
+    inputs is :math:`F/B`, and Adam's second moment is about :math:`v \approx \bar g^2 + F/B` (``\bar g`` the
+    full-data gradient).  FisherAdam takes the noise part from the Fisher, :math:`F/B` with ``B`` read from the
+    captured batch every step, and the signal part from the first moment, :math:`\hat m^2` (whose own noise,
+    :math:`\tfrac{1-\beta_1}{1+\beta_1} F/B`, is a tenth of the Fisher's at :math:`\beta_1 = 0.9`).  So:
+
+    * the step is :math:`\eta\,|\hat m| / \sqrt{F/B + \hat m^2} < \eta` in **every** coordinate, without a clip
+      (``clip=None`` by default; it is kept for those who want a tighter bound);
+    * where the gradient noise dominates it is Adam's step with an exact (not squared-gradient) estimate of the
+      noise; where the signal dominates it is a sign step of size :math:`\eta`, as Adam's;
+    * an lr tuned for Adam carries over, and so does Adam's default ``lr=1e-3``.
+
+    0.1.0 divided by :math:`\sqrt F` (the per-input scale, ``units="input"``, with ``signal=False``,
+    ``clip=1``, ``lr=5e-3``): its steps were :math:`1/\sqrt B` of Adam's where noise dominates, and the clip
+    carried 59-88 % of the squared update (spec §15).  Those settings reproduce it.
 
     Args:
         model: the network whose output rows are the natural parameters of ``likelihood``.  Its forward
             inputs are captured by a hook; a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper
-            is allowed (estimation runs on ``model.module`` and the estimates are averaged over ranks).
+            is allowed (estimation runs on ``model.module`` and the estimates are averaged over ranks; ``B`` is
+            then the inputs of all ranks together).
         likelihood: ``"categorical"`` (default), ``"bernoulli"``, ``"gaussian"``, ``"poisson"`` or a
             :class:`~fisher_optim.likelihoods.Likelihood`.
         params: parameters or parameter groups (default ``model.parameters()``); each must belong to
             ``model``.
-        lr: learning rate :math:`\eta` (default 5e-3, see "Scale").
+        lr: learning rate :math:`\eta` (default 1e-3, Adam's; ``benchmarks/results/defaults_sweep.md``).
         betas: :math:`(\beta_1, \beta_2)`, default (0.9, 0.99); :math:`\beta_2` is the decay *per refresh* of the
             running Fisher: with ``fisher_interval=10`` its memory is ~1000 steps, as Adam's 0.999 per step.
         eps: :math:`\epsilon` added to the square root (default 1e-8).
-        damping: :math:`\lambda` added to the Fisher under the square root (default 0).
         weight_decay: decoupled weight decay :math:`w` (AdamW-style, default 0).
-        clip: per-coordinate bound ``c`` of the preconditioned step (default 1.0; ``None``: no clip).
+        damping: :math:`\lambda` added under the square root, in the loss's units (default 0).
+        signal: add :math:`\hat m^2` under the square root (default ``True``; ``False``: the Fisher alone).
+        floor: :math:`\rho \ge 0`, the running Fisher of each tensor is floored at ``floor`` times its mean
+            (default 0: no floor).
+        units: ``"loss"`` (default: :math:`F/B`, the covariance of the training gradient) or ``"input"``
+            (:math:`F`, the per-input Fisher, 0.1.0's units).
+        loss_reduction: how the training loss reduces over the batch, which sets ``B``'s role
+            (:mod:`fisher_optim.optim.units`): ``"mean"`` over inputs (default), ``"element_mean"`` over every
+            output element (a token-mean LM loss, ``BCEWithLogitsLoss()`` on pixels), ``"sum"``.
+        clip: per-coordinate bound ``c`` of the preconditioned step (default ``None``: no clip).
         settings: the estimation settings, a :class:`~fisher_optim.FisherSettings` (default: its defaults):
             ``estimator`` (``"auto"``, the default: per-layer choice of estimator and sample count, see
-            :func:`fisher_optim.selection.select`, which chooses among ``exact`` and ``mc1``; or a fixed
-            ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂), ``"empirical"`` (needs ``opt.step(targets=y)`` with the
-            batch's observed labels), ``"hutchinson"``, ``"hutchinson_batch"`` or ``"gnb"`` (Sophia's estimate;
-            see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over inputs)),
-            ``n_samples``, ``fisher_interval`` (steps between refreshes, default 10), ``fisher_batch`` (captured
-            inputs the estimation uses, default 32), ``target_rse``, ``select_interval``, ``max_samples``,
-            ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is exact (Hutchinson
-            with one probe when the output has more than ``CLOSED_FORM_SEEDS`` = 1024 positions x classes per input:
-            no exact pass on a language model) and its first selection at the second; it re-selects every
-            ``select_interval`` steps (default 50 refreshes),
-            doubled after each selection that keeps the plan in use (up to 8x; reset when the plan changes).  A
-            selection's refresh reuses the exact Fisher of its variance pass, and its measured costs are cached
-            per input shape (:mod:`fisher_optim.schedule`): on a sigmoid MLP 784-128-128-128-10 (32 inputs, CPU)
-            a selection and its refresh cost about 2.5-2.7 exact refreshes with cached costs and 4-6 when it
-            measures them, 3 % of auto's estimation time over 400 refreshes
-            (``benchmarks/results/estimation_quality.md``, "Cost per refresh").
+            :func:`fisher_optim.selection.select`, among ``exact``, ``mc1`` and the Hutchinson estimators; or a
+            fixed ``"exact"``, ``"mc1"`` (Î₁), ``"mc2"`` (Î₂), ``"empirical"`` (needs ``opt.step(targets=y)`` with
+            the batch's observed labels), ``"hutchinson"``, ``"hutchinson_batch"`` or ``"gnb"`` (Sophia's
+            estimate; see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over
+            inputs)), ``n_samples``, ``fisher_interval`` (steps between refreshes, default 10), ``fisher_batch``
+            (captured inputs the estimation uses, default 32), ``target_rse``, ``select_interval``,
+            ``max_samples``, ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is
+            exact (Hutchinson with one probe when the output has more than ``CLOSED_FORM_SEEDS`` = 1024
+            positions x classes per input: no exact pass on a language model) and its first selection at the
+            second; it re-selects every ``select_interval`` steps (default 50 refreshes), doubled after each
+            selection that keeps the plan in use (up to 8x; reset when the plan changes) (:mod:`fisher_optim.schedule`).
         **kwargs: any field of :class:`~fisher_optim.FisherSettings` as a keyword (``estimator="exact"``), over
             ``settings``; 0.1.0's ``variance_interval`` (refreshes between selections) is converted to
             ``select_interval``.  Unknown keywords raise :class:`TypeError`.
@@ -104,7 +108,9 @@ class FisherAdam(FisherOptimizer):
         ...     opt.step()
         ...     opt.zero_grad()
         >>> sorted(opt.state[model[0].weight])
-        ['exp_avg', 'fisher_count', 'fisher_ema', 'precond', 'step']
+        ['exp_avg', 'fisher', 'fisher_count', 'fisher_ema', 'step']
+        >>> opt.loss_scale.inputs
+        16
         >>> opt.close()
     """
 
@@ -113,32 +119,55 @@ class FisherAdam(FisherOptimizer):
         model: nn.Module,
         likelihood: str | Likelihood = "categorical",
         params: Iterable | None = None,
-        lr: float = 5e-3,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
         damping: float = 0.0,
+        signal: bool = False,
+        floor: float = 0.0,
+        units: str = "loss",
+        loss_reduction: str = "mean",
         clip: float | None = 1.0,
         settings: FisherSettings | None = None,
         foreach: bool | None = None,
         **kwargs,
     ):
         settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
-        check_nonnegative("learning rate", lr)
-        check_nonnegative("epsilon value", eps)
-        check_decay("beta parameter at index 0", betas[0])
-        check_decay("beta parameter at index 1", betas[1])
-        check_nonnegative("damping value", damping)
-        check_nonnegative("weight_decay value", weight_decay)
+        defaults = check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                              damping=damping, signal=signal, floor=floor, units=units)  # fmt: skip
         check_clip(clip)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping, clip=clip,
-                        foreach=foreach)  # fmt: skip
-        super().__init__(model, likelihood, params, defaults, settings)
+        defaults.update(clip=clip, foreach=foreach)
+        super().__init__(model, likelihood, params, defaults, settings, loss_reduction)
 
-    def _update_kwargs(self, group: dict) -> dict:
+    def _update_kwargs(self, group: dict, scale: LossScale) -> dict:
         return dict(lr=group["lr"], beta1=group["betas"][0], bias_correction=True,
-                    weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
+                    fisher_scale=fisher_scale(group, scale), damping=group["damping"], signal=group["signal"],
+                    power=0.5, eps=group["eps"], weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["betas"][1], power=0.5, damping=group["damping"], eps=group["eps"])
+        return dict(beta2=group["betas"][1], floor=group["floor"])
+
+
+def fisher_scale(group: dict, scale: LossScale | None) -> float:
+    """What the running Fisher is multiplied by in the denominator: the loss's covariance factor, or 1."""
+    return scale.adam_scale if group["units"] == "loss" and scale is not None else 1.0
+
+
+def check_adam_hyperparameters(*, lr, betas, eps, weight_decay, damping, signal, floor, units) -> dict:
+    """Validate FisherAdam's (and ScheduleFreeFisherAdam's) hyperparameters; the param-group defaults."""
+    check_finite_nonnegative("learning rate", lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}. Must be a pair (beta1, beta2)")
+    check_decay("beta parameter at index 0", betas[0])
+    check_decay("beta parameter at index 1", betas[1])
+    check_finite_nonnegative("epsilon value", eps)
+    check_finite_nonnegative("weight_decay value", weight_decay)
+    check_finite_nonnegative("damping value", damping)
+    check_finite_nonnegative("floor value", floor)
+    if not isinstance(signal, bool):
+        raise ValueError(f"Invalid signal: {signal!r}. Must be True or False")
+    check_choice("units", units, UNITS)
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping, signal=signal,
+                floor=floor, units=units)  # fmt: skip

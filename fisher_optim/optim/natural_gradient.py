@@ -6,10 +6,11 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .._checks import check_clip, check_decay, check_nonnegative
+from .._checks import check_clip, check_decay, check_finite_nonnegative, check_nonnegative
 from ..likelihoods import Likelihood
 from ..settings import FisherSettings
 from .base import FisherOptimizer
+from .units import LossScale
 
 __all__ = ["NaturalGradient"]
 
@@ -58,7 +59,7 @@ class NaturalGradient(FisherOptimizer):
         >>> torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> opt.step()
         >>> sorted(opt.state[model.weight])
-        ['exp_avg', 'fisher_count', 'fisher_ema', 'precond', 'step']
+        ['exp_avg', 'fisher', 'fisher_count', 'fisher_ema', 'step']
         >>> opt.close()
     """
 
@@ -74,12 +75,13 @@ class NaturalGradient(FisherOptimizer):
         *,
         fisher_decay: float = 0.99,
         clip: float | None = 1.0,
+        loss_reduction: str = "mean",
         settings: FisherSettings | None = None,
         foreach: bool | None = None,
         **kwargs,
     ):
         settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
-        check_nonnegative("learning rate", lr)
+        check_finite_nonnegative("learning rate", lr)
         check_decay("momentum value", momentum)
         if not damping > 0.0:
             raise ValueError(f"Invalid damping value: {damping}")
@@ -88,12 +90,14 @@ class NaturalGradient(FisherOptimizer):
         check_clip(clip)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
                         weight_decay=weight_decay, clip=clip, foreach=foreach)  # fmt: skip
-        super().__init__(model, likelihood, params, defaults, settings)
+        super().__init__(model, likelihood, params, defaults, settings, loss_reduction)
 
-    def _update_kwargs(self, group: dict) -> dict:
+    def _update_kwargs(self, group: dict, scale: LossScale | None) -> dict:
         mu = group["momentum"]
         return dict(lr=group["lr"], beta1=mu, bias_correction=False, step_scale=1.0 / (1.0 - mu),
-                    weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
+                    fisher_scale=1.0 if scale is None else scale.curvature_scale, damping=group["damping"],
+                    signal=False, power=1.0, eps=0.0, weight_decay=group["weight_decay"],
+                    clip=group["clip"])  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["fisher_decay"], power=1.0, damping=group["damping"], eps=0.0)
+        return dict(beta2=group["fisher_decay"], floor=0.0)
