@@ -10,9 +10,10 @@ optimizer benchmark's ``lm_transformer`` problem (2 pre-norm layers, d = 32, 4 h
 Both optimizers start from the same initial parameters and see the same batches.  The loss is the per-window NLL
 (the *sum* over the window's 32 positions, mean over the batch): the scaling FisherAdam's Fisher assumes
 (README, "Relation to the loss you train on"); the printed numbers are per character (divided by 32).  The only
-change to the training loop is the optimizer's constructor::
+change to the training loop is the optimizer's constructor, and the lr tuned for AdamW carries over unchanged
+(FisherAdam divides by the Fisher of the training loss, F/B: Adam's units, docs/fisher-math.md §15)::
 
-    opt = FisherAdam(model, likelihood="categorical", estimator="auto")   # its default lr (5e-3)
+    opt = FisherAdam(model, likelihood="categorical", estimator="auto", lr=2e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
 
 Each optimizer runs ``--steps`` steps or until ``--budget`` seconds of training have passed, whichever comes first
@@ -34,7 +35,7 @@ the fastest when other processes share the cores; the budget is wall time and is
 
 Usage::
 
-    python examples/demo.py [--steps 3000] [--budget 75] [--seed 0] [--threads 1] [--out-dir benchmarks/results]
+    python examples/demo.py [--steps 3000] [--budget 75] [--seed 0] [--lr 2e-3] [--threads 1] [--out-dir ...]
     python examples/demo.py --smoke      # a tiny model, a few steps (the test suite's smoke run)
 """
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=float, default=75.0, help="training seconds per optimizer (at most)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--adamw-lr", type=float, default=2e-3)
+    parser.add_argument("--lr", "--adamw-lr", type=float, default=2e-3, help="the lr of both optimizers (2e-3)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where demo_lm.png/.md go ('' for none)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 25 steps (smoke test)")
     parser.add_argument("--verbose", action="store_true", help="log every estimator selection")
@@ -298,10 +299,11 @@ def _run(args, argv: list[str], cfg: dict) -> dict:
           f"batch {cfg['batch']} x {cfg['seq_len']} characters; seed {args.seed}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); load average {load0:.2f}")  # fmt: skip
     results = {
-        "AdamW": train("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=args.adamw_lr), cfg, args, val),
+        "AdamW": train("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=args.lr), cfg, args, val),
         # ---- auto mode: the per-layer estimator and sample count come from fisher_optim.selection ----
         "FisherAdam": train(
-            "FisherAdam", lambda m: FisherAdam(m, likelihood="categorical", estimator="auto"), cfg, args, val
+            "FisherAdam", lambda m: FisherAdam(m, likelihood="categorical", estimator="auto", lr=args.lr), cfg, args,
+            val,
         ),
     }
     opt = results["FisherAdam"]["opt"]

@@ -1,8 +1,9 @@
 """The estimation settings of the Fisher optimizers: one frozen value, validated once.
 
 :class:`FisherSettings` groups what decides *how* the Fisher is estimated (the estimator, its sample count, the
-refresh schedule, auto mode's selection, the non-finite policy, the label seed, the output rule), so that the
-optimizers' constructors keep to what a user tunes (``lr``, the decays, ``damping``, ``weight_decay``, ``clip``)::
+refresh schedule, auto mode's selection, the non-finite policy, the label seed, the output rule) and how the estimate
+enters the update (the training loss's reduction, the units, the signal term, the floor), so that the optimizers'
+constructors keep to what a user tunes (``lr``, the decays, ``damping``, ``weight_decay``, ``clip``)::
 
     opt = FisherAdam(model, lr=1e-2, settings=FisherSettings(estimator="exact", fisher_interval=5))
 
@@ -27,22 +28,27 @@ from ._checks import (
     ESTIMATORS,
     check_choice,
     check_estimator,
+    check_finite_nonnegative,
     check_output_spec,
     check_positive_float,
     check_positive_int,
 )
 
-__all__ = ["FisherSettings", "DEFAULT_SELECT_REFRESHES", "COST_UNITS"]
+__all__ = ["FisherSettings", "DEFAULT_SELECT_REFRESHES", "COST_UNITS", "LOSS_REDUCTIONS", "UNITS"]
 
 #: refreshes between auto mode's selections when ``select_interval`` is not given
 DEFAULT_SELECT_REFRESHES = 50
 #: the unit of a predicted cost, by cost model: seconds measured, or parameter-sized units of work (flops model)
 COST_UNITS = {"measured": "s", "flops": "param-units"}
+#: how the training loss reduces over the batch (fisher_optim.optim.units)
+LOSS_REDUCTIONS = ("mean", "element_mean", "sum")
+#: the units of FisherAdam's denominator: the training loss's Fisher, or the per-input Fisher (0.1.0)
+UNITS = ("loss", "input")
 
 
 @dataclass(frozen=True)
 class FisherSettings:
-    """How a Fisher optimizer estimates the Fisher (validated at construction; immutable: use
+    r"""How a Fisher optimizer estimates the Fisher (validated at construction; immutable: use
     :func:`dataclasses.replace` for a variant).
 
     Attributes:
@@ -60,6 +66,15 @@ class FisherSettings:
         nonfinite: ``"skip"`` or ``"raise"`` on a non-finite loss, gradient or estimate.
         seed: seed of the label-sampling generator (``None``: ``torch.initial_seed()``; plus the rank under DDP).
         output: picks the natural parameters out of the model's output (a key, an index or a callable).
+        loss_reduction: how the training loss reduces over the batch (``"mean"`` over inputs, ``"element_mean"``
+            over every output element as torch's losses with ``reduction="mean"`` on flattened outputs, ``"sum"``):
+            with the captured batch's size it puts the running Fisher in the training loss's units
+            (:mod:`fisher_optim.optim.units`, docs/fisher-math.md §15).
+        units: ``"loss"`` (the Fisher of the training loss: FisherAdam divides by :math:`\sqrt{F/B}`, Adam's units)
+            or ``"input"`` (the per-input Fisher, 0.1.0's FisherAdam: :math:`\sqrt F`).
+        signal: Adam's signal term, the squared first moment under FisherAdam's square root (bounds every step by
+            the lr without a clip; ScheduleFreeFisherAdam: an EMA of the gradients with decay ``betas[0]``).
+        floor: the running Fisher of each tensor is floored at ``floor`` times its mean (0: no floor).
     """
 
     estimator: str = "auto"
@@ -73,6 +88,10 @@ class FisherSettings:
     nonfinite: str = "skip"
     seed: int | None = None
     output: Any = None
+    loss_reduction: str = "mean"
+    units: str = "loss"
+    signal: bool = False
+    floor: float = 0.0
 
     def __post_init__(self):
         check_estimator(self.estimator, ("auto", *ESTIMATORS))
@@ -92,6 +111,11 @@ class FisherSettings:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"Invalid seed: {seed}")
         check_output_spec(self.output)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        check_choice("units", self.units, UNITS)
+        if not isinstance(self.signal, bool):
+            raise ValueError(f"Invalid signal: {self.signal!r}. Must be True or False")
+        object.__setattr__(self, "floor", check_finite_nonnegative("floor", self.floor))
 
     @property
     def select_refreshes(self) -> int:

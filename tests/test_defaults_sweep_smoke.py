@@ -2,8 +2,8 @@
 
 Every model of the sweep (torchvision ResNet-18, MobileNetV3-small and a small ViT, a Transformer and an LSTM
 classifier, the optimizer suite's logistic regression and CNN) trains 3 steps with AdamW, FisherAdam and
-NaturalGradient with their defaults and the Adam-lr-via-F/B configuration; the report is written and names the
-goal of every model.
+NaturalGradient with their defaults, FisherAdam's 0.1.0 update, and ScheduleFreeFisherAdam beside Schedule-Free AdamW;
+the report is written and names the goal of every model.
 """
 
 import math
@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("torchvision")
 
 from benchmarks import defaults_sweep as bench  # noqa: E402
-from fisher_optim.optim import FisherAdam, NaturalGradient  # noqa: E402
+from fisher_optim.optim import FisherAdam, NaturalGradient, ScheduleFreeFisherAdam  # noqa: E402
 
 
 def test_defaults_sweep_smoke(tmp_path):
@@ -26,7 +26,9 @@ def test_defaults_sweep_smoke(tmp_path):
     results = out["results"]
     assert list(results) == list(bench.MODELS)
     names = [c.name for c in out["configs"]]
-    assert len(names) == 4 and names[0] == "AdamW lr=1e-3"
+    assert len(names) == 6 and names[0] == "AdamW lr=1e-3"
+    assert any(n.startswith("ScheduleFreeFisherAdam defaults") for n in names)
+    assert any(n.startswith("Schedule-Free AdamW defaults") for n in names)
     for key, rows in results.items():
         assert set(rows) == set(names), key
         for name, r in rows.items():
@@ -41,13 +43,25 @@ def test_defaults_sweep_smoke(tmp_path):
 
 def test_defaults_rows_follow_the_constructors():
     cfgs = bench.configs("mc1")
-    for cls in (FisherAdam, NaturalGradient):
+    for cls in (FisherAdam, ScheduleFreeFisherAdam, NaturalGradient):
         d = bench.constructor_defaults(cls)
         row = next(c for c in cfgs if c.name.startswith(f"{cls.__name__} defaults"))
         assert row.kwargs == {"estimator": "mc1"}  # nothing but the estimator: the constructor's defaults
         assert f"lr={d['lr']:g}" in row.name
         # one hyperparameter changed at a time, never to its default value
         for c in cfgs:
-            if c.name.startswith(cls.__name__) and c is not row and "sqrt(B)" not in c.name:
+            if c.name.startswith(f"{cls.__name__} ") and c is not row and len(c.kwargs) == 2:
                 (k, v), = [(k, v) for k, v in c.kwargs.items() if k != "estimator"]
                 assert v != d[k], c.name
+
+
+@pytest.mark.bench
+def test_update_ablation_smoke(tmp_path, monkeypatch):
+    """benchmarks/update_ablation.py in smoke mode: every variant runs (no error), the table has a row for each."""
+    from benchmarks import update_ablation
+
+    monkeypatch.setattr(update_ablation, "RESULTS", tmp_path / "ablation.md")
+    text = update_ablation.main(["--smoke"])
+    for label, _, _ in update_ablation.VARIANTS:
+        assert f"| {label} |" in text
+    assert not (tmp_path / "ablation.md").exists()  # smoke mode writes nothing

@@ -93,11 +93,13 @@ def assert_same(a, b):
         (FisherAdam, dict(lr=math.nan), ValueError, r"Invalid learning rate: nan"),
         (FisherAdam, dict(betas=(0.9, math.nan)), ValueError, r"Invalid beta parameter at index 1: nan"),
         (FisherAdam, dict(betas=(0.9,)), ValueError, r"Invalid betas: \(0.9,\)"),
-        (FisherAdam, dict(floor=-0.1), ValueError, r"Invalid floor value: -0.1"),
+        (FisherAdam, dict(floor=-0.1), ValueError, r"Invalid floor: -0.1"),
+        (FisherAdam, dict(floor=math.nan), ValueError, r"Invalid floor: nan"),
         (FisherAdam, dict(units="batch"), ValueError, r"Invalid units: 'batch'"),
         (FisherAdam, dict(loss_reduction="none"), ValueError, r"Invalid loss_reduction: 'none'"),
         (FisherAdam, dict(signal=1), ValueError, r"Invalid signal: 1"),
         (NaturalGradient, dict(loss_reduction="avg"), ValueError, r"Invalid loss_reduction: 'avg'"),
+        (NaturalGradient, dict(units="per_input"), ValueError, r"Invalid units: 'per_input'"),
         (NaturalGradient, dict(lr=math.inf), ValueError, r"Invalid learning rate: inf"),
         (FisherAdam, dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08"),
         (FisherAdam, dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta parameter at index 0: 1.0"),
@@ -227,7 +229,7 @@ def test_update_matches_reference(kind, clip):
     common = dict(lr=hp["lr"], weight_decay=hp["wd"], damping=hp["damping"], clip=clip, estimator="mc1",
                   fisher_interval=2, fisher_batch=5, seed=3)  # fmt: skip
     if kind == "FisherAdam":
-        opt = FisherAdam(net, betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], **common)
+        opt = FisherAdam(net, betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"], **common, **extra)
     else:
         opt = NaturalGradient(net, momentum=hp["beta1"], fisher_decay=hp["beta2"], **common)
     train(net, opt, 5)
@@ -243,7 +245,8 @@ def test_update_matches_reference(kind, clip):
 @pytest.mark.parametrize(
     "rule",
     [
-        dict(signal=True, clip=None),  # the default rule
+        dict(signal=False, clip=1.0),  # the default rule
+        dict(signal=True, clip=None),
         dict(signal=True, clip=0.3),
         dict(signal=False, clip=1.0, floor=0.2),
         dict(signal=False, clip=1.0, units="input"),  # 0.1.0's update
@@ -270,7 +273,7 @@ def test_fisher_adam_rule_matches_reference_in_every_dtype(rule, foreach, dtype)
 def test_signal_term_bounds_every_step_by_lr():
     """With the signal term and no clip, |step| < lr in every coordinate, even with a stale, tiny Fisher."""
     net = make_mlp()
-    opt = FisherAdam(net, lr=0.1, estimator="exact", fisher_interval=1000)
+    opt = FisherAdam(net, lr=0.1, estimator="exact", fisher_interval=1000, signal=True, clip=None)
     train(net, opt, 1)
     for p in net.parameters():  # a Fisher 1e12 times too small
         opt.state[p]["fisher"].mul_(1e-12)

@@ -20,6 +20,7 @@ CONFIGS = {
     "exact": dict(estimator="exact"),
     "mc1": dict(estimator="mc1", n_samples=2),
     "auto": dict(estimator="auto"),  # measured costs differ per rank: the plan must come from rank 0
+    "schedule_free": dict(estimator="mc1", n_samples=2, schedule_free=True),  # ScheduleFreeFisherAdam
 }
 
 
@@ -36,7 +37,7 @@ def rank_batch(rank: int, i: int):
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from fisher_optim.optim import FisherAdam
+    from fisher_optim.optim import FisherAdam, ScheduleFreeFisherAdam
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -45,7 +46,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for tag, kw in CONFIGS.items():
             net = make_model()
             model = DDP(net)
-            opt = FisherAdam(model, fisher_interval=2, betas=(0.9, 0.5), seed=0, **kw)
+            kw = dict(kw)
+            cls = ScheduleFreeFisherAdam if kw.pop("schedule_free", False) else FisherAdam
+            opt = cls(model, fisher_interval=2, betas=(0.9, 0.5), seed=0, **kw)
             first_ema = None
             for i in range(5):
                 x, y = rank_batch(rank, i)
@@ -59,6 +62,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 "state": {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in net.named_parameters()},
                 "first_ema": first_ema,
                 "choices": {n: (r["estimator"], r["n_samples"]) for n, r in opt.fisher_report().items()},
+                "adam_scale": opt.loss_scale.adam_scale,
             }
             opt.close()
         torch.save(out, f"{out_dir}/rank{rank}.pt")
@@ -79,6 +83,7 @@ def test_ddp_ranks_stay_identical(tmp_path):
             for k in a["state"][n]:
                 assert torch.equal(a["state"][n][k], b["state"][n][k]), (tag, n, k)
         assert a["choices"] == b["choices"], tag
+        assert a["adam_scale"] == b["adam_scale"] == 1 / (6 * WORLD), tag  # B: the inputs of both ranks
         assert not torch.equal(a["params"]["0.weight"], make_model()[0].weight)  # it did train
     # the first refresh holds the mean over ranks of each rank's own exact estimate (beta2 = 0.5); in auto mode it
     # is a selection's refresh: rank 0's from its selection, the other rank's from estimate_plan, then all-reduced

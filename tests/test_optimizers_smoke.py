@@ -75,6 +75,7 @@ def test_the_baselines_are_the_issue_15_set():
     assert set(DEFAULT_OPTIMIZERS) == {
         "sgd", "adam", "adamw", "schedulefree_adamw", "muon", "soap", "kron", "adahessian", "sophiah", "sophiag",
         "fisher_adam", "fisher_adam_exact", "fisher_adam_mc1", "fisher_adam_hutchinson_batch", "natural_gradient",
+        "sf_fisher_adam", "fisher_adam_010",
     }  # fmt: skip
     import fisher_optim
 

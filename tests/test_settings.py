@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fisher_optim import FisherAdam, FisherSettings, NaturalGradient
+from fisher_optim import FisherAdam, FisherSettings, NaturalGradient, ScheduleFreeFisherAdam
 
 
 def test_defaults_and_frozen():
@@ -58,7 +58,7 @@ def test_build_from_keywords_and_the_010_variance_interval():
         FisherSettings.build({"estimator": "exact"})
 
 
-@pytest.mark.parametrize("cls", [FisherAdam, NaturalGradient])
+@pytest.mark.parametrize("cls", [FisherAdam, NaturalGradient, ScheduleFreeFisherAdam])
 def test_optimizers_take_settings_or_keywords(cls):
     assert len(inspect.signature(cls.__init__).parameters) - 1 <= 12  # self excluded
     net = nn.Linear(3, 2)

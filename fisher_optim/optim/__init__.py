@@ -26,8 +26,8 @@ from ._functional import fisher_adam, natural_gradient, preconditioned_update, r
 from .base import FisherOptimizer
 from .fisher_adam import FisherAdam
 from .natural_gradient import NaturalGradient
-from .schedule_free import ScheduleFreeFisherAdam
 from .report import FisherReport
+from .schedule_free import ScheduleFreeFisherAdam
 
 __all__ = [
     "FisherAdam",

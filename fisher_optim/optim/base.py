@@ -78,7 +78,7 @@ from ._functional import preconditioned_update, refresh_fisher
 from .capture import InputCapture
 from .finite import all_finite, all_zero, describe_nonfinite
 from .report import FisherReport
-from .units import LossScale, check_loss_reduction
+from .units import LossScale
 
 __all__ = ["FisherOptimizer", "FisherReport"]
 
@@ -105,14 +105,12 @@ class FisherOptimizer(Optimizer):
         params: Iterable | None,
         defaults: dict,
         settings: FisherSettings,
-        loss_reduction: str = "mean",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (the network whose Fisher is estimated), got {type(model)}")
         if not isinstance(settings, FisherSettings):
             raise TypeError(f"settings must be a FisherSettings, got {type(settings).__name__}")
         self._settings = settings
-        self._loss_reduction = check_loss_reduction(loss_reduction)
         self._scale: LossScale | None = None  # the latest step's loss size (units.py)
         self._lik = get_likelihood(likelihood)
         self._net, self._pg = distributed.unwrap(model)
@@ -285,12 +283,6 @@ class FisherOptimizer(Optimizer):
         )
 
     @property
-    def loss_reduction(self) -> str:
-        """How the training loss reduces over inputs (``"mean"``, ``"element_mean"``, ``"sum"``;
-        :mod:`fisher_optim.optim.units`)."""
-        return self._loss_reduction
-
-    @property
     def loss_scale(self) -> LossScale | None:
         """The latest step's loss size: inputs ``B``, elements per input, DDP ranks (``None`` before a step)."""
         return self._scale
@@ -302,7 +294,7 @@ class FisherOptimizer(Optimizer):
         if b is not None:
             k = LossScale.elements_per_input(self._lik, self._capture.output_shape)
             world = distributed.world_size(self._pg)
-            self._scale = LossScale(inputs=b, elements=k, world=world, reduction=self._loss_reduction)
+            self._scale = LossScale(inputs=b, elements=k, world=world, reduction=self._settings.loss_reduction)
         return self._scale
 
     # -- the step ------------------------------------------------------------------------------------

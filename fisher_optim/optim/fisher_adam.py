@@ -6,20 +6,17 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .._checks import check_choice, check_clip, check_decay, check_finite_nonnegative
+from .._checks import check_clip, check_decay, check_finite_nonnegative
 from ..likelihoods import Likelihood
 from ..settings import FisherSettings
 from .base import FisherOptimizer
 from .units import LossScale
 
-__all__ = ["FisherAdam", "UNITS"]
-
-#: ``"loss"``: the Fisher of the training loss (Adam's units, the default); ``"input"``: the per-input Fisher (0.1.0)
-UNITS = ("loss", "input")
+__all__ = ["FisherAdam"]
 
 
 class FisherAdam(FisherOptimizer):
-    r"""Adam whose second moment is the running diagonal Fisher of the loss being trained, plus Adam's signal term.
+    r"""Adam whose second moment is the running diagonal Fisher of the loss being trained.
 
     .. math::
 
@@ -27,31 +24,34 @@ class FisherAdam(FisherOptimizer):
         \bar F_k &= \beta_2 \bar F_{k-1} + (1-\beta_2) \hat F_k, \qquad
             F = \max(\bar F_k / (1-\beta_2^k), \rho\,\overline{F})
             \quad\text{(at refresh } k\text{, every } \texttt{fisher\_interval} \text{ steps)} \\
-        \theta_t &= \theta_{t-1}(1-\eta w) - \eta\,
-            \frac{\hat m_t}{\sqrt{F/B + \hat m_t^2 + \lambda} + \epsilon}
+        \theta_t &= \theta_{t-1}(1-\eta w) - \eta\,\mathrm{clip}_c\Big(
+            \frac{\hat m_t}{\sqrt{F/B + \sigma \hat m_t^2 + \lambda} + \epsilon}\Big)
 
     ``g`` is the gradient of the training loss, by default the **mean over the batch's B inputs** of the
     per-input negative log-likelihood (``F.cross_entropy`` with ``reduction="mean"`` on ``(B, C)`` logits; other
     reductions: ``loss_reduction``).  :math:`\hat F_k` is :func:`fisher_optim.diagonal_fisher`'s quantity: the
     **mean over inputs of the per-input** diagonal Fisher (summed over positions for sequence outputs), estimated
     on the first ``fisher_batch`` inputs of the latest batch.  :math:`\overline F` is its mean over the tensor
-    (``floor`` :math:`\rho`, default 0: no floor).
+    (``floor`` :math:`\rho`, default 0: no floor).  Defaults: clip ``c = 1``, no signal term (:math:`\sigma = 0`).
 
     **Units (docs/fisher-math.md §15).**  Under the model, the covariance of the gradient of a mean over ``B``
-    inputs is :math:`F/B`, and Adam's second moment is about :math:`v \approx \bar g^2 + F/B` (``\bar g`` the
-    full-data gradient).  FisherAdam takes the noise part from the Fisher, :math:`F/B` with ``B`` read from the
-    captured batch every step, and the signal part from the first moment, :math:`\hat m^2` (whose own noise,
-    :math:`\tfrac{1-\beta_1}{1+\beta_1} F/B`, is a tenth of the Fisher's at :math:`\beta_1 = 0.9`).  So:
+    inputs is :math:`F/B`, and Adam's second moment is about :math:`v \approx \bar g^2 + F/B` (:math:`\bar g` the
+    full-data gradient).  FisherAdam divides by :math:`\sqrt{F/B}`, with ``B`` read from the captured batch
+    every step (micro-batches joined; all ranks under DDP): where gradient noise dominates its step is Adam's, with
+    an exact (not squared-gradient) estimate of the noise, so **an lr tuned for Adam carries over**, and so does
+    Adam's default ``lr=1e-3``.  Where the signal dominates (:math:`|\hat m| \gg \sqrt{F/B}`, a stale or small
+    Fisher) Adam's denominator grows with :math:`\bar g^2` and FisherAdam's does not; two bounds are offered:
 
-    * the step is :math:`\eta\,|\hat m| / \sqrt{F/B + \hat m^2} < \eta` in **every** coordinate, without a clip
-      (``clip=None`` by default; it is kept for those who want a tighter bound);
-    * where the gradient noise dominates it is Adam's step with an exact (not squared-gradient) estimate of the
-      noise; where the signal dominates it is a sign step of size :math:`\eta`, as Adam's;
-    * an lr tuned for Adam carries over, and so does Adam's default ``lr=1e-3``.
+    * ``clip=1`` (default): the clip in the loss's units, a coordinate moves by at most :math:`\eta` per step, as a
+      sign step of Adam's;
+    * ``signal=True`` (with ``clip=None``): Adam's signal term :math:`\hat m^2` under the root, so
+      :math:`|\hat m| / \sqrt{F/B + \hat m^2} < 1` in every coordinate without a clip;
+    * ``floor=ρ``: the Fisher of each tensor floored at ρ times its mean.
 
-    0.1.0 divided by :math:`\sqrt F` (the per-input scale, ``units="input"``, with ``signal=False``,
-    ``clip=1``, ``lr=5e-3``): its steps were :math:`1/\sqrt B` of Adam's where noise dominates, and the clip
-    carried 59-88 % of the squared update (spec §15).  Those settings reproduce it.
+    The default was chosen by measurement (``benchmarks/results/update_ablation.md``, the optimizer suite and the
+    defaults sweep; docs/fisher-math.md §15 has the numbers): the clip in loss units needed the fewest steps.
+    0.1.0 divided by :math:`\sqrt F` (the per-input scale): ``units="input"`` (with ``lr=5e-3``) reproduces it;
+    its steps were :math:`1/\sqrt B` of Adam's where noise dominates and the clip carried most of the update.
 
     Args:
         model: the network whose output rows are the natural parameters of ``likelihood``.  Its forward
@@ -68,15 +68,7 @@ class FisherAdam(FisherOptimizer):
         eps: :math:`\epsilon` added to the square root (default 1e-8).
         weight_decay: decoupled weight decay :math:`w` (AdamW-style, default 0).
         damping: :math:`\lambda` added under the square root, in the loss's units (default 0).
-        signal: add :math:`\hat m^2` under the square root (default ``True``; ``False``: the Fisher alone).
-        floor: :math:`\rho \ge 0`, the running Fisher of each tensor is floored at ``floor`` times its mean
-            (default 0: no floor).
-        units: ``"loss"`` (default: :math:`F/B`, the covariance of the training gradient) or ``"input"``
-            (:math:`F`, the per-input Fisher, 0.1.0's units).
-        loss_reduction: how the training loss reduces over the batch, which sets ``B``'s role
-            (:mod:`fisher_optim.optim.units`): ``"mean"`` over inputs (default), ``"element_mean"`` over every
-            output element (a token-mean LM loss, ``BCEWithLogitsLoss()`` on pixels), ``"sum"``.
-        clip: per-coordinate bound ``c`` of the preconditioned step (default ``None``: no clip).
+        clip: per-coordinate bound ``c`` of the preconditioned step (default 1.0; ``None``: no clip).
         settings: the estimation settings, a :class:`~fisher_optim.FisherSettings` (default: its defaults):
             ``estimator`` (``"auto"``, the default: per-layer choice of estimator and sample count, see
             :func:`fisher_optim.selection.select`, among ``exact``, ``mc1`` and the Hutchinson estimators; or a
@@ -85,11 +77,17 @@ class FisherAdam(FisherOptimizer):
             estimate; see :func:`~fisher_optim.diagonal_fisher` for each one's scaling: all estimate the mean over
             inputs)), ``n_samples``, ``fisher_interval`` (steps between refreshes, default 10), ``fisher_batch``
             (captured inputs the estimation uses, default 32), ``target_rse``, ``select_interval``,
-            ``max_samples``, ``cost_model``, ``nonfinite``, ``seed``, ``output``.  Auto mode's first refresh is
-            exact (Hutchinson with one probe when the output has more than ``CLOSED_FORM_SEEDS`` = 1024
+            ``max_samples``, ``cost_model``, ``nonfinite``, ``seed``, ``output``, and how the estimate enters the
+            update: ``loss_reduction`` (how the training loss reduces over the batch, which sets ``B``'s role,
+            :mod:`fisher_optim.optim.units`: ``"mean"`` over inputs, the default; ``"element_mean"`` over every
+            output element, as a token-mean LM loss or ``BCEWithLogitsLoss()`` on pixels; ``"sum"``), ``units``
+            (``"loss"``, the default, :math:`F/B`; ``"input"``, :math:`F`, 0.1.0's), ``signal`` (the signal term
+            :math:`\sigma = 1`, default ``False``) and ``floor`` (:math:`\rho`, default 0).  Auto mode's first
+            refresh is exact (Hutchinson with one probe when the output has more than ``CLOSED_FORM_SEEDS`` = 1024
             positions x classes per input: no exact pass on a language model) and its first selection at the
             second; it re-selects every ``select_interval`` steps (default 50 refreshes), doubled after each
-            selection that keeps the plan in use (up to 8x; reset when the plan changes) (:mod:`fisher_optim.schedule`).
+            selection that keeps the plan in use (up to 8x; reset when the plan changes;
+            :mod:`fisher_optim.schedule`).
         **kwargs: any field of :class:`~fisher_optim.FisherSettings` as a keyword (``estimator="exact"``), over
             ``settings``; 0.1.0's ``variance_interval`` (refreshes between selections) is converted to
             ``select_interval``.  Unknown keywords raise :class:`TypeError`.
@@ -125,37 +123,34 @@ class FisherAdam(FisherOptimizer):
         weight_decay: float = 0.0,
         *,
         damping: float = 0.0,
-        signal: bool = False,
-        floor: float = 0.0,
-        units: str = "loss",
-        loss_reduction: str = "mean",
         clip: float | None = 1.0,
         settings: FisherSettings | None = None,
         foreach: bool | None = None,
         **kwargs,
     ):
         settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
-        defaults = check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                              damping=damping, signal=signal, floor=floor, units=units)  # fmt: skip
+        defaults = check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        check_finite_nonnegative("damping value", damping)
         check_clip(clip)
-        defaults.update(clip=clip, foreach=foreach)
-        super().__init__(model, likelihood, params, defaults, settings, loss_reduction)
+        defaults.update(damping=damping, clip=clip, foreach=foreach)
+        super().__init__(model, likelihood, params, defaults, settings)
 
     def _update_kwargs(self, group: dict, scale: LossScale) -> dict:
         return dict(lr=group["lr"], beta1=group["betas"][0], bias_correction=True,
-                    fisher_scale=fisher_scale(group, scale), damping=group["damping"], signal=group["signal"],
+                    fisher_scale=fisher_scale(self.settings, scale), damping=group["damping"],
+                    signal=self.settings.signal,
                     power=0.5, eps=group["eps"], weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["betas"][1], floor=group["floor"])
+        return dict(beta2=group["betas"][1], floor=self.settings.floor)
 
 
-def fisher_scale(group: dict, scale: LossScale | None) -> float:
+def fisher_scale(settings: FisherSettings, scale: LossScale | None) -> float:
     """What the running Fisher is multiplied by in the denominator: the loss's covariance factor, or 1."""
-    return scale.adam_scale if group["units"] == "loss" and scale is not None else 1.0
+    return scale.adam_scale if settings.units == "loss" and scale is not None else 1.0
 
 
-def check_adam_hyperparameters(*, lr, betas, eps, weight_decay, damping, signal, floor, units) -> dict:
+def check_adam_hyperparameters(*, lr, betas, eps, weight_decay) -> dict:
     """Validate FisherAdam's (and ScheduleFreeFisherAdam's) hyperparameters; the param-group defaults."""
     check_finite_nonnegative("learning rate", lr)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -164,10 +159,4 @@ def check_adam_hyperparameters(*, lr, betas, eps, weight_decay, damping, signal,
     check_decay("beta parameter at index 1", betas[1])
     check_finite_nonnegative("epsilon value", eps)
     check_finite_nonnegative("weight_decay value", weight_decay)
-    check_finite_nonnegative("damping value", damping)
-    check_finite_nonnegative("floor value", floor)
-    if not isinstance(signal, bool):
-        raise ValueError(f"Invalid signal: {signal!r}. Must be True or False")
-    check_choice("units", units, UNITS)
-    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping, signal=signal,
-                floor=floor, units=units)  # fmt: skip
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

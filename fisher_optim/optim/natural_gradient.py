@@ -29,7 +29,10 @@ class NaturalGradient(FisherOptimizer):
     :math:`\hat F_k` (refresh ``k``) the mean over inputs of the per-input diagonal Fisher
     (:func:`fisher_optim.diagonal_fisher`), :math:`\tilde F` its bias-corrected running average: the Fisher of
     that same mean loss, so with ``lr=1``, no momentum and no damping the step is the diagonal
-    Fisher-scoring (Gauss-Newton) step.  Momentum ``mu`` multiplies the long-run step by ``1/(1-mu)``.
+    Fisher-scoring (Gauss-Newton) step.  With another ``loss_reduction`` (a :class:`~fisher_optim.FisherSettings`
+    field) the Fisher is put in that loss's units: the curvature of :math:`L = w \sum_m \ell_m` is
+    :math:`wB\,F` (:mod:`fisher_optim.optim.units`, docs/fisher-math.md §15; 1 for the mean loss).
+    Momentum ``mu`` multiplies the long-run step by ``1/(1-mu)``.
     With a ``clip`` this is Sophia's update (Liu et al. 2023) with a true-Fisher estimate.  Without it the
     defaults diverge on sklearn digits (tiny Fisher entries with large data gradients), hence ``clip=1``.
     State: ``exp_avg`` holds the gradient EMA :math:`(1-\mu)\, m_t`, so the step uses ``exp_avg / (1 - mu)``
@@ -75,7 +78,6 @@ class NaturalGradient(FisherOptimizer):
         *,
         fisher_decay: float = 0.99,
         clip: float | None = 1.0,
-        loss_reduction: str = "mean",
         settings: FisherSettings | None = None,
         foreach: bool | None = None,
         **kwargs,
@@ -90,7 +92,7 @@ class NaturalGradient(FisherOptimizer):
         check_clip(clip)
         defaults = dict(lr=lr, momentum=momentum, damping=damping, fisher_decay=fisher_decay,
                         weight_decay=weight_decay, clip=clip, foreach=foreach)  # fmt: skip
-        super().__init__(model, likelihood, params, defaults, settings, loss_reduction)
+        super().__init__(model, likelihood, params, defaults, settings)
 
     def _update_kwargs(self, group: dict, scale: LossScale | None) -> dict:
         mu = group["momentum"]

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_clip, check_decay, check_finite_nonnegative
+from .._checks import check_clip
 from ..likelihoods import Likelihood
 from ..settings import FisherSettings
 from ._functional import schedule_free_swap, schedule_free_update
@@ -18,6 +18,9 @@ from .fisher_adam import check_adam_hyperparameters, fisher_scale
 from .units import LossScale
 
 __all__ = ["ScheduleFreeFisherAdam"]
+
+#: the average's weights are ``lr_max ** WEIGHT_LR_POWER`` (schedulefree's ``weight_lr_power=2``, ``r=0``)
+WEIGHT_LR_POWER = 2.0
 
 
 class ScheduleFreeFisherAdam(FisherOptimizer):
@@ -29,16 +32,20 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
     .. math::
 
         y_t &= (1-\beta)\, z_t + \beta\, x_t, \qquad g_t = \nabla L(y_t), \qquad
-            u_t = \frac{g_t}{\sqrt{F/B + \hat m_t^2 + \lambda} + \epsilon} + w\, y_t \\
+            u_t = \mathrm{clip}_c\Big(\frac{g_t}{\sqrt{F/B} + \epsilon}\Big) + w\, y_t \\
         z_{t+1} &= z_t - \eta_t u_t, \qquad x_{t+1} = (1 - c_{t+1})\, x_t + c_{t+1} z_{t+1}, \qquad
-            c_{t+1} = \frac{(t+1)^r \eta_{\max}^{p}}{\sum_{i \le t+1} i^r \eta_{\max,i}^{p}}
+            c_{t+1} = \frac{\eta_{\max,t+1}^2}{\sum_{i \le t+1} \eta_{\max,i}^2}
 
     with :math:`\eta_t` the lr times a linear warmup over ``warmup_steps``, ``F`` the running Fisher
     (per-input units, as :class:`~fisher_optim.optim.FisherAdam`: refreshed every ``fisher_interval`` steps,
     decay ``betas[1]`` per refresh), ``F/B`` its value in the training loss's units (``B`` inputs in the captured
-    batch; ``loss_reduction``, :mod:`fisher_optim.optim.units`) and :math:`\hat m` the bias-corrected EMA of the
-    gradients (decay ``signal_beta``), Adam's signal term: :math:`|g|/\sqrt{F/B + \hat m^2}` is bounded where the
-    gradient's mean dominates its noise, as Adam's :math:`g/\sqrt v` is.
+    batch; ``settings.loss_reduction``, :mod:`fisher_optim.optim.units`) and ``c`` the clip (default 1: a
+    coordinate of ``z`` moves by at most :math:`\eta`).  Schedule-Free has no first moment, so the raw gradient is
+    divided; with ``signal=True`` (a :class:`~fisher_optim.FisherSettings` field) the denominator is
+    :math:`\sqrt{F/B + \hat m^2}` instead, :math:`\hat m` the bias-corrected EMA of the gradients (decay
+    :math:`\beta`): Adam's signal term.  :math:`\eta_{\max,t}` is the largest lr so far and the average's weight
+    :math:`\eta_{\max}^2`, the package's defaults (``r=0``, ``weight_lr_power=2``).  The clip was the better of
+    the two in a one-seed lr-tuned check (``benchmarks/results/update_ablation.md``).
 
     **The Fisher is estimated at y.**  In train mode the model's parameters hold ``y``: the training forward, its
     gradient and the captured batch that the refresh estimates on are all at ``y``, with no special case (a
@@ -58,11 +65,10 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
             learning rates than a scheduled Adam).
         betas: :math:`(\beta, \beta_2)`: the interpolation :math:`\beta` (default 0.9) and the running Fisher's
             decay per refresh (default 0.99).
-        eps, weight_decay, damping, floor, units, loss_reduction: as in FisherAdam (weight decay at ``y``).
-        signal: add :math:`\hat m^2` under the square root (default ``True``).
-        signal_beta: decay of the gradient EMA :math:`\hat m` of the signal term (default 0.9).
+        eps, weight_decay: as in FisherAdam (weight decay at ``y``, as schedulefree's).
+        clip: per-coordinate bound ``c`` of ``g / d`` (default 1.0; ``None``: no clip).
         warmup_steps: linear lr warmup (default 0).
-        r, weight_lr_power: the averaging weights :math:`(t+1)^r \eta_{\max}^{p}` (defaults 0 and 2, the package's).
+        settings, **kwargs: as in FisherAdam, ``loss_reduction``, ``units``, ``signal`` and ``floor`` included.
 
     Example:
         >>> import torch
@@ -92,32 +98,20 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         *,
-        damping: float = 0.0,
-        signal: bool = False,
-        signal_beta: float = 0.9,
         clip: float | None = 1.0,
-        floor: float = 0.0,
-        units: str = "loss",
-        loss_reduction: str = "mean",
         warmup_steps: int = 0,
-        r: float = 0.0,
-        weight_lr_power: float = 2.0,
         settings: FisherSettings | None = None,
         foreach: bool | None = None,
         **kwargs,
     ):
         settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
-        defaults = check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                              damping=damping, signal=signal, floor=floor, units=units)  # fmt: skip
-        check_decay("signal_beta value", signal_beta)
+        defaults = check_adam_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         check_clip(clip)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps}")
-        check_finite_nonnegative("r value", r)
-        check_finite_nonnegative("weight_lr_power value", weight_lr_power)
-        defaults.update(clip=clip, signal_beta=signal_beta, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
-                        foreach=foreach, k=0, weight_sum=0.0, lr_max=-1.0, train_mode=True)  # fmt: skip
-        super().__init__(model, likelihood, params, defaults, settings, loss_reduction)
+        defaults.update(clip=clip, warmup_steps=warmup_steps, foreach=foreach, k=0, weight_sum=0.0, lr_max=-1.0,
+                        train_mode=True)  # fmt: skip
+        super().__init__(model, likelihood, params, defaults, settings)
         self._warned_eval = False
         ref = weakref.ref(self)  # the capture's hooks hold no reference to the optimizer
 
@@ -180,17 +174,17 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
         return state
 
     def _update_kwargs(self, group: dict, scale: LossScale) -> dict:  # the denominator's constants
-        return dict(fisher_scale=fisher_scale(group, scale), damping=group["damping"], eps=group["eps"])
+        return dict(fisher_scale=fisher_scale(self.settings, scale), damping=0.0, eps=group["eps"])
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["betas"][1], floor=group["floor"])
+        return dict(beta2=group["betas"][1], floor=self.settings.floor)
 
     def _update(self, group, params, grads, states, scale) -> None:
         k = group["k"]
         sched = min(1.0, (k + 1) / group["warmup_steps"]) if group["warmup_steps"] > 0 else 1.0
         lr = group["lr"] * sched
         group["lr_max"] = lr_max = max(lr, group["lr_max"])
-        weight = (k + 1) ** group["r"] * lr_max ** group["weight_lr_power"]
+        weight = lr_max**WEIGHT_LR_POWER  # schedulefree's defaults: r = 0, weight_lr_power = 2
         group["weight_sum"] += weight
         ckp1 = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
         group["k"] = k + 1
@@ -198,13 +192,13 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
             params,
             grads,
             [s["z"] for s in states],
-            [s["exp_avg"] for s in states] if group["signal"] else None,
+            [s["exp_avg"] for s in states] if self.settings.signal else None,
             [s["fisher"] for s in states],
             [s["step"] for s in states],
             lr=lr,
             beta=group["betas"][0],
             ckp1=ckp1,
-            signal_beta=group["signal_beta"],
+            signal_beta=group["betas"][0],
             clip=group["clip"],
             weight_decay=group["weight_decay"],
             foreach=group["foreach"],

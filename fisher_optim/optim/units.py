@@ -10,7 +10,7 @@ the model (labels drawn from it, docs/fisher-math.md §15):
   squared mean gradient): FisherAdam's units, ``adam_scale``;
 * the **curvature** (Gauss-Newton) of :math:`L` is :math:`w B F`: NaturalGradient's units, ``curvature_scale``.
 
-``loss_reduction`` says what :math:`w` is:
+``FisherSettings.loss_reduction`` says what :math:`w` is:
 
 ========================  =====================================================  ===========================
 ``loss_reduction``         the loss                                               :math:`w`
@@ -38,16 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_choice
 from ..likelihoods import Categorical, Likelihood
 
-__all__ = ["LOSS_REDUCTIONS", "LossScale", "check_loss_reduction"]
-
-LOSS_REDUCTIONS = ("mean", "element_mean", "sum")
-
-
-def check_loss_reduction(value: str) -> str:
-    return check_choice("loss_reduction", value, LOSS_REDUCTIONS)
+__all__ = ["LossScale"]
 
 
 @dataclass(frozen=True)
