@@ -261,3 +261,31 @@ def test_nonfinite_step_changes_nothing():
 def test_invalid_hyperparameters(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         ScheduleFreeFisherAdam(make_mlp(), **kwargs)
+
+
+def test_with_ewc_the_anchor_is_x():
+    """EWC on top: the penalty's gradient is part of the step, and consolidating in eval mode anchors at x, the
+    average Schedule-Free evaluates (the consolidation forward is the library's own: not captured, no warning)."""
+    from fisher_optim import EWC
+
+    net = make_mlp()
+    opt = ScheduleFreeFisherAdam(net, estimator="exact")
+    ewc = EWC(net, likelihood="categorical", lam=10.0)
+    for task in range(2):
+        for i in range(3):
+            xb, yb = batch(10 * task + i)
+            (nn.functional.cross_entropy(net(xb), yb) + ewc.penalty()).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.eval()
+        x_pt = [p.detach().clone() for p in net.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ewc.consolidate(batch(99)[0])
+        opt.train()
+        assert float(ewc.penalty().detach()) > 0  # the anchor is x, and the parameters hold y again
+        opt.eval()
+        assert all(torch.equal(a, b) for a, b in zip(x_pt, net.parameters()))
+        opt.train()
+    assert opt.fisher_report().skipped_steps == 0
+    opt.close()
