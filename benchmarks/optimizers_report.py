@@ -19,6 +19,10 @@ __all__ = ["write_markdown", "plot", "problem_stats"]
 
 MAIN = "fisher_adam"
 GOAL_STEPS, GOAL_TIME = 2 / 3, 1 / 2  # issue 15's goal: fewer steps on 2/3 of the problems, less time on half
+#: issue 19: FisherAdam or its Schedule-Free form against AdamW on 8 of 11 (steps) and 6 of 11 (time), and the
+#: Schedule-Free form against Schedule-Free AdamW on 6 of 11 (steps)
+SF_MAIN, SF_REF = "sf_fisher_adam", "schedulefree_adamw"
+GOAL19_STEPS, GOAL19_TIME, GOAL19_SF = 8 / 11, 6 / 11, 6 / 11
 
 
 # -- numbers ---------------------------------------------------------------------------------------------
@@ -62,6 +66,8 @@ def problem_stats(prob: Problem, res: dict, key: str) -> dict[str, dict]:
                 "ms": paired_ratio(_by_seed(rs, "ms_per_step"), _by_seed(b, "ms_per_step")),
                 "final": paired_difference(_by_seed(rs, "final_val"), _by_seed(b, "final_val")),
             }
+        if o == SF_MAIN and SF_REF in runs:  # the Schedule-Free form against its first-order counterpart
+            s["vs_sf"] = paired_ratio(_by_seed(rs, "steps_to_target"), _by_seed(runs[SF_REF], "steps_to_target"))
         out[o] = s
     return out
 
@@ -236,6 +242,7 @@ def _findings(problems, res, stats, keys, label) -> list[str]:
                      + ", ".join(f"{vs[k]['ms'].median:.2f}×" for k in slow)
                      + f" {label(ref)}'s, more than the step saving.")  # fmt: skip
         L.append("")
+    L += issue19_goals(stats, keys, label, ref)
     best = []
     for k in keys:
         cand = {o: s["steps"][0] for o, s in stats[k].items()}
@@ -281,14 +288,20 @@ def goal_needs(stats, have: list[str], o: str, name: str, ref_name: str) -> list
 LM_GOAL = 1.10
 
 
-def lm_goal(stats, lm_keys: list[str], label) -> list[str]:
-    """The LM part of the goal: median steps of ``MAIN`` against the fewest median steps of any baseline (an
-    optimizer not from fisher_optim), per LM problem."""
+def _is_baseline(o: str) -> bool:
+    return not o.startswith(("fisher_", "natural_", "sf_fisher"))
+
+
+def lm_goal(stats, lm_keys: list[str], label, main=(MAIN,)) -> list[str]:
+    """The LM part of the goal: median steps of ``main`` (the fewest of its optimizers) against the fewest median
+    steps of any baseline (an optimizer not from fisher_optim), per LM problem."""
     L = []
     for k in lm_keys:
-        base = {o: s["steps"][0] for o, s in stats[k].items() if not o.startswith(("fisher_", "natural_"))}
+        base = {o: s["steps"][0] for o, s in stats[k].items() if _is_baseline(o)}
         finite = {o: v for o, v in base.items() if math.isfinite(v)}
-        mine = stats[k].get(MAIN, {}).get("steps", (math.nan,))[0]
+        ours = {o: stats[k][o]["steps"][0] for o in main if o in stats[k]}
+        mine_o = min(ours, key=lambda o: ours[o] if math.isfinite(ours[o]) else math.inf) if ours else main[0]
+        mine = ours.get(mine_o, math.nan)
         if not finite:
             L.append(f"LM goal on {k}: no baseline reached the target in half its seeds; not decidable.")
             continue
@@ -298,10 +311,55 @@ def lm_goal(stats, lm_keys: list[str], label) -> list[str]:
             continue
         ratio = mine / finite[b] if math.isfinite(mine) else math.inf
         verdict = "met" if ratio <= LM_GOAL else "not met"
-        L.append(f"LM goal on {k} ({label(MAIN)} within {LM_GOAL - 1:.0%} of the best baseline's median steps): "
+        L.append(f"LM goal on {k} ({label(mine_o)} within {LM_GOAL - 1:.0%} of the best baseline's median steps): "
                  f"{verdict}: {_num(mine, '.0f')} steps against {label(b)}'s {finite[b]:.0f} "
                  f"({_num(ratio, '.2f')}×).")  # fmt: skip
     return L + ([""] if L else [])
+
+
+def issue19_goals(stats, keys: list[str], label, ref: str) -> list[str]:
+    """Issue 19's goals, from the paired medians: FisherAdam or ScheduleFreeFisherAdam (whichever is better per
+    problem) against the reference in steps and wall-clock, ScheduleFreeFisherAdam against Schedule-Free AdamW in
+    steps, and both LMs within 10 % of the best baseline; what each would need where it is missed."""
+    ours = [o for o in (MAIN, SF_MAIN) if any("vs_ref" in stats[k].get(o, {}) for k in keys)]
+    if not ours:
+        return []
+    n = len(keys)
+
+    def ratio(k, o, what):
+        v = stats[k].get(o, {}).get("vs_ref")
+        return v[what].median if v is not None and v[what].n else math.inf
+
+    best_s = {k: min(ratio(k, o, "steps") for o in ours) for k in keys}
+    best_t = {k: min(ratio(k, o, "time") for o in ours) for k in keys}
+    fs, ft = [k for k in keys if best_s[k] < 1], [k for k in keys if best_t[k] < 1]
+    names = " or ".join(label(o) for o in ours)
+    need_s, need_t = math.ceil(GOAL19_STEPS * n - 1e-9), math.ceil(GOAL19_TIME * n - 1e-9)
+    L = [f"**Goal** (issue 19): {names} (defaults except lr) needs fewer steps than {label(ref)} on at least "
+         f"{need_s} of {n} problems and less wall-clock on at least {need_t}. Measured (the better of the two per "
+         f"problem, median paired ratio < 1): fewer steps on {len(fs)} of {n} "
+         f"({'met' if len(fs) >= need_s else 'not met'}: {', '.join(fs) or 'none'}), less wall-clock on {len(ft)} "
+         f"of {n} ({'met' if len(ft) >= need_t else 'not met'}: {', '.join(ft) or 'none'})."]  # fmt: skip
+    if len(fs) < need_s:
+        behind = sorted((r, k) for k, r in best_s.items() if r >= 1)
+        L.append(f"Steps: {need_s - len(fs)} more problem(s) needed; the best ratio where it is not below 1, closest "
+                 "first: " + ", ".join(f"{k} {_num(r, '.2f')}×" for r, k in behind) + ".")  # fmt: skip
+    if len(ft) < need_t:
+        behind = sorted((r, k) for k, r in best_t.items() if r >= 1)
+        L.append(f"Wall-clock: {need_t - len(ft)} more problem(s) needed; the best time ratio where it is not below "
+                 "1, closest first: " + ", ".join(f"{k} {_num(r, '.2f')}×" for r, k in behind) + ".")  # fmt: skip
+    have_sf = [k for k in keys if stats[k].get(SF_MAIN, {}).get("vs_sf") is not None]
+    if have_sf:
+        sf = {k: stats[k][SF_MAIN]["vs_sf"].median if stats[k][SF_MAIN]["vs_sf"].n else math.inf for k in have_sf}
+        wins = [k for k in have_sf if sf[k] < 1]
+        need = math.ceil(GOAL19_SF * n - 1e-9)
+        L.append(f"{label(SF_MAIN)} against {label(SF_REF)} (median paired steps ratio < 1): fewer steps on "
+                 f"{len(wins)} of {len(have_sf)} ({'met' if len(wins) >= need else 'not met'}, goal {need} of {n}); "
+                 "ratios: " + ", ".join(f"{k} {_num(sf[k], '.2f')}×" for k in have_sf) + ".")  # fmt: skip
+    L.append("")
+    lm = [k for k in keys if k.startswith("lm")]
+    L += lm_goal(stats, lm, label, tuple(ours)) if lm else []
+    return L
 
 
 def _summary(problems, stats, keys, label, ref) -> list[str]:

@@ -338,3 +338,33 @@ def test_goal_needs_names_the_missing_problems_and_the_cost_allowance():
     assert "Less wall-clock on 1 more problem(s)" in lines[1]
     assert "b 1.25/1.40×" in lines[1] and "within the allowance on 1 problem(s)" in lines[1]
     assert "step too dear on b" in lines[1]
+
+
+def test_issue19_goals_count_the_better_of_the_two_and_name_what_is_missing():
+    """The issue-19 findings from hand-made paired statistics: per problem the better of FisherAdam and its
+    Schedule-Free form counts; the Schedule-Free form against Schedule-Free AdamW; the LM goal from the best of ours."""
+    from benchmarks import optimizers_report as rep
+    from benchmarks.stats import median_ci, paired_ratio
+
+    def st(steps_ratio, time_ratio, median_steps, vs_sf=None):
+        seeds = range(5)
+        out = {"steps": median_ci([median_steps] * 5),
+               "vs_ref": {"steps": paired_ratio({s: steps_ratio for s in seeds}, {s: 1.0 for s in seeds}),
+                          "time": paired_ratio({s: time_ratio for s in seeds}, {s: 1.0 for s in seeds})}}  # fmt: skip
+        if vs_sf is not None:
+            out["vs_sf"] = paired_ratio({s: vs_sf for s in seeds}, {s: 1.0 for s in seeds})
+        return out
+
+    keys = [f"p{i}" for i in range(10)] + ["lm_x"]
+    stats = {k: {"fisher_adam": st(0.8 if i < 6 else 1.2, 0.9 if i < 4 else 1.1, 100),
+                 "sf_fisher_adam": st(0.7 if i in (6, 7) else 1.3, 1.5, 100, vs_sf=0.9 if i < 3 else 1.1),
+                 "adamw": {"steps": median_ci([120] * 5)},
+                 "schedulefree_adamw": {"steps": median_ci([95] * 5)}}
+             for i, k in enumerate(keys)}  # fmt: skip
+    text = "\n".join(rep.issue19_goals(stats, keys, lambda o: o, "adamw"))
+    assert "fewer steps on 8 of 11 (met: p0, p1, p2, p3, p4, p5, p6, p7)" in text
+    assert "less wall-clock on 4 of 11 (not met" in text and "Wall-clock: 2 more problem(s) needed" in text
+    assert "fewer steps on 3 of 11 (not met, goal 6 of 11)" in text
+    assert "LM goal on lm_x (fisher_adam within 10% of the best baseline's median steps): not met: 100 steps " \
+           "against schedulefree_adamw's 95" not in text  # 100/95 = 1.05: within 10 %
+    assert "LM goal on lm_x" in text and ": met: 100 steps against schedulefree_adamw's 95 (1.05×)" in text
