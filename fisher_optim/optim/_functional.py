@@ -70,16 +70,33 @@ def default_foreach(tensors: list[Tensor]) -> bool:
 
 
 # -- update ---------------------------------------------------------------------------------------------
-def _ema_weight(step: Tensor, beta1: float) -> Tensor:
-    r"""Bias-corrected weight of the new gradient, :math:`(1-\beta_1)/(1-\beta_1^t)`, from a step tensor."""
+def _ema_weight(step: Tensor, beta1: float) -> Tensor | float:
+    r"""Bias-corrected weight of the new gradient, :math:`(1-\beta_1)/(1-\beta_1^t)`, from a step tensor: on the
+    device (no host read) for an accelerator's counter; for a CPU counter a Python float (reading it costs nothing,
+    and five scalar tensor operations per parameter cost more than the update of a small layer)."""
+    if step.device.type == "cpu":
+        return (1.0 - beta1) / (1.0 - beta1 ** float(step))
     return torch.pow(beta1, step).neg_().add_(1).reciprocal_().mul_(1.0 - beta1)
 
 
-def _ema_weights(steps: list[Tensor], beta1: float, bias_correction: bool) -> list[Tensor] | float:
+def _lerp_all(ms: list[Tensor], gs: list[Tensor], w: list[Tensor] | list[float] | float) -> None:
+    """``m.lerp_(g, w)`` for every pair, fused where ``w`` is one number or a list of tensors."""
+    if isinstance(w, list) and w and not isinstance(w[0], Tensor):  # CPU counters at different steps
+        for m, g, x in zip(ms, gs, w):
+            m.lerp_(g, x)
+    else:
+        torch._foreach_lerp_(ms, gs, w)
+
+
+def _ema_weights(steps: list[Tensor], beta1: float, bias_correction: bool) -> list[Tensor] | list[float] | float:
     """:func:`_ema_weight` for a list of step tensors (the same operations, as ``torch._foreach_*`` calls),
-    or the constant ``1 - beta1`` without bias correction."""
+    or the constant ``1 - beta1`` without bias correction.  CPU counters that all hold the same step give one
+    Python float (:func:`_ema_weight`'s)."""
     if not bias_correction:
         return 1.0 - beta1
+    if steps[0].device.type == "cpu":
+        w = [_ema_weight(t, beta1) for t in steps]
+        return w[0] if all(x == w[0] for x in w) else w
     w = torch._foreach_pow(beta1, steps)
     torch._foreach_neg_(w)
     torch._foreach_add_(w, 1)
@@ -177,7 +194,7 @@ def preconditioned_update(
         torch._foreach_add_(t_, 1)
         if g_[0].dtype != m_[0].dtype:  # bf16/fp16 gradients, float32 state
             g_ = [g.to(m.dtype) for g, m in zip(g_, m_)]
-        torch._foreach_lerp_(m_, g_, _ema_weights(t_, beta1, bias_correction))
+        _lerp_all(m_, g_, _ema_weights(t_, beta1, bias_correction))
         if weight_decay != 0:
             torch._foreach_mul_(p_, 1.0 - lr * weight_decay)
         d_ = _denominators(f_, m_, **den)
@@ -258,7 +275,7 @@ def schedule_free_update(
             g_ = [g.to(z.dtype) for g, z in zip(g_, z_)]
         if signal:
             m_ = tensors[5]
-            torch._foreach_lerp_(m_, g_, _ema_weights(t_, signal_beta, True))
+            _lerp_all(m_, g_, _ema_weights(t_, signal_beta, True))
         else:
             m_ = g_
         u = torch._foreach_div(g_, _denominators(f_, m_, **den))
