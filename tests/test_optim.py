@@ -21,10 +21,11 @@ from torch import nn
 
 import fisher_optim.optim.base as base_mod
 from fisher_optim import diagonal_fisher
-from fisher_optim.optim import FisherAdam, NaturalGradient
+from fisher_optim.optim import FisherAdam, NaturalGradient, ScheduleFreeFisherAdam
 
 DTYPE = torch.float64
 OPTIMIZERS = {"FisherAdam": FisherAdam, "NaturalGradient": NaturalGradient}
+DEFAULTS = dict(OPTIMIZERS, ScheduleFreeFisherAdam=ScheduleFreeFisherAdam)
 
 
 @pytest.fixture(autouse=True)
@@ -795,6 +796,8 @@ def digits_accuracy(make_opt, seed: int = 0, epochs: int = 15, batch_size: int =
             nn.functional.cross_entropy(net(X[b]), y[b]).backward()
             opt.step()
             opt.zero_grad()
+    if hasattr(opt, "eval"):  # Schedule-Free: evaluate at the average x
+        opt.eval()
     if hasattr(opt, "close"):
         opt.close()
     with torch.no_grad():
@@ -806,15 +809,16 @@ def adam_digits_accuracy(seed: int) -> float:
     return digits_accuracy(lambda net: torch.optim.Adam(net.parameters()), seed)
 
 
-@pytest.mark.parametrize("kind, seed", [("FisherAdam", 0), ("FisherAdam", 1), ("NaturalGradient", 0)])
+@pytest.mark.parametrize("kind, seed", [("FisherAdam", 0), ("FisherAdam", 1), ("NaturalGradient", 0),
+                                        ("ScheduleFreeFisherAdam", 0), ("ScheduleFreeFisherAdam", 1)])
 def test_defaults_train_digits_at_least_as_well_as_adam(kind, seed):
     """Default hyperparameters (auto mode), 15 epochs, batch 32, MLP 64-64-10 tanh: test accuracy at least
     Adam's with its defaults, to within one point (3.6 of the 360 test digits), same initial parameters and
-    batch order.  (With lr=1e-3, FisherAdam falls ~5 points short: the test can fail.  The defaults were
-    chosen over a wider set of models, ``benchmarks/results/defaults_sweep.md``; FisherAdam's lr=5e-3 gives
-    0.944 against Adam's 0.950 on seed 1, where the former MLP-tuned 2e-2 was ahead.)"""
+    batch order.  (The test can fail: FisherAdam at lr=1e-4 ends at 0.831 / 0.861 against Adam's 0.947 / 0.950 on
+    seeds 0 / 1; at its default lr=2e-3 it gives 0.956 / 0.964, ScheduleFreeFisherAdam at 5e-3 0.956 / 0.964.  The
+    defaults were chosen over a wider set of models, ``benchmarks/results/defaults_sweep.md``.)"""
     adam = adam_digits_accuracy(seed)
-    fisher = digits_accuracy(lambda net: OPTIMIZERS[kind](net, likelihood="categorical"), seed)
+    fisher = digits_accuracy(lambda net: DEFAULTS[kind](net, likelihood="categorical"), seed)
     assert adam > 0.9  # the task is learnt at all
     assert fisher >= adam - 0.01, (fisher, adam)
 

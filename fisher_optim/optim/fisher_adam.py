@@ -117,7 +117,7 @@ class FisherAdam(FisherOptimizer):
         model: nn.Module,
         likelihood: str | Likelihood = "categorical",
         params: Iterable | None = None,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.0,

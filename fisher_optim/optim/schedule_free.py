@@ -93,7 +93,7 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
         model: nn.Module,
         likelihood: str | Likelihood = "categorical",
         params: Iterable | None = None,
-        lr: float = 2.5e-3,
+        lr: float = 5e-3,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
