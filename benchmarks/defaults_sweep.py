@@ -284,63 +284,46 @@ def report(results: dict, cfgs: list[Config], args, argv: list[str], total_s: fl
                 loss = f"loss {fmt(r['loss'])}, " if r["steps"] == args.steps else ""
                 row.append(f"{loss}{r['first_step_s']:.2f} s / {r['wall_s']:.1f} s")
             lines.append(f"| {name.split(' (')[0]} auto | " + " | ".join(row) + " |")
-    lines += ["", "## Reading", "", NOTES.strip(), ""]
+    lines += ["", "## Reading (generated from the tables)", "", *reading(results, cfgs), "", NOTES.strip(), ""]
     return "\n".join(lines)
 
 
 NOTES = """
-Written from this table (seed 0) and from two-seed checks run while choosing (quoted as seed 0 / seed 1).  One
-seed: differences of a few per cent are noise.  All runs are 100 steps, as the issue asks (none shortened).
-
-**The defaults chosen.**  FisherAdam ``lr=5e-3`` (was 2e-2), NaturalGradient ``lr=2e-3`` (was 5e-3); clip 1,
-damping (0 / 1e-3) and ``fisher_interval=10`` unchanged: no other value of them wins across the models (clip=None
-diverges on the CNN and the ViT; clip=0.3 and the dampings trade one model for another; ``fisher_interval=50``
-often ends lower at 100 steps but loses MobileNetV3, 1.233).  The lr is a compromise between two groups that no
-single value serves: the train-mode BatchNorm networks train best at 1e-3 to 2e-3 (FisherAdam on MobileNetV3:
-0.212 at 1e-3, 9.540 at the former 2e-2; on ResNet-18 0.022 at 1e-3, 0.398 at 2e-2), while the logistic
-regression, the CNN, the Transformer and the LSTM need 5e-3 or more (at 2e-3 FisherAdam misses all four).
-5e-3 meets AdamW on five models of seven for FisherAdam (ResNet-18 is close to the line: 0.151 / 0.171 against
-AdamW's 0.211 / 0.150, a miss on seed 1), 2e-3 on four for NaturalGradient (5e-3 on three: it lost the
-Transformer, 1.567 / 1.753 against 1.506 / 1.357).
-
-**Where FisherAdam's defaults miss, and why.**
-
-* *MobileNetV3-small* (0.485 against 0.366).  FisherAdam needs lr <= 2e-3 there; a smaller clip does not rescue
-  larger lrs (clip=0.3: 0.450; lr=1e-2 with clip=0.25: 0.891 in the checks), so it is the typical step
-  ``lr |m| / sqrt(F)`` that is too large, not a few clipped coordinates.  The cause inside the network
-  (which layers' Fisher is small against their gradient) was not isolated here.
-* *ViT* (2.030 against 1.842).  torchvision zero-initialises the ViT's classification head, so at step 0 the
-  gradient **and the Fisher** of every parameter below the head are exactly 0 (checked with ``exact`` and
-  ``mc1``).  The first refresh then sets the preconditioner of the whole body to ``1/eps`` until the next
-  refresh at step 10: nine steps of clipped sign descent of size ``lr``.  Refreshing every step removes it:
-  ``fisher_interval=1`` reaches 1.826 here, and with lr=5e-3 1.826 / 1.449 against AdamW's 1.842 / 1.529 on two
-  seeds (``fisher_interval`` 2 and 5 do not: 2.011 / 1.704, 2.047 / 1.697).  Beyond that the ViT prefers
-  Adam-sized steps (AdamW at 3e-3 is worse than at 1e-3; with the head re-initialised AdamW reaches
-  1.195 / 1.058 and FisherAdam 1.311 / 1.243).  A library fix (refresh again at the next step when a refresh
-  finds a parameter's Fisher identically zero, or leave such parameters unpreconditioned until then) is an
-  internal change, outside this sweep.
-
-**Where NaturalGradient's defaults miss**: ResNet-18 (0.466 against 0.211), MobileNetV3 (2.805 against 0.366)
-and the ViT (1.955 against 1.842), at every lr, clip, damping and interval swept here (best: ResNet-18 0.335
-at clip=0.3; MobileNetV3 0.776 at clip=0.3; ViT 1.448 at lr=1e-3, which misses the CNN).  Its step is
-``m / (F + damping)``, so where the Fisher is small it is ``m / damping`` and saturates the clip: every such
-coordinate moves by ``lr`` per step (sign descent), which these networks do not tolerate at an lr the others
-need.  Larger dampings help ResNet-18 in the checks (1e-1: 0.387) and hurt the LSTM (1e-2: 1.513 against
-0.863).  Use FisherAdam on BatchNorm CNNs and ViTs.
-
-**Carrying over an lr tuned for Adam.**  Adam's lr used as is (FisherAdam lr=1e-3) is too small on the
-non-BatchNorm models: 1.14x (logreg) to 3.5x (CNN) AdamW's loss.  The Fisher of the mini-batch mean loss,
-``F/B``, has Adam's scale (Adam's denominator is about ``sqrt(F/B)`` where gradient noise dominates);
-preconditioning by it is exactly FisherAdam with ``lr = lr_adam * sqrt(B)`` and ``clip = 1/sqrt(B)`` (the row
-``Adam's lr=1e-3 via F/B``).  It lands within 0.98x-1.11x AdamW's loss on logreg, CNN, ViT, Transformer and LSTM,
-0.70x on ResNet-18 and 1.9x on MobileNetV3: the lr transfers, and the result is about Adam's, not better.
-
-**auto.**  ``estimator="auto"``'s first refresh is exact: 1.3-1.5 s on ResNet-18 (8-11 AdamW steps of
-0.12-0.19 s, over two runs of this script) and 0.3 s on MobileNetV3 (about 6 steps), milliseconds on the others;
-affordable at these sizes.  With ``mc1`` and ``fisher_interval=10`` a 100-step run costs about AdamW's on the
-two BatchNorm networks and up to 2x on the tiny models, where a step costs milliseconds (the cost table).  Its
-100-step losses are in the table above (ResNet-18 and MobileNetV3: first step only, to keep the sweep short).
+Why no single lr wins every model (read from the lr rows above): FisherAdam divides by the Fisher of the training
+loss, so at equal lr its steps are about Adam's (its rows track ``AdamW lr=3e-3`` at ``lr=0.003``), and the models
+split as they do for Adam: the train-mode BatchNorm networks (ResNet-18, MobileNetV3) end lowest at small lrs, the
+logistic regression, the CNN, the Transformer and the LSTM at larger ones.  The default is the lr that meets
+AdamW(lr=1e-3) on the most models; the clip, the signal term, the floor and the Fisher interval rows show what the
+alternatives to the defaults change.  ScheduleFreeFisherAdam is compared with AdamW(lr=1e-3) (the goal's reference)
+and Schedule-Free AdamW at its defaults, both scored at their averages ``x``.  One seed, 100 steps: differences of a
+few per cent are noise.
 """
+
+
+def reading(results: dict, cfgs: list[Config]) -> list[str]:
+    """Generated lines: per defaults row the models where it meets AdamW(lr=1e-3), and per Fisher optimizer the
+    best lr row per model."""
+    keys = list(results)
+    base = {k: results[k]["AdamW lr=1e-3"]["loss"] for k in keys}
+    out = []
+    for c in cfgs:
+        if "defaults" not in c.name or c.kind == "adamw":
+            continue
+        met = [k for k in keys if math.isfinite(results[k][c.name]["loss"]) and results[k][c.name]["loss"] <= base[k]]
+        out.append(f"- {c.name}: at or below AdamW(lr=1e-3)'s loss on {len(met)} of {len(keys)} models"
+                   f" ({', '.join(met) or 'none'}; missed: {', '.join(k for k in keys if k not in met) or 'none'}).")
+    for kind, cls in CLASSES.items():
+        rows = [c for c in cfgs if c.kind == kind and ("defaults" in c.name or " lr=" in c.name)]
+        if not rows:
+            continue
+        best = []
+        for k in keys:
+            r = min(rows, key=lambda c: results[k][c.name]["loss"] if math.isfinite(results[k][c.name]["loss"])
+                    else math.inf)  # fmt: skip
+            best.append(f"{k} {r.name.split(' (')[0].replace(cls.__name__ + ' ', '')}")
+        out.append(f"- {cls.__name__}, the lr row with the lowest loss per model: " + "; ".join(best) + ".")
+    return out
+
 
 
 auto_x: dict = {}
