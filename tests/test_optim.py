@@ -277,12 +277,31 @@ def test_signal_term_bounds_every_step_by_lr():
     opt = FisherAdam(net, lr=0.1, estimator="exact", fisher_interval=1000, signal=True, clip=None)
     train(net, opt, 1)
     for p in net.parameters():  # a Fisher 1e12 times too small
-        opt.state[p]["fisher"].mul_(1e-12)
+        opt.state[p]["fisher"].mul_(1e-12)  # the signal term reads F itself
     before = [p.detach().clone() for p in net.parameters()]
     train(net, opt, 1, start=1)
     for p, b in zip(net.parameters(), before):
         assert float((p.detach() - b).abs().max()) < 0.1
     opt.close()
+
+
+def test_preconditioner_follows_a_smaller_last_batch():
+    """The stored reciprocal is re-derived when B changes without a refresh (an epoch's last, smaller batch): the
+    step at B = 3 divides by sqrt(F/3), and the next step at B = 8 by sqrt(F/8) again."""
+    net = make_mlp()
+    opt = FisherAdam(net, lr=0.01, estimator="exact", fisher_interval=100, clip=None, eps=0.0)
+    train(net, opt, 2)
+    for n in (3, 8):
+        x, y = torch.randn(n, 5, dtype=DTYPE), torch.randint(0, 3, (n,))
+        before = [p.detach().clone() for p in net.parameters()]
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for p, b in zip(net.parameters(), before):
+            st = opt.state[p]
+            fisher = st["fisher_ema"] / (1 - 0.99 ** float(st["fisher_count"]))
+            expected = b - 0.01 * st["exp_avg"] / (fisher / n).sqrt()
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
 
 
 def test_loss_scale_follows_the_batch_and_the_reduction():
@@ -460,7 +479,7 @@ def test_bf16_parameters_keep_fisher_state_in_fp32(foreach):
     train(net, opt, 3)
     st = opt.state[net[0].weight]
     assert net[0].weight.dtype == torch.bfloat16 and not torch.equal(net[0].weight, w0)
-    for key in ("exp_avg", "fisher_ema", "fisher", "step", "fisher_count"):
+    for key in ("exp_avg", "fisher_ema", "precond", "step", "fisher_count"):
         assert st[key].dtype == torch.float32, key
     sd = opt.state_dict()
     opt2 = FisherAdam(net, estimator="exact", fisher_interval=2)

@@ -4,10 +4,12 @@ checkpoints.  Input capture is in :mod:`~fisher_optim.optim.capture`, the DDP he
 schedule (counters, plan in use, back-off, cost cache) in :mod:`fisher_optim.schedule`.
 
 :class:`FisherOptimizer` is a :class:`torch.optim.Optimizer` that owns everything except the update rule.
-A subclass only validates its own hyperparameters and gives two sets of constants: those of
-:func:`~fisher_optim.optim._functional.preconditioned_update` (the per-step update) and those of
-:func:`~fisher_optim.optim._functional.refresh_fisher` (the Fisher refresh), the second as a function of the
-loss's size (:class:`~fisher_optim.optim.units.LossScale`: inputs in the captured batch, elements per input, ranks).
+A subclass only validates its own hyperparameters and gives three sets of constants: those of
+:func:`~fisher_optim.optim._functional.preconditioned_update` (the per-step update),
+:func:`~fisher_optim.optim._functional.refresh_fisher` (the Fisher refresh) and
+:func:`~fisher_optim.optim._functional.precondition` (the stored preconditioner), the first and the last as functions
+of the loss's size (:class:`~fisher_optim.optim.units.LossScale`: inputs in the captured batch, elements per input,
+ranks).
 
 One ``step()``:
 
@@ -32,9 +34,10 @@ One ``step()``:
    parameter and every state entry as it was (the label generator is rewound too) and counts the step in
    :meth:`FisherOptimizer.fisher_report`; ``nonfinite="raise"`` raises :class:`FloatingPointError` and
    changes nothing either;
-4. fold the estimates into the running Fisher (:func:`~fisher_optim.optim._functional.refresh_fisher`), then run
-   the fused update, which converts the running Fisher (per-input units) into the training loss's units from the
-   captured batch's size (:mod:`fisher_optim.optim.units`).
+4. fold the estimates into the running Fisher (:func:`~fisher_optim.optim._functional.refresh_fisher`), derive the
+   stored preconditioner from it in the training loss's units (:func:`~fisher_optim.optim._functional.precondition`:
+   after a refresh, and for every parameter when the captured batch's size changes; :mod:`fisher_optim.optim.units`),
+   then run the fused update.
    Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
 
 Selection costs: ``cost_model="measured"`` times whole-model passes (see :mod:`fisher_optim.selection`).  The
@@ -74,7 +77,7 @@ from ..schedule import Schedule
 from ..selection import estimate_plan
 from ..settings import FisherSettings
 from . import auto, distributed
-from ._functional import preconditioned_update, refresh_fisher
+from ._functional import precondition, preconditioned_update, refresh_fisher
 from .capture import InputCapture
 from .finite import all_finite, all_zero, describe_nonfinite
 from .report import FisherReport
@@ -91,11 +94,12 @@ _COUNTERS = ("step", "fisher_count")
 class FisherOptimizer(Optimizer):
     """Base class of the Fisher optimizers (see the module docstring).  Not used directly.
 
-    Subclasses implement ``_update_kwargs(group)`` and ``_refresh_kwargs(group)``: the constants of
-    :func:`~fisher_optim.optim._functional.preconditioned_update` and
-    :func:`~fisher_optim.optim._functional.refresh_fisher`.  State per parameter: ``step``,
-    ``exp_avg`` (first moment), ``fisher_ema``, ``fisher_count`` (refresh counter) and ``fisher`` (the
-    bias-corrected running Fisher, per-input units).
+    Subclasses implement ``_update_kwargs(group, scale)``, ``_refresh_kwargs(group)`` and
+    ``_precond_kwargs(group, scale)``: the constants of :func:`~fisher_optim.optim._functional.preconditioned_update`,
+    :func:`~fisher_optim.optim._functional.refresh_fisher` and :func:`~fisher_optim.optim._functional.precondition`.
+    State per parameter: ``step``, ``exp_avg`` (first moment), ``fisher_ema``, ``fisher_count`` (refresh counter)
+    and ``precond`` (the stored reciprocal denominator; ``fisher``, the bias-corrected running Fisher in per-input
+    units, with the signal term).
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class FisherOptimizer(Optimizer):
             raise TypeError(f"settings must be a FisherSettings, got {type(settings).__name__}")
         self._settings = settings
         self._scale: LossScale | None = None  # the latest step's loss size (units.py)
+        self._precond_cache: tuple | None = None  # the constants the stored preconditioners were derived with
         self._lik = get_likelihood(likelihood)
         self._net, self._pg = distributed.unwrap(model)
         self._names = {id(p): n for n, p in self._net.named_parameters()}
@@ -213,7 +218,7 @@ class FisherOptimizer(Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["fisher_ema"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["fisher_count"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
-        state["fisher"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state[self._precond_key] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         return state
 
     def state_dict(self) -> dict:
@@ -223,6 +228,7 @@ class FisherOptimizer(Optimizer):
         sd = super().state_dict()
         sd[_EXTRA] = {
             "generator_state": self._generator.get_state(),
+            "loss_scale": None if self._scale is None else dataclasses.asdict(self._scale),
             **self._schedule.state_dict(),
             "estimator": self.estimator,
         }
@@ -251,14 +257,15 @@ class FisherOptimizer(Optimizer):
                     else v
                     for k, v in saved[i].items()
                 }
-        for group in self.param_groups:  # 0.1.0 checkpoints stored the reciprocal "precond", not the Fisher
-            beta2 = self._refresh_kwargs(group)["beta2"]
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                if "precond" in st and "fisher" not in st:
-                    del st["precond"]
-                    bc = 1 - beta2 ** float(st["fisher_count"])
-                    st["fisher"] = st["fisher_ema"].div(bc).clamp_min_(0) if bc > 0 else st["fisher_ema"].clone()
+        # what the update reads ("precond" or, with the signal term, "fisher") is derived from fisher_ema at the
+        # next step (a checkpoint of another update rule, or of 0.1.0, loads too)
+        other = {"precond": "fisher", "fisher": "precond"}[self._precond_key]
+        for st in self.state.values():
+            st.pop(other, None)
+        self._precond_cache = None
+        scale = extra.get("loss_scale")
+        if scale is not None:
+            self._scale = LossScale(**scale)
         self._generator.set_state(extra["generator_state"].cpu())
         self._schedule.load_state_dict(extra)
 
@@ -269,6 +276,16 @@ class FisherOptimizer(Optimizer):
     def _refresh_kwargs(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _precond_kwargs(self, group: dict, scale: LossScale | None) -> dict:  # pragma: no cover - abstract
+        """The constants of :func:`~fisher_optim.optim._functional.precondition` (``floor``, ``reciprocal``,
+        ``fisher_scale``, ``damping``, ``power``, ``eps``)."""
+        raise NotImplementedError
+
+    @property
+    def _precond_key(self) -> str:
+        """The state entry the update reads: ``"precond"`` (a stored reciprocal) or ``"fisher"`` (signal term)."""
+        return "fisher" if self._settings.signal else "precond"
+
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
                 scale: LossScale) -> None:  # fmt: skip
         """The fused update of one group's parameters (overridden by Schedule-Free)."""
@@ -276,11 +293,37 @@ class FisherOptimizer(Optimizer):
             params,
             grads,
             [s["exp_avg"] for s in states],
-            [s["fisher"] for s in states],
+            [s[self._precond_key] for s in states],
             [s["step"] for s in states],
             foreach=group["foreach"],
             **self._update_kwargs(group, scale),
         )
+
+    def _precondition(self, refreshed: set[int], scale: LossScale | None) -> None:
+        """Derive what the update reads from the running Fisher, for the parameters refreshed this step, and for
+        every parameter when the constants changed (the loss's size, a group's damping or eps) or after a load.
+        No ordinary step computes anything here."""
+        key = tuple(tuple(sorted(self._precond_kwargs(g, scale).items())) for g in self.param_groups)
+        everything = key != self._precond_cache
+        out = self._precond_key
+        for group, kw in zip(self.param_groups, key):
+            ps = [p for p in group["params"] if "fisher_count" in self.state.get(p, {})
+                  and (everything or id(p) in refreshed)]  # fmt: skip
+            if not ps:
+                continue
+            states = [self.state[p] for p in ps]
+            for st in states:
+                if out not in st:
+                    st[out] = torch.zeros_like(st["fisher_ema"])
+            precondition(
+                [s["fisher_ema"] for s in states],
+                [s["fisher_count"] for s in states],
+                [s[out] for s in states],
+                beta2=self._refresh_kwargs(group)["beta2"],
+                foreach=group["foreach"],
+                **dict(kw),
+            )
+        self._precond_cache = key
 
     @property
     def loss_scale(self) -> LossScale | None:
@@ -359,8 +402,11 @@ class FisherOptimizer(Optimizer):
             return loss
 
         scale = self._loss_scale()
+        refreshed: set[int] = set()
         if estimates is not None:
             self._apply_refresh(estimates, pending)
+            refreshed = {id(p) for p in estimates}
+        self._precondition(refreshed, scale)
         blind = set() if estimates is None else self._without_curvature([p for p in with_grad if p in estimates])
         for group, ps, grads in work:
             if blind:  # no curvature information yet: no natural-gradient step for them (see _without_curvature)
@@ -473,7 +519,6 @@ class FisherOptimizer(Optimizer):
                 [s["fisher_ema"] for s in states],
                 [s["fisher_count"] for s in states],
                 [estimates[p] for p in ps],
-                [s["fisher"] for s in states],
                 foreach=group["foreach"],
                 **self._refresh_kwargs(group),
             )

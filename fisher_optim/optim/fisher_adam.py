@@ -106,7 +106,7 @@ class FisherAdam(FisherOptimizer):
         ...     opt.step()
         ...     opt.zero_grad()
         >>> sorted(opt.state[model[0].weight])
-        ['exp_avg', 'fisher', 'fisher_count', 'fisher_ema', 'step']
+        ['exp_avg', 'fisher_count', 'fisher_ema', 'precond', 'step']
         >>> opt.loss_scale.inputs
         16
         >>> opt.close()
@@ -136,13 +136,20 @@ class FisherAdam(FisherOptimizer):
         super().__init__(model, likelihood, params, defaults, settings)
 
     def _update_kwargs(self, group: dict, scale: LossScale) -> dict:
-        return dict(lr=group["lr"], beta1=group["betas"][0], bias_correction=True,
-                    fisher_scale=fisher_scale(self.settings, scale), damping=group["damping"],
-                    signal=self.settings.signal,
-                    power=0.5, eps=group["eps"], weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
+        signal = None
+        if self.settings.signal:  # the denominator changes with m_hat: computed at every step from F
+            signal = dict(fisher_scale=fisher_scale(self.settings, scale), damping=group["damping"], eps=group["eps"])
+        return dict(lr=group["lr"], beta1=group["betas"][0], bias_correction=True, weight_decay=group["weight_decay"],
+                    clip=group["clip"], signal=signal)  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["betas"][1], floor=self.settings.floor)
+        return dict(beta2=group["betas"][1])
+
+    def _precond_kwargs(self, group: dict, scale: LossScale | None) -> dict:
+        if self.settings.signal:  # F itself: the update adds m_hat^2 and takes the root
+            return dict(floor=self.settings.floor, reciprocal=False)
+        return dict(floor=self.settings.floor, reciprocal=True, fisher_scale=fisher_scale(self.settings, scale),
+                    damping=group["damping"], power=0.5, eps=group["eps"])  # fmt: skip
 
 
 def fisher_scale(settings: FisherSettings, scale: LossScale | None) -> float:

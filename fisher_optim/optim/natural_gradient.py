@@ -62,7 +62,7 @@ class NaturalGradient(FisherOptimizer):
         >>> torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> opt.step()
         >>> sorted(opt.state[model.weight])
-        ['exp_avg', 'fisher', 'fisher_count', 'fisher_ema', 'step']
+        ['exp_avg', 'fisher_count', 'fisher_ema', 'precond', 'step']
         >>> opt.close()
     """
 
@@ -83,6 +83,8 @@ class NaturalGradient(FisherOptimizer):
         **kwargs,
     ):
         settings = FisherSettings.build(settings, owner=type(self).__name__, **kwargs)
+        if settings.signal:
+            raise ValueError("Invalid signal: True. NaturalGradient divides by the curvature; it has no signal term")
         check_finite_nonnegative("learning rate", lr)
         check_decay("momentum value", momentum)
         if not damping > 0.0:
@@ -94,12 +96,19 @@ class NaturalGradient(FisherOptimizer):
                         weight_decay=weight_decay, clip=clip, foreach=foreach)  # fmt: skip
         super().__init__(model, likelihood, params, defaults, settings)
 
+    @property
+    def _precond_key(self) -> str:
+        return "precond"
+
     def _update_kwargs(self, group: dict, scale: LossScale | None) -> dict:
         mu = group["momentum"]
         return dict(lr=group["lr"], beta1=mu, bias_correction=False, step_scale=1.0 / (1.0 - mu),
-                    fisher_scale=1.0 if scale is None else scale.curvature_scale, damping=group["damping"],
-                    signal=False, power=1.0, eps=0.0, weight_decay=group["weight_decay"],
-                    clip=group["clip"])  # fmt: skip
+                    weight_decay=group["weight_decay"], clip=group["clip"])  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["fisher_decay"], floor=0.0)
+        return dict(beta2=group["fisher_decay"])
+
+    def _precond_kwargs(self, group: dict, scale: LossScale | None) -> dict:
+        return dict(floor=self.settings.floor, reciprocal=True,
+                    fisher_scale=1.0 if scale is None else scale.curvature_scale, damping=group["damping"],
+                    power=1.0, eps=0.0)  # fmt: skip

@@ -56,7 +56,7 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
     ``x = y = z``, so ``eval()``/``train()`` change nothing then); ``step()`` in eval mode raises, and a forward
     without gradients (an evaluation) while in train mode after the first step warns once.
 
-    State per parameter: FisherAdam's (``step``, ``exp_avg``, ``fisher_ema``, ``fisher_count``, ``fisher``) and
+    State per parameter: FisherAdam's (``step``, ``exp_avg``, ``fisher_ema``, ``fisher_count``, ``precond``) and
     ``z``; per group: ``k`` (steps taken), ``weight_sum``, ``lr_max``, ``train_mode`` (all in ``state_dict``).
 
     Args:
@@ -173,11 +173,21 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
         state["z"] = p.detach().to(self._state_dtype(p), copy=True)
         return state
 
-    def _update_kwargs(self, group: dict, scale: LossScale) -> dict:  # the denominator's constants
-        return dict(fisher_scale=fisher_scale(self.settings, scale), damping=0.0, eps=group["eps"])
+    def _update_kwargs(self, group: dict, scale: LossScale) -> dict:
+        signal = None
+        if self.settings.signal:
+            signal = dict(fisher_scale=fisher_scale(self.settings, scale), damping=0.0, eps=group["eps"])
+        return dict(clip=group["clip"], weight_decay=group["weight_decay"], signal=signal,
+                    signal_beta=group["betas"][0])  # fmt: skip
 
     def _refresh_kwargs(self, group: dict) -> dict:
-        return dict(beta2=group["betas"][1], floor=self.settings.floor)
+        return dict(beta2=group["betas"][1])
+
+    def _precond_kwargs(self, group: dict, scale: LossScale | None) -> dict:
+        if self.settings.signal:
+            return dict(floor=self.settings.floor, reciprocal=False)
+        return dict(floor=self.settings.floor, reciprocal=True, fisher_scale=fisher_scale(self.settings, scale),
+                    damping=0.0, power=0.5, eps=group["eps"])  # fmt: skip
 
     def _update(self, group, params, grads, states, scale) -> None:
         k = group["k"]
@@ -193,14 +203,11 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
             grads,
             [s["z"] for s in states],
             [s["exp_avg"] for s in states] if self.settings.signal else None,
-            [s["fisher"] for s in states],
+            [s[self._precond_key] for s in states],
             [s["step"] for s in states],
             lr=lr,
             beta=group["betas"][0],
             ckp1=ckp1,
-            signal_beta=group["betas"][0],
-            clip=group["clip"],
-            weight_decay=group["weight_decay"],
             foreach=group["foreach"],
             **self._update_kwargs(group, scale),
         )
