@@ -65,3 +65,17 @@ def test_update_ablation_smoke(tmp_path, monkeypatch):
     for label, _, _ in update_ablation.VARIANTS:
         assert f"| {label} |" in text
     assert not (tmp_path / "ablation.md").exists()  # smoke mode writes nothing
+
+
+@pytest.mark.bench
+def test_step_cost_smoke(tmp_path):
+    """benchmarks/step_cost.py on one problem for a few steps: every optimizer's row, and the kinds add up."""
+    from benchmarks import step_cost
+
+    out = tmp_path / "step_cost.md"
+    text = step_cost.main(["--problems", "logreg", "--steps", "12", "--out", str(out)])
+    assert out.read_text() == text
+    for name in step_cost.OPTIMIZERS:
+        assert f"| logreg | {name} |" in text
+    with pytest.raises(ValueError, match="Invalid steps: 0"):
+        step_cost.main(["--steps", "0", "--out", ""])
