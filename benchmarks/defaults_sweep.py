@@ -292,11 +292,11 @@ NOTES = """
 Why no single lr wins every model (read from the lr rows above): FisherAdam divides by the Fisher of the training
 loss, so at equal lr its steps are about Adam's (its rows track ``AdamW lr=3e-3`` at ``lr=0.003``), and the models
 split as they do for Adam: the train-mode BatchNorm networks (ResNet-18, MobileNetV3) end lowest at small lrs, the
-logistic regression, the CNN, the Transformer and the LSTM at larger ones.  Among the lrs swept, the default meets
-AdamW(lr=1e-3) on as many models as any other; the clip, the signal term, the floor and the Fisher interval rows show what the
-alternatives to the defaults change.  ScheduleFreeFisherAdam is compared with AdamW(lr=1e-3) (the goal's reference)
-and Schedule-Free AdamW at its defaults, both scored at their averages ``x``.  One seed, 100 steps: differences of a
-few per cent are noise.
+logistic regression, the CNN, the Transformer and the LSTM at larger ones.  Among the lrs swept, the default
+meets AdamW(lr=1e-3) on as many models as any other; the clip, the signal term, the floor and the Fisher interval
+rows show what the alternatives to the defaults change.  ScheduleFreeFisherAdam is compared with AdamW(lr=1e-3)
+(the goal's reference) and Schedule-Free AdamW at its defaults, both scored at their averages ``x``.  One seed,
+100 steps: differences of a few per cent are noise.
 """
 
 
