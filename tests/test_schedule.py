@@ -160,8 +160,9 @@ def test_an_optimizer_checkpoint_in_the_010_layout_loads(cls):
     assert resumed.fisher_report().selections == 1 and resumed.schedule.refreshes == 4
     _train(net, resumed, 1, start=4)  # since_select reaches 2: a selection
     assert resumed.fisher_report().selections == 2
-    # the saved layout is still 0.1.0's (plus the back-off's counters)
+    # the saved layout is still 0.1.0's (plus the back-off's counters and, since 0.2, the loss's size)
     new = resumed.state_dict()["fisher_optim"]
-    assert set(new) == {"generator_state", "plan", "choices", "counters", "estimator"}
+    assert set(new) == {"generator_state", "plan", "choices", "counters", "estimator", "loss_scale"}
+    assert new["loss_scale"] == {"inputs": 8, "elements": 1, "world": 1, "reduction": "mean"}
     assert set(new["counters"]) >= {"steps", "refreshes", "selections", "since_refresh", "since_select", "skipped"}
     resumed.close()
