@@ -6,8 +6,9 @@ coordinate's step bounded: the clip at 1 in those units (``signal=False, clip=1`
 ScheduleFreeFisherAdam, the clip against the signal term.  Each variant and AdamW (and Schedule-Free AdamW) train
 once (seed 0) at every lr of a fixed grid with the suite's protocol (``benchmarks.optimizers.train``: same data,
 initial weights, batches and budgets); the cell is the fewest steps to the validation target over the grid and the
-lr that gave it.  One seed: differences of one evaluation interval are noise; the suite
-(``benchmarks/optimizers.py``, 5 seeds) is the measurement that counts.
+lr that gave it.  The ``fisher_interval=30`` rows ask what a third of the refreshes (about a third of their cost,
+``benchmarks/results/step_cost.md``) does to the steps.  One seed: differences of one evaluation interval are
+noise; the suite (``benchmarks/optimizers.py``, 5 seeds) is the measurement that counts.
 
 Usage::
 
@@ -43,9 +44,11 @@ VARIANTS = (
     ("FisherAdam signal=True, clip=None", "FisherAdam", {"signal": True, "clip": None}),
     ("FisherAdam floor=0.1, clip=1", "FisherAdam", {"floor": 0.1}),
     ("FisherAdam 0.1.0 (units=input)", "FisherAdam", {"units": "input"}),
+    ("FisherAdam fisher_interval=30 (a third of the refreshes)", "FisherAdam", {"fisher_interval": 30}),
     ("Schedule-Free AdamW", None, "schedulefree_adamw"),
     ("ScheduleFreeFisherAdam clip=1 (default)", "ScheduleFreeFisherAdam", {}),
     ("ScheduleFreeFisherAdam signal=True, clip=None", "ScheduleFreeFisherAdam", {"signal": True, "clip": None}),
+    ("ScheduleFreeFisherAdam fisher_interval=30", "ScheduleFreeFisherAdam", {"fisher_interval": 30}),
 )
 
 

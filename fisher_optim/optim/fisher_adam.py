@@ -49,7 +49,7 @@ class FisherAdam(FisherOptimizer):
     * ``floor=ρ``: the Fisher of each tensor floored at ρ times its mean.
 
     The default was chosen by measurement (``benchmarks/results/update_ablation.md``, the optimizer suite and the
-    defaults sweep; docs/fisher-math.md §15 has the numbers): the clip in loss units needed the fewest steps.
+    defaults sweep; docs/fisher-math.md §15): the three are close, the clip was level or ahead on the most problems.
     0.1.0 divided by :math:`\sqrt F` (the per-input scale): ``units="input"`` (with ``lr=5e-3``) reproduces it;
     its steps were :math:`1/\sqrt B` of Adam's where noise dominates and the clip carried most of the update.
 
