@@ -389,10 +389,12 @@ def test_foreach_default_is_forloop_on_cpu(monkeypatch):
         ("FisherAdam", dict(estimator="mc1", n_samples=2)),
         ("NaturalGradient", dict(estimator="mc2")),
         ("FisherAdam", dict(estimator="auto", cost_model="flops", variance_interval=2)),
+        ("FisherAdam", dict(estimator="mc1", signal=True, clip=None)),
+        ("ScheduleFreeFisherAdam", dict(estimator="mc1", warmup_steps=3)),  # z and the group counters too
     ],
 )
 def test_resume_is_bit_identical(kind, kwargs):
-    cls = OPTIMIZERS[kind]
+    cls = DEFAULTS[kind]
     kw = dict(fisher_interval=2, seed=5, **kwargs)
     net = make_mlp()
     opt = cls(net, **kw)

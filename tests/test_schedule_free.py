@@ -1,14 +1,14 @@
 """ScheduleFreeFisherAdam: the y/z/x bookkeeping against a hand-written float64 reference, the Fisher estimated at
-y (a test that fails at z or x), train/eval, checkpoints, foreach against for-loop, bad input."""
+y (a test that fails at z or x), train/eval, foreach against for-loop, bad input (checkpoints: test_optim.py)."""
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
 import pytest
 import torch
+from test_optim import batch, make_mlp, train  # the same small model, batches and loop as FisherAdam's tests
 from torch import nn
 
 from fisher_optim import ScheduleFreeFisherAdam, diagonal_fisher
@@ -22,24 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_mlp(seed: int = 0, dtype=DTYPE) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
-
-
-def batch(i: int, n: int = 8, dtype=DTYPE):
-    g = torch.Generator().manual_seed(100 + i)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def train(model, opt, steps: int, start: int = 0):
-    for i in range(start, start + steps):
-        x, y = batch(i, dtype=next(model.parameters()).dtype)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def reference(model, steps, *, lr, beta, beta2, eps, wd, clip, signal, signal_beta, warmup, r, power, floor, interval,
@@ -196,33 +178,6 @@ def test_train_eval_modes_and_their_errors():
         with torch.no_grad():
             net(x)
     opt.close()
-
-
-def test_resume_is_bit_identical():
-    kw = dict(estimator="mc1", fisher_interval=2, seed=5, warmup_steps=3)
-    net = make_mlp()
-    opt = ScheduleFreeFisherAdam(net, **kw)
-    train(net, opt, 7)
-    full = [p.detach().clone() for p in net.parameters()]
-    opt.close()
-
-    net1 = make_mlp()
-    opt1 = ScheduleFreeFisherAdam(net1, **kw)
-    train(net1, opt1, 3)
-    buf = io.BytesIO()
-    torch.save({"model": net1.state_dict(), "opt": opt1.state_dict()}, buf)
-    opt1.close()
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    net2 = make_mlp(seed=9)
-    net2.load_state_dict(ckpt["model"])
-    opt2 = ScheduleFreeFisherAdam(net2, **dict(kw, seed=77))
-    opt2.load_state_dict(ckpt["opt"])
-    assert opt2.param_groups[0]["k"] == 3
-    train(net2, opt2, 4, start=3)
-    for a, b in zip(full, net2.parameters()):
-        assert torch.equal(a, b)
-    opt2.close()
 
 
 def test_nonfinite_step_changes_nothing():

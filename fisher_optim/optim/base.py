@@ -17,17 +17,10 @@ One ``step()``:
 2. if a refresh is due (the first step, then every ``fisher_interval`` steps, or when a parameter has no
    Fisher state yet): :func:`fisher_optim.selection.estimate_plan` on the first ``fisher_batch`` captured
    inputs (one shared forward, eval mode, its own backward passes; ``.grad`` is never touched) with the
-   fixed estimator or, in auto mode, the latest selection's per-layer plan ``name -> (estimator, n_samples)``.
-   In auto mode the first refresh is exact (Hutchinson with one probe past ``CLOSED_FORM_SEEDS`` seeds per
-   input: :mod:`~fisher_optim.optim.auto`); at the second, :func:`fisher_optim.selection.run_selection` first
-   chooses a plan on the same inputs, and again every ``select_interval`` steps; the plan in use is kept
-   unless the new one beats it by the tie margin, and each selection that keeps it doubles the interval to the
-   next (at most ``SELECT_BACKOFF_MAX`` = 8 times ``select_interval``; a change resets it;
-   :class:`fisher_optim.schedule.Schedule`).  The selection's
-   variance pass computes the exact Fisher anyway (past ``CLOSED_FORM_SEEDS``: an unbiased mean of its draws), and
-   that refresh uses it (the mean over the inputs, as ``estimate_plan``) instead of a second estimation pass.
-   Under DDP only rank 0 selects (its choices are broadcast) and the other ranks compute their exact estimate
-   with ``estimate_plan``.  The estimates are then averaged over ranks (one ``all_reduce``);
+   fixed estimator or, in auto mode, the plan in use ``name -> (estimator, n_samples)``; when a selection is due
+   (:class:`fisher_optim.schedule.Schedule`, :mod:`~fisher_optim.optim.auto`) its variance pass gives this
+   refresh's estimate.  Under DDP only rank 0 selects (its choices are broadcast) and the estimates are averaged
+   over ranks (one ``all_reduce``);
 3. check that the gradients, the new estimates and the closure's loss are finite: one fused reduction
    (``torch._foreach_norm``) per device and dtype and **one host synchronisation per step**
    (the same price as ``torch.amp.GradScaler``'s inf check).  On failure, ``nonfinite="skip"`` leaves every
@@ -40,22 +33,11 @@ One ``step()``:
    then run the fused update.
    Steps 2 and 4's refresh stay out of the fused update, which has no host synchronisation.
 
-Selection costs: ``cost_model="measured"`` times whole-model passes (see :mod:`fisher_optim.selection`).  The
-optimizer keeps the :class:`~fisher_optim.selection.Costs` of its latest selections in its schedule's cache keyed by
-the selection batch's shape and dtype and the selected parameters, and passes them back to ``run_selection``: a
-selection measures only on a new key, and every ``COST_REUSE`` (10) reuses, to follow drifts of the machine's
-speed.  The cache is not part of ``state_dict`` (timings belong to the machine, not the run): a resumed run
-measures on its first selection.  With ``cost_model="flops"`` the costs are a deterministic function of the
-sizes, so a resumed run stays bit-identical.
-
-Inputs: forward hooks on ``model`` (:class:`~fisher_optim.optim.capture.InputCapture`) keep detached
-references (no copies) to the positional and keyword arguments of the forwards run with gradients enabled since the
-last step (forwards under ``torch.no_grad()``, e.g. evaluation, are not captured); the step estimates on those
-whose output was backpropagated (micro-batches joined, up to ``fisher_batch`` examples), see
-:mod:`fisher_optim.optim.capture`.  ``output=`` picks the natural parameters out of the model's output.  The hooks
-are removed by :meth:`FisherOptimizer.close` or when the optimizer is garbage collected (a ``weakref.finalize``; the
-hooks hold no reference to the optimizer).  A step skipped for non-finite values also puts back the normalisation
-buffers (BatchNorm running statistics) that its forward changed, so one bad batch never stalls training.
+Selection costs are cached in the schedule (:mod:`fisher_optim.schedule`; not in ``state_dict``: timings belong to
+the machine; ``cost_model="flops"`` keeps a resumed run bit-identical).  Inputs come from forward hooks
+(:mod:`~fisher_optim.optim.capture`: the backpropagated forwards since the last step, micro-batches joined), removed
+by :meth:`FisherOptimizer.close` or at garbage collection; a skipped step puts back the BatchNorm statistics its
+forward changed.  The per-parameter state's layout and dtypes: :mod:`~fisher_optim.optim.state`.
 """
 
 from __future__ import annotations
@@ -80,7 +62,8 @@ from . import auto, distributed
 from ._functional import precondition, preconditioned_update, refresh_fisher
 from .capture import InputCapture
 from .finite import all_finite, all_zero, describe_nonfinite
-from .report import FisherReport
+from .report import FisherReport, report_row
+from .state import fisher_mean, new_state, restore
 from .units import LossScale
 
 __all__ = ["FisherOptimizer", "FisherReport"]
@@ -88,8 +71,6 @@ __all__ = ["FisherOptimizer", "FisherReport"]
 logger = logging.getLogger("fisher_optim")
 
 _EXTRA = "fisher_optim"
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-_COUNTERS = ("step", "fisher_count")
 
 class FisherOptimizer(Optimizer):
     """Base class of the Fisher optimizers (see the module docstring).  Not used directly.
@@ -202,24 +183,9 @@ class FisherOptimizer(Optimizer):
     def __getstate__(self):
         raise TypeError(f"{type(self).__name__} holds a model and a forward hook: save opt.state_dict() instead")
 
-    def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """float32 state for bf16/fp16 parameters, else the parameter's dtype."""
-        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-
-    @staticmethod
-    def _counter_dtype(p: Tensor) -> torch.dtype:
-        """Step counters: float64 for float64 parameters (exact bias corrections), else float32 (torch's)."""
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
     def _init_state(self, p: Tensor) -> dict:
-        dt = self._state_dtype(p)
-        state = self.state[p]
-        state["step"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        state["fisher_ema"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        state["fisher_count"] = torch.zeros((), dtype=self._counter_dtype(p), device=p.device)
-        state[self._precond_key] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        return state
+        self.state[p] = new_state(p, self._precond_key)
+        return self.state[p]
 
     def state_dict(self) -> dict:
         """torch's ``{"state", "param_groups"}`` plus ``"fisher_optim"``: the label generator's state, the
@@ -243,25 +209,10 @@ class FisherOptimizer(Optimizer):
             raise ValueError(f"state_dict has no {_EXTRA!r} entry: it was not saved by a fisher_optim optimizer")
         saved = sd["state"]
         super().load_state_dict(sd)
-        ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for i, p in zip(ids, params):
-            if i in saved:
-                self.state[p] = {
-                    k: v.to(
-                        device=p.device,
-                        dtype=self._counter_dtype(p) if k in _COUNTERS else self._state_dtype(p),
-                        copy=True,
-                    )
-                    if isinstance(v, Tensor)
-                    else v
-                    for k, v in saved[i].items()
-                }
         # what the update reads ("precond" or, with the signal term, "fisher") is derived from fisher_ema at the
         # next step (a checkpoint of another update rule, or of 0.1.0, loads too)
         other = {"precond": "fisher", "fisher": "precond"}[self._precond_key]
-        for st in self.state.values():
-            st.pop(other, None)
+        self.state.update(restore(saved, sd["param_groups"], self.param_groups, drop=other))
         self._precond_cache = None
         scale = extra.get("loss_scale")
         if scale is not None:
@@ -335,9 +286,9 @@ class FisherOptimizer(Optimizer):
         the previous step's when nothing was captured."""
         b = self._capture.batch_size()
         if b is not None:
-            k = LossScale.elements_per_input(self._lik, self._capture.output_shape)
-            world = distributed.world_size(self._pg)
-            self._scale = LossScale(inputs=b, elements=k, world=world, reduction=self._settings.loss_reduction)
+            red, shape = self._settings.loss_reduction, self._capture.output_shape  # K matters to element_mean only
+            k = LossScale.elements_per_input(self._lik, shape) if red == "element_mean" else 1
+            self._scale = LossScale(inputs=b, elements=k, world=distributed.world_size(self._pg), reduction=red)
         return self._scale
 
     # -- the step ------------------------------------------------------------------------------------
@@ -534,33 +485,10 @@ class FisherOptimizer(Optimizer):
         rep = FisherReport()
         rep.cost_unit = self._settings.cost_unit
         for name, p in self._fisher_params().items():
-            if self.estimator == "auto":
-                c = self._schedule.choices.get(name)
-                row = (
-                    {"source": "-", **c}  # (choices saved before the source was reported lack it)
-                    if c is not None
-                    else dict(estimator="-", n_samples=0, rse=math.nan, cost=math.nan, reason="not selected yet",
-                              source="-")
-                )
-            else:
-                row = dict(estimator=self.estimator, n_samples=self.n_samples, rse=math.nan, cost=math.nan,
-                           reason=f"fixed (estimator={self.estimator!r})", source="-")  # fmt: skip
-            st = self.state.get(p, {})
-            if "fisher_count" in st and st["fisher_ema"].numel():
-                beta2 = self._refresh_kwargs(self._group_of(p))["beta2"]
-                bc = 1 - beta2 ** float(st["fisher_count"])
-                row["fisher_mean"] = float(st["fisher_ema"].mean()) / bc
-            else:
-                row["fisher_mean"] = math.nan
+            row = report_row(self.estimator, self.n_samples, self._schedule.choices.get(name))
+            row["fisher_mean"] = fisher_mean(self.state.get(p, {}), self._refresh_kwargs(self._group_of(p))["beta2"])
             rep[name] = row
-        sch = self._schedule
-        rep.steps, rep.refreshes, rep.selections, rep.skipped_steps = (
-            sch.steps, sch.refreshes, sch.selections, sch.skipped,
-        )  # fmt: skip
-        if self.estimator == "auto":
-            rep.plan_cost, rep.exact_cost = sch.plan_costs
-            rep.summary = sch.plan_summary
-            rep.select_every = sch.select_every
+        rep.count(self._schedule, auto=self.estimator == "auto")
         return rep
 
     def _group_of(self, p: Tensor) -> dict:

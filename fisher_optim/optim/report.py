@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["FisherReport"]
+__all__ = ["FisherReport", "report_row"]
 
 
 class FisherReport(dict):
@@ -31,6 +31,17 @@ class FisherReport(dict):
     summary: str = ""
     cost_unit: str = "s"
 
+    def count(self, schedule, auto: bool) -> None:
+        """Copy the run counters of ``schedule`` (:class:`fisher_optim.schedule.Schedule`), and in auto mode its last
+        selection's costs, summary and interval."""
+        self.steps, self.refreshes, self.selections, self.skipped_steps = (
+            schedule.steps, schedule.refreshes, schedule.selections, schedule.skipped,
+        )  # fmt: skip
+        if auto:
+            self.plan_cost, self.exact_cost = schedule.plan_costs
+            self.summary = schedule.plan_summary
+            self.select_every = schedule.select_every
+
     def table(self) -> str:
         """The report as a fixed-width text table."""
         w = max([len("parameter"), *map(len, self)])
@@ -48,3 +59,14 @@ class FisherReport(dict):
         if self.plan_cost == self.plan_cost:
             lines.append(f"last selection: {self.summary}; next selection {self.select_every} refreshes after it")
         return "\n".join(lines)
+
+
+def report_row(estimator: str, n_samples: int, choice: dict | None) -> dict:
+    """One parameter's row before its ``fisher_mean``: a fixed estimator's, or in auto mode the last selection's
+    ``choice`` (``None`` before the first selection; choices saved before the source was reported lack it)."""
+    if estimator != "auto":
+        return dict(estimator=estimator, n_samples=n_samples, rse=math.nan, cost=math.nan,
+                    reason=f"fixed (estimator={estimator!r})", source="-")  # fmt: skip
+    if choice is None:
+        return dict(estimator="-", n_samples=0, rse=math.nan, cost=math.nan, reason="not selected yet", source="-")
+    return {"source": "-", **choice}

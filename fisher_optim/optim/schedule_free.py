@@ -15,6 +15,7 @@ from ..settings import FisherSettings
 from ._functional import schedule_free_swap, schedule_free_update
 from .base import FisherOptimizer
 from .fisher_adam import check_adam_hyperparameters, fisher_scale
+from .state import state_dtype
 from .units import LossScale
 
 __all__ = ["ScheduleFreeFisherAdam"]
@@ -170,7 +171,7 @@ class ScheduleFreeFisherAdam(FisherOptimizer):
 
     def _init_state(self, p: Tensor) -> dict:
         state = super()._init_state(p)
-        state["z"] = p.detach().to(self._state_dtype(p), copy=True)
+        state["z"] = p.detach().to(state_dtype(p), copy=True)
         return state
 
     def _update_kwargs(self, group: dict, scale: LossScale) -> dict:

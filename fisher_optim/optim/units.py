@@ -45,8 +45,9 @@ __all__ = ["LossScale"]
 
 @dataclass(frozen=True)
 class LossScale:
-    """The training loss's size: ``inputs`` (``B``), ``elements`` per input (``K``), ``world`` (DDP ranks ``W``)
-    and ``reduction``; the two factors of the module docstring."""
+    """The training loss's size: ``inputs`` (``B``), ``elements`` per input (``K``; read from the output only for
+    ``"element_mean"``, 1 otherwise, where it plays no part), ``world`` (DDP ranks ``W``) and ``reduction``; the two
+    factors of the module docstring."""
 
     inputs: int
     elements: int = 1
